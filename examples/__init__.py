@@ -1,0 +1,1 @@
+"""Example specs, shipped inside the package so `lsdb demo` works from a wheel."""

@@ -1,0 +1,15 @@
+"""lsdb: a declarative experiment database for loss-landscape research.
+
+    import lsdb
+    db = lsdb.open("lsdb-store")
+    db.sql("SELECT metric, count(*) FROM metric_series GROUP BY metric")
+"""
+
+__version__ = "0.1.0"
+
+
+def open(store=None):  # noqa: A001 - mirrors the builtin on purpose: lsdb.open(path)
+    """Open a store for queries; returns an ``lsdb.query.Session``."""
+    from lsdb.query.session import Session
+
+    return Session.open(store)

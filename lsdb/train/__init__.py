@@ -1,0 +1,1 @@
+"""Training: data sets, models, the trainer and parent–child spawning."""

@@ -1,0 +1,115 @@
+"""Model registry: small BatchNorm-free networks for loss-landscape studies.
+
+Every model maps a batch of inputs shaped ``(N, *input_shape)`` to logits ``(N, C)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lsdb.errors import SpecError
+
+
+class CNN1d(nn.Module):
+    """Stride-2 Conv1d layers with ReLU, then a linear read-out (the MNIST-1D default: 3 layers of
+    32 channels, kernels 5/3/3, about 8k parameters)."""
+
+    def __init__(self, input_shape, num_classes, width=32, kernels=(5, 3, 3)):
+        super().__init__()
+        channels, length = _as_1d(input_shape)
+        layers = []
+        for k in kernels:
+            layers += [nn.Conv1d(channels, width, k, stride=2, padding=k // 2), nn.ReLU()]
+            channels, length = width, (length + 2 * (k // 2) - k) // 2 + 1
+        self.features = nn.Sequential(*layers)
+        self.readout = nn.Linear(channels * length, num_classes)
+        self.input_shape = tuple(input_shape)
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 2 else x
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        return self.readout(self.features(x).flatten(1))
+
+
+class CNN2d(nn.Module):
+    """Stride-2 Conv2d layers (3×3) with ReLU, then a linear read-out."""
+
+    def __init__(self, input_shape, num_classes, width=32, depth=2):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise SpecError(f"model cnn2d needs image inputs (C, H, W), got shape {tuple(input_shape)}")
+        channels, h, w = input_shape
+        layers = []
+        for _ in range(depth):
+            layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.ReLU()]
+            channels, h, w = width, (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        self.features = nn.Sequential(*layers)
+        self.readout = nn.Linear(channels * h * w, num_classes)
+
+    def forward(self, x):
+        return self.readout(self.features(x).flatten(1))
+
+
+class MLP(nn.Module):
+    """``depth`` hidden layers of ``width`` units with ReLU."""
+
+    def __init__(self, input_shape, num_classes, width=128, depth=2):
+        super().__init__()
+        d = math.prod(input_shape)
+        layers = []
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), nn.ReLU()]
+            d = width
+        layers.append(nn.Linear(d, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+
+class PatchNet(nn.Module):
+    """Kawase et al. 2025 style: ``patches`` overlapping windows of the (1D) input, one small MLP per
+    patch, logits averaged. Each patch spans half the signal; windows are spread evenly."""
+
+    def __init__(self, input_shape, num_classes, width=16, patches=4, depth=1):
+        super().__init__()
+        channels, length = _as_1d(input_shape)
+        self.span = max(2, length // 2) if patches > 1 else length
+        self.starts = [round(i * (length - self.span) / max(1, patches - 1)) for i in range(patches)]
+        self.heads = nn.ModuleList(MLP((channels, self.span), num_classes, width, depth) for _ in range(patches))
+
+    def forward(self, x):
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        outs = [h(x[..., s : s + self.span]) for h, s in zip(self.heads, self.starts)]
+        return torch.stack(outs).mean(0)
+
+
+def _as_1d(input_shape):
+    if len(input_shape) == 1:
+        return 1, input_shape[0]
+    return math.prod(input_shape[:-1]), input_shape[-1]
+
+
+MODELS = {
+    "cnn1d": lambda m, shape, c: CNN1d(shape, c, m.width, m.kernels),
+    "cnn2d": lambda m, shape, c: CNN2d(shape, c, m.width, m.depth),
+    "mlp": lambda m, shape, c: MLP(shape, c, m.width, m.depth),
+    "patchnet": lambda m, shape, c: PatchNet(shape, c, m.width, m.patches, m.depth),
+}
+
+
+def build_model(model_spec, input_shape, num_classes, seed: int | None = None) -> nn.Module:
+    """Build the model named by ``model_spec`` (an ``lsdb.spec.ModelSpec``); seed its init if given."""
+    if model_spec.name not in MODELS:
+        raise SpecError(f"unknown model '{model_spec.name}'; valid models: {', '.join(MODELS)}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    return MODELS[model_spec.name](model_spec, tuple(input_shape), num_classes)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,257 @@
+"""What every probe module provides, and what the shared worker hands it.
+
+A probe module (``lsdb/probes/<name>.py``) holds only maths. It defines:
+
+- ``VERSION: int`` — bump when the maths changes; new rows are written, old ones stay.
+- ``Params`` — a frozen dataclass; its fields are the TOML keys of ``[probes.<name>]``.
+- ``TABLES: tuple[str, ...]`` — the result tables it writes (defined in ``lsdb.schema``).
+- ``plan(study, params) -> list[JobRequest]`` — which checkpoints (or pairs) to measure.
+  Use the helpers below (``each_checkpoint``, ``sibling_final_pairs`` …). ``plan`` is called
+  repeatedly until it asks for nothing new, so a probe that needs another probe's results
+  (e.g. kernel distance needs stored kernels) simply asks for the jobs whose inputs exist now.
+- ``compute(ctx, params) -> dict[str, list[dict]]`` — table name → rows of plain scalars.
+  The worker adds the key columns (job_id, idx, checkpoint_id, other_checkpoint_id,
+  anchor_checkpoint_id). Raise ``lsdb.errors.ProbeSkipped("non-finite loss")`` when the input
+  makes the measurement meaningless, ``lsdb.errors.ProbeError`` for bad input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # torch is imported lazily so `lsdb --help` stays fast
+    import torch
+
+    from lsdb.train.data import Data
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A stored checkpoint as a job sees it."""
+
+    id: str
+    run_id: str
+    step: int
+    epoch: float
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A stored run as the planner sees it (hyperparameters are the run table's columns)."""
+
+    id: str
+    kind: str  # "parent" | "child" | "lowlr_child"
+    seed: int
+    variant: str
+    status: str
+    parent_run_id: str | None
+    parent_checkpoint_id: str | None
+    spawn_epoch: float | None
+    child_index: int | None
+    epochs: float
+    lr: float
+    batch_size: int
+    momentum: float
+    weight_decay: float
+    data_seed: int
+    checkpoints: tuple[CheckpointRef, ...]  # sorted by step
+
+    @property
+    def init(self) -> CheckpointRef:
+        return self.checkpoints[0]
+
+    @property
+    def final(self) -> CheckpointRef:
+        return self.checkpoints[-1]
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One measurement the planner wants.
+
+    ``checkpoint_ids`` are read by the worker in order (one for a pointwise probe, two for a pair).
+    ``anchor_checkpoint_id`` places the result on the time axis of ``metric_series``:
+    pointwise → the checkpoint itself; velocity → the earlier checkpoint; a pair of sibling
+    children → the parent's checkpoint at the spawn time. ``role`` tells pairs apart
+    ("self", "init", "next", "parent", "siblings", …). ``inputs`` carries extra JSON-able inputs,
+    e.g. artifact hashes of stored kernels.
+    """
+
+    checkpoint_ids: tuple[str, ...]
+    anchor_checkpoint_id: str
+    role: str = "self"
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ProbeContext:
+    """Everything ``compute`` may use. Built by the worker; probes never open the database."""
+
+    model: "torch.nn.Module"  # the architecture, on ``device``; weights come from ``states``
+    states: list[dict[str, "torch.Tensor"]]  # one per checkpoint id, parameters and buffers
+    checkpoints: list[CheckpointRef]
+    runs: list[RunRef]  # the run of each checkpoint (hyperparameters for linearised training)
+    data: "Data"  # train/test tensors on ``device`` in ``dtype``
+    probe_indices: "torch.Tensor"  # the experiment's fixed probe set: indices into the train split
+    device: "torch.device"
+    dtype: "torch.dtype"
+    artifacts: "Artifacts"
+    role: str = "self"
+    inputs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0  # deterministic per job; seed every random draw from it
+
+
+class Artifacts:
+    """Large arrays (kernel matrices …) stored by content hash under ``artifacts/``.
+
+    ``put`` writes ``<sha256>.npy`` atomically and returns the hash; ``get`` verifies it and
+    raises ``ArtifactCorrupt`` naming the file when it is missing or altered.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, sha: str) -> Path:
+        return self.root / f"{sha}.npy"
+
+    def put(self, array) -> str:
+        import os
+
+        import numpy as np
+
+        array = np.ascontiguousarray(array)
+        sha = _array_sha256(array)
+        target = self.path(sha)
+        if not target.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(f".tmp{os.getpid()}")
+            with open(tmp, "wb") as fh:
+                np.save(fh, array, allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        return sha
+
+    def get(self, sha: str):
+        import numpy as np
+
+        from lsdb.errors import ArtifactCorrupt
+
+        target = self.path(sha)
+        if not target.exists():
+            raise ArtifactCorrupt(f"artifact {target} is missing; rerun the probe that wrote it (lsdb run)")
+        try:
+            array = np.load(target, allow_pickle=False)
+        except Exception as e:  # truncated or garbled file
+            raise ArtifactCorrupt(f"artifact {target} is unreadable ({e}); delete it and rerun") from None
+        if _array_sha256(array) != sha:
+            raise ArtifactCorrupt(f"artifact {target} does not match its hash {sha[:12]}…; delete it and rerun")
+        return array
+
+
+def _array_sha256(array) -> str:
+    h = hashlib.sha256()
+    h.update(f"{array.dtype.str}{array.shape}".encode())
+    h.update(memoryview(array).cast("B"))
+    return h.hexdigest()
+
+
+def params_hash(params) -> str:
+    """Identity of a params dataclass: sha256 of canonical JSON with defaults left out."""
+    from lsdb.spec import non_default, sha256_json
+
+    return sha256_json(non_default(params))[:16]
+
+
+def job_id(probe: str, version: int, phash: str, checkpoint_ids: tuple[str, ...], role: str) -> str:
+    key = json.dumps([probe, version, phash, list(checkpoint_ids), role])
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+# ------------------------------------------------------------------------- planning helpers
+
+class Study:
+    """The planner's read-only view of the store: runs with their checkpoints, and stored results.
+
+    Implemented in ``lsdb.plan``; this is the interface probes rely on.
+    """
+
+    runs: list[RunRef]
+
+    def run(self, run_id: str) -> RunRef:
+        raise NotImplementedError
+
+    def checkpoint(self, checkpoint_id: str) -> CheckpointRef:
+        raise NotImplementedError
+
+    def results(self, table: str):
+        """Stored rows of a result table joined with their job (polars DataFrame with the table's
+        columns plus ``probe``, ``version``, ``params_hash``, ``role``, ``state``)."""
+        raise NotImplementedError
+
+    def children_of(self, run_id: str) -> list[RunRef]:
+        return [r for r in self.runs if r.parent_run_id == run_id]
+
+    def finished(self) -> list[RunRef]:
+        return [r for r in self.runs if r.status in ("finished", "diverged")]
+
+
+def each_checkpoint(study: Study) -> list[JobRequest]:
+    return [JobRequest((c.id,), c.id) for r in study.runs for c in r.checkpoints]
+
+
+def sibling_final_pairs(study: Study, kind: str = "child") -> list[JobRequest]:
+    """Final checkpoints of each pair of sibling children (same parent, same spawn checkpoint),
+    anchored at the parent's spawn checkpoint."""
+    groups: dict[str, list[RunRef]] = {}
+    for r in study.runs:
+        if r.kind == kind and r.parent_checkpoint_id and r.status == "finished" and r.checkpoints:
+            groups.setdefault(r.parent_checkpoint_id, []).append(r)
+    out = []
+    for anchor, sibs in groups.items():
+        sibs.sort(key=lambda r: r.child_index or 0)
+        for i in range(len(sibs)):
+            for j in range(i + 1, len(sibs)):
+                out.append(JobRequest((sibs[i].final.id, sibs[j].final.id), anchor, "siblings"))
+    return out
+
+
+def to_init_pairs(study: Study) -> list[JobRequest]:
+    """Each checkpoint of a parent run paired with its step-0 checkpoint (role "init")."""
+    out = []
+    for r in study.runs:
+        if r.kind == "parent" and r.checkpoints:
+            out += [JobRequest((c.id, r.init.id), c.id, "init") for c in r.checkpoints]
+    return out
+
+
+def to_next_pairs(study: Study) -> list[JobRequest]:
+    """Each checkpoint paired with the next one of the same run (role "next", anchored at the first)."""
+    out = []
+    for r in study.runs:
+        cs = r.checkpoints
+        out += [JobRequest((a.id, b.id), a.id, "next") for a, b in zip(cs, cs[1:])]
+    return out
+
+
+def to_parent_pairs(study: Study) -> list[JobRequest]:
+    """Each checkpoint of a child paired with the parent's checkpoint it was spawned from."""
+    out = []
+    for r in study.runs:
+        if r.parent_checkpoint_id:
+            out += [JobRequest((c.id, r.parent_checkpoint_id), c.id, "parent") for c in r.checkpoints]
+    return out
+
+
+def dataclass_from_dict(cls, values: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names})
+
+
+PlanFn = Callable[[Study, Any], list[JobRequest]]

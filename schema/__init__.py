@@ -1,0 +1,28 @@
+"""Typed SQLAlchemy models for every table of a store, and the schema version.
+
+Importing this package registers every table on ``Base.metadata``. Probe families keep their
+result tables in their own module (``probes`` for eval/weights, ``kernel``, ``geometry``).
+"""
+
+from . import core, geometry, kernel, probes  # noqa: F401  (registers the tables)
+from .base import KEY_COLUMNS, Base, Metric, ProbeRow, metrics_of
+from .core import Checkpoint, Experiment, ProbeJob, Run, SchemaVersion
+from .views import metric_names, metric_series_sql
+
+# Bump with every change to a table; add an entry to UPGRADES that brings the previous version up.
+SCHEMA_VERSION = 1
+
+# version -> SQL statements that upgrade a store from version-1 to version (new tables need none:
+# ``create_all`` adds them).
+UPGRADES: dict[int, list[str]] = {}
+
+__all__ = [
+    "Base", "Metric", "ProbeRow", "KEY_COLUMNS", "metrics_of", "Checkpoint", "Experiment", "ProbeJob",
+    "Run", "SchemaVersion", "SCHEMA_VERSION", "UPGRADES", "metric_series_sql", "metric_names",
+    "result_tables",
+]
+
+
+def result_tables() -> dict[str, object]:
+    """Every probe result table by name (tables that carry the probe key columns)."""
+    return {t.name: t for t in Base.metadata.sorted_tables if "job_id" in t.c and t.name != "probe_job"}

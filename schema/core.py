@@ -1,0 +1,119 @@
+"""The core tables: experiment, run, checkpoint, probe_job, schema_version."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Boolean, DateTime, Double, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .base import Base, Metric
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    applied_at: Mapped[datetime] = mapped_column(DateTime)
+    lsdb_version: Mapped[str] = mapped_column(String)
+
+
+class Experiment(Base):
+    """One spec. ``id`` is the spec's identity hash (defaults left out)."""
+
+    __tablename__ = "experiment"
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    name: Mapped[str] = mapped_column(String)
+    spec_toml: Mapped[str] = mapped_column(Text)
+    dataset: Mapped[str] = mapped_column(String)
+    probe_set_size: Mapped[int] = mapped_column(Integer)
+    probe_set_seed: Mapped[int] = mapped_column(Integer)
+    probe_set_sha256: Mapped[str] = mapped_column(String)  # artifact holding the indices
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Run(Base):
+    """One training trajectory. Hyperparameters are columns; children name their parent checkpoint."""
+
+    __tablename__ = "run"
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    experiment_id: Mapped[str] = mapped_column(String, ForeignKey("experiment.id"), index=True)
+    variant: Mapped[str] = mapped_column(String)
+    kind: Mapped[str] = mapped_column(String)  # parent | child | lowlr_child
+    seed: Mapped[int] = mapped_column(Integer)
+    data_seed: Mapped[int] = mapped_column(Integer)
+    dataset: Mapped[str] = mapped_column(String)
+    train_subset: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String)
+    width: Mapped[int] = mapped_column(Integer)
+    depth: Mapped[int] = mapped_column(Integer)
+    kernels: Mapped[str] = mapped_column(String)
+    patches: Mapped[int] = mapped_column(Integer)
+    num_params: Mapped[int] = mapped_column(Integer)
+    lr: Mapped[float] = mapped_column(Double)
+    momentum: Mapped[float] = mapped_column(Double)
+    weight_decay: Mapped[float] = mapped_column(Double)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    epochs: Mapped[float] = mapped_column(Double)
+    lr_drops: Mapped[str] = mapped_column(String)
+    lr_drop_factor: Mapped[float] = mapped_column(Double)
+    adversarial: Mapped[str] = mapped_column(String)
+    adv_epsilon: Mapped[float] = mapped_column(Double)
+    adv_steps: Mapped[int] = mapped_column(Integer)
+    adv_mix: Mapped[float] = mapped_column(Double)
+    steps_per_epoch: Mapped[int] = mapped_column(Integer)
+    total_steps: Mapped[int] = mapped_column(Integer)
+    parent_run_id: Mapped[str | None] = mapped_column(String, ForeignKey("run.id"), nullable=True)
+    parent_checkpoint_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    spawn_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    spawn_epoch: Mapped[float | None] = mapped_column(Double, nullable=True)
+    child_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    status: Mapped[str] = mapped_column(String)  # planned | running | finished | diverged
+    diverged_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    diverged_reason: Mapped[str | None] = mapped_column(String, nullable=True)
+    config_json: Mapped[str] = mapped_column(Text)
+
+
+class Checkpoint(Base):
+    """Weights at one step, stored as ``checkpoints/<sha256>.safetensors``."""
+
+    __tablename__ = "checkpoint"
+    __table_args__ = (
+        Index("ix_checkpoint_run_step", "run_id", "step", unique=True),
+        {"info": {"metrics": [Metric(m, m) for m in ("train_loss", "train_error", "test_loss", "test_error", "lr")]}},
+    )
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    run_id: Mapped[str] = mapped_column(String, ForeignKey("run.id"))
+    step: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[float] = mapped_column(Double)
+    frac: Mapped[float] = mapped_column(Double)  # step / total_steps: time that transfers across data sets
+    sha256: Mapped[str] = mapped_column(String)
+    has_optimizer: Mapped[bool] = mapped_column(Boolean)
+    lr: Mapped[float] = mapped_column(Double)
+    train_loss: Mapped[float] = mapped_column(Double)
+    train_error: Mapped[float] = mapped_column(Double)
+    test_loss: Mapped[float] = mapped_column(Double)
+    test_error: Mapped[float] = mapped_column(Double)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ProbeJob(Base):
+    """One probe measurement: identity = (probe, version, params hash, checkpoint ids, role)."""
+
+    __tablename__ = "probe_job"
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    probe: Mapped[str] = mapped_column(String, index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    params_hash: Mapped[str] = mapped_column(String)
+    params_json: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String)
+    checkpoint_id: Mapped[str] = mapped_column(String, ForeignKey("checkpoint.id"), index=True)
+    other_checkpoint_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    anchor_checkpoint_id: Mapped[str] = mapped_column(String)
+    inputs_json: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String)  # done | skipped | failed
+    attempts: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str] = mapped_column(String)
+    device: Mapped[str] = mapped_column(String)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    seconds: Mapped[float] = mapped_column(Double)

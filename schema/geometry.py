@@ -1,0 +1,1 @@
+"""Result tables of the geometry probes (see lsdb.probes)."""

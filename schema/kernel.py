@@ -1,0 +1,1 @@
+"""Result tables of the kernel probes (see lsdb.probes)."""

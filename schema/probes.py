@@ -1,0 +1,44 @@
+"""Result tables of the pipeline's first probes: ``eval`` and ``weights``."""
+
+from __future__ import annotations
+
+from sqlalchemy import Double, Integer
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .base import Base, Metric, ProbeRow
+
+
+class EvalResult(ProbeRow, Base):
+    """Loss and error on the train and test splits (``eval`` probe)."""
+
+    __tablename__ = "eval"
+    __table_args__ = {"info": {"metrics": [
+        Metric("eval_train_loss", "train_loss"), Metric("eval_train_error", "train_error"),
+        Metric("eval_test_loss", "test_loss"), Metric("eval_test_error", "test_error"),
+    ]}}
+    n_train: Mapped[int] = mapped_column(Integer)
+    n_test: Mapped[int] = mapped_column(Integer)
+    train_loss: Mapped[float] = mapped_column(Double)
+    train_error: Mapped[float] = mapped_column(Double)
+    test_loss: Mapped[float] = mapped_column(Double)
+    test_error: Mapped[float] = mapped_column(Double)
+
+
+class WeightsResult(ProbeRow, Base):
+    """Weight norm (role ``self``) and distances between two checkpoints (other roles).
+
+    ``distance`` = ‖w − w'‖₂ over all parameters; ``relative_distance`` = distance / ‖w'‖₂.
+    """
+
+    __tablename__ = "weights"
+    __table_args__ = {"info": {"metrics": [
+        Metric("weight_norm", "norm", role="self"),
+        Metric("distance_to_init", "distance", role="init"),
+        Metric("relative_distance_to_init", "relative_distance", role="init"),
+        Metric("distance_to_parent", "distance", role="parent"),
+        Metric("sibling_distance", "distance", role="siblings"),
+        Metric("relative_sibling_distance", "relative_distance", role="siblings"),
+    ]}}
+    norm: Mapped[float] = mapped_column(Double)
+    distance: Mapped[float | None] = mapped_column(Double, nullable=True)
+    relative_distance: Mapped[float | None] = mapped_column(Double, nullable=True)
