@@ -1,0 +1,246 @@
+"""``plan``: a pure function of (spec, store) → what is missing.
+
+Runs, checkpoints and probe jobs all have content-derived ids, so the plan can name every
+checkpoint a finished study will hold before any training happens, and rerunning a finished spec
+plans nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lsdb.probes.base import CheckpointRef, JobRequest, RunRef, Study, job_id, params_hash
+from lsdb.spec import RunConfig, Spec, non_default, sha256_json
+
+MAX_ATTEMPTS = 3
+
+
+def checkpoint_id(run_id: str, step: int) -> str:
+    return hashlib.sha256(f"{run_id}:{step}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    id: str
+    kind: str
+    variant: str
+    seed: int
+    data_seed: int
+    config: RunConfig
+    steps_per_epoch: int
+    total_steps: int
+    save_steps: tuple[int, ...]
+    parent_id: str | None = None
+    spawn_step: int | None = None
+    child_index: int | None = None
+    lr_factor: float = 1.0
+
+    @property
+    def spawn_epoch(self):
+        return None if self.spawn_step is None else self.spawn_step / self.steps_per_epoch
+
+    @property
+    def checkpoint_ids(self) -> dict[int, str]:
+        return {s: checkpoint_id(self.id, s) for s in self.save_steps}
+
+    @property
+    def parent_checkpoint_id(self):
+        return None if self.parent_id is None else checkpoint_id(self.parent_id, self.spawn_step)
+
+
+def schedule(cfg: RunConfig, spe: int, total: int) -> list[int]:
+    c = cfg.checkpoints
+    steps = {0, total}
+    if c.log_points and c.log_until > 0:
+        top = max(1.0, c.log_until * spe)
+        steps |= {int(round(s)) for s in np.geomspace(1, top, c.log_points)}
+    if c.every_epochs > 0:
+        k = 1
+        while k * c.every_epochs * spe < total:
+            steps.add(int(round(k * c.every_epochs * spe)))
+            k += 1
+    if c.every_steps > 0:
+        steps |= set(range(c.every_steps, total, c.every_steps))
+    steps |= {int(round(e * spe)) for e in c.epochs}
+    steps |= {int(round(t * spe)) for t in cfg.spawn.times}
+    return sorted(s for s in steps if 0 <= s <= total)
+
+
+def expand_runs(spec: Spec, n_train: int) -> list[PlannedRun]:
+    """Every run the spec declares: parents per (variant, seed), then their children."""
+    runs = []
+    for cfg in spec.run_configs():
+        spe = math.ceil(n_train / cfg.optim.batch_size)
+        total = int(round(cfg.optim.epochs * spe))
+        steps = tuple(schedule(cfg, spe, total))
+        for seed in spec.experiment.seeds:
+            ident = {"variant": cfg.variant, "seed": seed, "steps": list(steps),
+                     **{k: non_default(getattr(cfg, k)) for k in ("data", "model", "optim", "train")}}
+            parent = PlannedRun(sha256_json(ident)[:16], "parent", cfg.variant, seed, seed, cfg, spe, total, steps)
+            runs.append(parent)
+            for t in sorted(set(cfg.spawn.times)):
+                s = int(round(t * spe))
+                later = tuple(x for x in steps if x > s)
+                kinds = [("child", i, 1.0) for i in range(cfg.spawn.children)]
+                kinds += [("lowlr_child", i, cfg.spawn.lowlr_factor) for i in range(cfg.spawn.lowlr_children)]
+                for kind, i, factor in kinds:
+                    cid = sha256_json({"parent": parent.id, "spawn_step": s, "kind": kind, "child": i,
+                                       "lr_factor": factor})[:16]
+                    data_seed = int(hashlib.sha256(cid.encode()).hexdigest()[:7], 16)
+                    runs.append(PlannedRun(cid, kind, cfg.variant, seed, data_seed, cfg, spe, total, later,
+                                           parent.id, s, i, factor))
+    return runs
+
+
+def run_row(r: PlannedRun, experiment_id: str, num_params: int) -> dict:
+    cfg = r.config
+    return dict(
+        id=r.id, experiment_id=experiment_id, variant=r.variant, kind=r.kind, seed=r.seed, data_seed=r.data_seed,
+        dataset=cfg.data.name, train_subset=cfg.data.train_subset, model=cfg.model.name, width=cfg.model.width,
+        depth=cfg.model.depth, kernels=",".join(map(str, cfg.model.kernels)), patches=cfg.model.patches,
+        num_params=num_params, lr=cfg.optim.lr * r.lr_factor, momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay, batch_size=cfg.optim.batch_size, epochs=cfg.optim.epochs,
+        lr_drops=",".join(map(str, cfg.optim.lr_drops)), lr_drop_factor=cfg.optim.lr_drop_factor,
+        adversarial=cfg.train.adversarial, adv_epsilon=cfg.train.adv_epsilon, adv_steps=cfg.train.adv_steps,
+        adv_mix=cfg.train.adv_mix, steps_per_epoch=r.steps_per_epoch, total_steps=r.total_steps,
+        parent_run_id=r.parent_id, parent_checkpoint_id=r.parent_checkpoint_id, spawn_step=r.spawn_step,
+        spawn_epoch=r.spawn_epoch, child_index=r.child_index, status="planned", diverged_step=None,
+        diverged_reason=None, config_json=sha_free_json(cfg),
+    )
+
+
+def sha_free_json(cfg: RunConfig) -> str:
+    import json
+
+    return json.dumps(non_default(cfg), sort_keys=True)
+
+
+# ------------------------------------------------------------------------------ the study view
+
+class StoreStudy(Study):
+    """The planner's view: runs and checkpoints as stored (or as they will be, when simulated)."""
+
+    def __init__(self, runs: list[RunRef], results_fn=None):
+        self.runs = runs
+        self._runs = {r.id: r for r in runs}
+        self._ckpts = {c.id: c for r in runs for c in r.checkpoints}
+        self._results_fn = results_fn
+        self._results_cache: dict = {}
+
+    def run(self, run_id):
+        return self._runs[run_id]
+
+    def checkpoint(self, checkpoint_id):
+        return self._ckpts[checkpoint_id]
+
+    def results(self, table):
+        import polars as pl
+
+        if self._results_fn is None:
+            return pl.DataFrame()
+        if table not in self._results_cache:
+            self._results_cache[table] = self._results_fn(table)
+        return self._results_cache[table]
+
+
+def run_ref(r: PlannedRun, status: str, checkpoints: tuple[CheckpointRef, ...]) -> RunRef:
+    cfg = r.config
+    return RunRef(id=r.id, kind=r.kind, seed=r.seed, variant=r.variant, status=status, parent_run_id=r.parent_id,
+                  parent_checkpoint_id=r.parent_checkpoint_id, spawn_epoch=r.spawn_epoch, child_index=r.child_index,
+                  epochs=cfg.optim.epochs, lr=cfg.optim.lr * r.lr_factor, batch_size=cfg.optim.batch_size,
+                  momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, data_seed=r.data_seed,
+                  checkpoints=checkpoints)
+
+
+def simulated_study(runs: list[PlannedRun]) -> StoreStudy:
+    """The study as it will be once every run has trained (for `lsdb plan`)."""
+    refs = []
+    for r in runs:
+        cps = tuple(CheckpointRef(checkpoint_id(r.id, s), r.id, s, s / r.steps_per_epoch, "") for s in r.save_steps)
+        refs.append(run_ref(r, "finished", cps))
+    return StoreStudy(refs)
+
+
+def stored_study(runs: list[PlannedRun], con) -> StoreStudy:
+    ids = [r.id for r in runs]
+    status = dict(con.execute("SELECT id, status FROM run WHERE id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall())
+    rows = con.execute(
+        "SELECT id, run_id, step, epoch, sha256 FROM checkpoint WHERE run_id IN (SELECT unnest(?::VARCHAR[])) "
+        "ORDER BY run_id, step", [ids]).fetchall()
+    by_run: dict[str, list[CheckpointRef]] = {}
+    for cid, rid, step, epoch, sha in rows:
+        by_run.setdefault(rid, []).append(CheckpointRef(cid, rid, step, epoch, sha))
+    refs = [run_ref(r, status.get(r.id, "planned"), tuple(by_run.get(r.id, ()))) for r in runs if r.id in status]
+    return StoreStudy(refs, results_fn=lambda table: _results(con, table))
+
+
+def _results(con, table: str):
+    import polars as pl
+
+    exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchone()[0]
+    if not exists:
+        return pl.DataFrame()
+    return con.execute(
+        f"SELECT t.*, j.probe, j.version, j.params_hash, j.role, j.state FROM {table} t "
+        f"JOIN probe_job j ON j.id = t.job_id").pl()
+
+
+# ------------------------------------------------------------------------------------ probes
+
+@dataclass
+class ProbeJobs:
+    ready: list = field(default_factory=list)  # JobSpec
+    given_up: list = field(default_factory=list)  # (job id, error) after MAX_ATTEMPTS
+
+
+def probe_requests(spec: Spec, study: Study) -> list[tuple[str, int, object, str, JobRequest]]:
+    """(probe, version, params, params_hash, request) for every job the spec's probes ask for."""
+    from lsdb.probes import probe_module
+    from lsdb.probes.base import dataclass_from_dict
+
+    out = []
+    for name, raw in spec.probe_params().items():
+        module = probe_module(name)
+        params = dataclass_from_dict(module.Params, raw)
+        phash = params_hash(params)
+        for req in module.plan(study, params):
+            out.append((name, module.VERSION, params, phash, req))
+    return out
+
+
+def probe_jobs(spec: Spec, study: StoreStudy, runs: list[PlannedRun], probe_set_sha: str,
+               job_states: dict[str, tuple[str, int, str | None]]) -> ProbeJobs:
+    from lsdb.probes.worker import JobSpec
+
+    by_id = {r.id: r for r in runs}
+    result = ProbeJobs()
+    seen = set()
+    for name, version, params, phash, req in probe_requests(spec, study):
+        jid = job_id(name, version, phash, req.checkpoint_ids, req.role)
+        if jid in seen:
+            continue
+        seen.add(jid)
+        state = job_states.get(jid)
+        if state and state[0] in ("done", "skipped"):
+            continue
+        if state and state[0] == "failed" and state[1] >= MAX_ATTEMPTS:
+            result.given_up.append((jid, name, state[2]))
+            continue
+        ckpts = tuple(study.checkpoint(c) for c in req.checkpoint_ids)
+        run_refs = tuple(study.run(c.run_id) for c in ckpts)
+        cfg = by_id[ckpts[0].run_id].config
+        result.ready.append(JobSpec(
+            id=jid, probe=name, version=version, params=_params_dict(params), params_hash=phash, role=req.role,
+            checkpoints=ckpts, runs=run_refs, anchor_checkpoint_id=req.anchor_checkpoint_id, inputs=req.inputs,
+            model=cfg.model, data=cfg.data, probe_set_sha256=probe_set_sha,
+            seed=int(jid[:8], 16)))
+    return result
+
+
+def _params_dict(params) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(params).items()}

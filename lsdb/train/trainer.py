@@ -1,0 +1,172 @@
+"""Deterministic SGD training with checkpoints, resumption and parent–child spawning.
+
+A ``TrainTask`` is plain data, so it runs the same in-process or in a pool worker. The trainer
+never opens the database: each checkpoint becomes a safetensors file plus a small spool shard
+that the coordinating process ingests. Data order is a pure function of (data_seed, epoch), so a
+run resumed from any checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lsdb.spec import RunConfig
+from lsdb.train.checkpoints import atomic_save, load_weights, save_weights
+from lsdb.train.data import load_data
+from lsdb.train.models import build_model
+
+EVAL_BATCH = 2048
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    store_root: str
+    run_id: str
+    config: RunConfig
+    seed: int
+    data_seed: int
+    steps_per_epoch: int
+    total_steps: int
+    save_steps: tuple[int, ...]  # steps this run records (ascending)
+    lr_factor: float = 1.0
+    # where to start from: None = fresh init at step 0; else (step, weights sha, optimizer file)
+    start_step: int = 0
+    start_weights: str | None = None
+    start_optimizer: str | None = None
+    checkpoint_ids: dict[int, str] = field(default_factory=dict)  # step -> checkpoint id
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    return math.ceil(n_train / batch_size)
+
+
+def lr_at(step: int, cfg: RunConfig, spe: int, factor: float = 1.0) -> float:
+    drops = sum(1 for t in cfg.optim.lr_drops if step >= round(t * spe))
+    return cfg.optim.lr * factor * cfg.optim.lr_drop_factor**drops
+
+
+def batch_indices(step: int, n: int, batch_size: int, spe: int, data_seed: int) -> torch.Tensor:
+    """Indices of the minibatch taken at ``step``: a fresh permutation per epoch from (seed, epoch)."""
+    epoch, pos = divmod(step, spe)
+    g = torch.Generator().manual_seed(data_seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+@torch.no_grad()
+def evaluate(model, x, y) -> tuple[float, float]:
+    """Mean cross-entropy and error rate over (x, y), in batches."""
+    total_loss, wrong = 0.0, 0
+    for i in range(0, x.shape[0], EVAL_BATCH):
+        logits = model(x[i : i + EVAL_BATCH])
+        total_loss += F.cross_entropy(logits.double(), y[i : i + EVAL_BATCH], reduction="sum").item()
+        wrong += (logits.argmax(1) != y[i : i + EVAL_BATCH]).sum().item()
+    return total_loss / x.shape[0], wrong / x.shape[0]
+
+
+def make_optimizer(model, cfg: RunConfig, lr: float):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay)
+
+
+def optimizer_tensors(opt, model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            out[name] = buf
+    return out
+
+
+def load_optimizer_tensors(opt, model, tensors: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        if name in tensors:
+            opt.state[p]["momentum_buffer"] = tensors[name].clone().to(p.dtype)
+
+
+def run_training(task: TrainTask, emit) -> dict:
+    """Train ``task`` from its start to ``total_steps``; call ``emit(kind, payload)`` for every
+    checkpoint and once at the end with the run's status. Returns the final status payload."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = task.config
+    root = Path(task.store_root)
+    ckdir = root / "checkpoints"
+    data = load_data(cfg.data)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, seed=task.seed)
+    spe = task.steps_per_epoch
+    opt = make_optimizer(model, cfg, lr_at(task.start_step, cfg, spe, task.lr_factor))
+    if task.start_weights:
+        model.load_state_dict(load_weights(ckdir, task.start_weights))
+        if task.start_optimizer:
+            load_optimizer_tensors(opt, model, load_file(str(ckdir / task.start_optimizer)))
+
+    adversarial = None
+    if cfg.train.adversarial != "none":
+        from lsdb.train.adversarial import perturb
+
+        def adversarial(xb, yb):
+            return perturb(model, xb, yb, cfg.train.adversarial, cfg.train.adv_epsilon, cfg.train.adv_steps)
+
+    n = data.x_train.shape[0]
+    chance = 1.0 - 1.0 / data.num_classes
+    save = [s for s in task.save_steps if s >= task.start_step]
+
+    def checkpoint(step):
+        train_loss, train_error = evaluate(model, data.x_train, data.y_train)
+        test_loss, test_error = evaluate(model, data.x_test, data.y_test)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        sha = save_weights(ckdir, state)
+        cid = task.checkpoint_ids[step]
+        opt_file = f"{cid}.optim.safetensors"
+        atomic_save(optimizer_tensors(opt, model) or {"_empty": torch.zeros(0)}, ckdir / opt_file)
+        row = dict(id=cid, run_id=task.run_id, step=step, epoch=step / spe, frac=step / task.total_steps,
+                   sha256=sha, has_optimizer=True, lr=lr_at(step, cfg, spe, task.lr_factor),
+                   train_loss=train_loss, train_error=train_error, test_loss=test_loss, test_error=test_error)
+        emit("checkpoint", row)
+        return train_loss, train_error
+
+    status = {"run_id": task.run_id, "status": "finished", "diverged_step": None, "diverged_reason": None}
+    step = task.start_step
+    pending = set(save)
+    if step in pending and not task.start_weights:
+        checkpoint(step)
+        pending.discard(step)
+    elif step in pending:
+        pending.discard(step)  # resuming from this very checkpoint: it is stored already
+    model.train()
+    while step < task.total_steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg, spe, task.lr_factor)
+        idx = batch_indices(step, n, cfg.optim.batch_size, spe, task.data_seed)
+        xb, yb = data.x_train[idx], data.y_train[idx]
+        loss = F.cross_entropy(model(xb), yb)
+        if adversarial is not None and cfg.train.adv_mix > 0:
+            x_adv = adversarial(xb, yb)
+            loss = (1 - cfg.train.adv_mix) * loss + cfg.train.adv_mix * F.cross_entropy(model(x_adv), yb)
+        if not torch.isfinite(loss):
+            status.update(status="diverged", diverged_step=step, diverged_reason=f"non-finite training loss ({loss.item()})")
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step in pending:
+            pending.discard(step)
+            train_loss, train_error = checkpoint(step)
+            if not math.isfinite(train_loss):
+                status.update(status="diverged", diverged_step=step, diverged_reason="non-finite loss at checkpoint")
+                break
+            if step / spe >= cfg.train.chance_after_epochs and train_error >= chance - 0.02:
+                status.update(status="diverged", diverged_step=step,
+                              diverged_reason=f"collapsed to chance accuracy (train error {train_error:.3f})")
+                break
+    emit("run_status", status)
+    return status

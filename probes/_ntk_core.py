@@ -1,0 +1,315 @@
+"""Shared NTK maths for the kernel probes (``ntk``, ``ntk_distance``, ``kernel_accuracy``).
+
+Notation (../shared/PAPERS.md, "Objects"): logits f(x; w) ∈ R^C, w = every trainable parameter of
+the model (``named_parameters`` with ``requires_grad``; buffers are passed through unchanged),
+per-input Jacobian J(x) = ∂f(x; w)/∂w ∈ R^{C×P}. For inputs X = (x_1 … x_n):
+
+- ``full``:       Θ[(i,a),(j,b)] = ⟨∂f_a(x_i)/∂w, ∂f_b(x_j)/∂w⟩, an nC×nC matrix whose row
+                  (i, a) is at index i·C + a (input-major, logit-minor);
+- ``trace``:      Θ^tr[i,j] = Σ_a Θ[(i,a),(j,a)], n×n;
+- ``sum_logits``: Θ^sl[i,j] = ⟨∂Σ_a f_a(x_i)/∂w, ∂Σ_b f_b(x_j)/∂w⟩ = Σ_{a,b} Θ[(i,a),(j,b)], n×n.
+
+Two implementations compute the same matrices (tests assert they agree):
+
+- ``jacobian``: per-input Jacobians of a block of inputs by ``vmap(jacrev)``, written once into
+  one contiguous (b, C, P) array, then one matrix product per pair of blocks (a single GEMM over
+  all parameters instead of one contraction per parameter tensor). Only blocks on or above the
+  diagonal are computed; Jacobian blocks are cached up to ``cache_mb`` and recomputed beyond it,
+  so memory is bounded by the cache plus two blocks whatever n is.
+- ``ntvp``: NTK-vector products, Θ e = J_I (J_Jᵀ e): a ``vjp`` through the column inputs followed
+  by a ``jvp`` through the row inputs, vmapped over basis cotangents. Never holds a Jacobian of
+  more than ``chunk`` cotangents; costs O(n²) network passes, so it is the cross-check, not the
+  default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+
+from lsdb.errors import ProbeError
+
+VARIANTS = ("full", "trace", "sum_logits")
+IMPLEMENTATIONS = ("jacobian", "ntvp")
+
+
+# ----------------------------------------------------------------------------- binding a network
+
+@dataclass(frozen=True)
+class Network:
+    """A model bound to one checkpoint: ``logits(params, x)`` with the trainable ``params`` as an
+    explicit argument (what torch.func differentiates) and the buffers held fixed."""
+
+    model: torch.nn.Module
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+
+    def logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, {**params, **self.buffers}, (x,))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.params, x)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+
+def bind(model: torch.nn.Module, state: dict[str, torch.Tensor], device, dtype) -> Network:
+    """Bind ``model`` to the tensors of one checkpoint, cast to ``device``/``dtype``."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ProbeError(f"checkpoint state lacks parameters {missing[:5]} of model {type(model).__name__}")
+    params = {n: state[n].detach().to(device=device, dtype=dtype) for n in names}
+    buffers = {}
+    for n, _ in model.named_buffers():
+        if n in state:
+            b = state[n].detach().to(device=device)
+            buffers[n] = b.to(dtype) if b.is_floating_point() else b
+    return Network(model, params, buffers)
+
+
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ProbeError(f"unknown NTK variant '{variant}'; valid variants: {', '.join(VARIANTS)}")
+
+
+def check_implementation(implementation: str) -> None:
+    if implementation not in IMPLEMENTATIONS:
+        raise ProbeError(f"unknown NTK implementation '{implementation}'; valid: {', '.join(IMPLEMENTATIONS)}")
+
+
+def probe_inputs(x_train: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The probe set ``x_train[indices]``; a ProbeError when it asks for more than the data holds."""
+    n_data = x_train.shape[0]
+    idx = indices.to(device=x_train.device, dtype=torch.long)
+    if idx.numel() > n_data:
+        raise ProbeError(f"probe set of {idx.numel()} inputs is larger than the training set ({n_data} examples)")
+    if idx.numel() == 0:
+        raise ProbeError("probe set is empty")
+    if int(idx.min()) < 0 or int(idx.max()) >= n_data:
+        raise ProbeError(f"probe set index {int(idx.max())} is out of range for a training set of {n_data} examples")
+    return x_train[idx]
+
+
+# ----------------------------------------------------------------------------------- Jacobians
+
+def jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False) -> torch.Tensor:
+    """Per-input Jacobians of a block: (b, C, P), or (b, P) of ∂Σ_a f_a/∂w when ``sum_logits``.
+
+    Parameters are concatenated in ``net.params`` order, each flattened row-major.
+    """
+
+    def one(params, xi):
+        out = net.logits(params, xi.unsqueeze(0)).squeeze(0)
+        return out.sum() if sum_logits else out
+
+    per_param = vmap(grad(one) if sum_logits else jacrev(one), in_dims=(None, 0))(net.params, x)
+    b = x.shape[0]
+    lead = (b,) if sum_logits else (b, per_param[next(iter(per_param))].shape[1])
+    return torch.cat([per_param[n].reshape(*lead, -1) for n in net.params], dim=-1)
+
+
+def _gram(ja: torch.Tensor, jb: torch.Tensor, variant: str) -> torch.Tensor:
+    """The kernel block between two Jacobian blocks (as returned by ``jacobian``)."""
+    if variant == "full":
+        return ja.reshape(-1, ja.shape[-1]) @ jb.reshape(-1, jb.shape[-1]).T
+    if variant == "trace":  # Σ_a ⟨J_a(x_i), J_a(x_j)⟩ is one dot product over (logit, parameter)
+        return ja.reshape(ja.shape[0], -1) @ jb.reshape(jb.shape[0], -1).T
+    return ja @ jb.T  # sum_logits: rows are already ∂Σf/∂w
+
+
+def _blocks(n: int, chunk: int) -> list[slice]:
+    chunk = max(1, int(chunk))
+    return [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+class _JacobianCache:
+    """Jacobian blocks kept while they fit in ``budget`` bytes, recomputed otherwise."""
+
+    def __init__(self, compute: Callable[[int], torch.Tensor], budget: float):
+        self.compute, self.budget, self.held, self.used = compute, budget, {}, 0
+
+    def get(self, k: int) -> torch.Tensor:
+        if k in self.held:
+            return self.held[k]
+        j = self.compute(k)
+        size = j.numel() * j.element_size()
+        if self.used + size <= self.budget:
+            self.held[k], self.used = j, self.used + size
+        return j
+
+    def drop_before(self, k: int) -> None:
+        for key in [key for key in self.held if key < k]:
+            j = self.held.pop(key)
+            self.used -= j.numel() * j.element_size()
+
+
+# --------------------------------------------------------------------------------------- kernels
+
+def ntk(net: Network, x: torch.Tensor, variant: str = "trace", implementation: str = "jacobian",
+        chunk: int = 256, cache_mb: float = 1024.0) -> torch.Tensor:
+    """The empirical NTK of ``net`` on inputs ``x`` (see the module docstring for the variants),
+    in the dtype and on the device of ``net``'s parameters. Exactly symmetric."""
+    check_variant(variant)
+    check_implementation(implementation)
+    with torch.no_grad():
+        c = net(x[:1]).shape[-1]
+    n = x.shape[0]
+    per = c if variant == "full" else 1
+    p0 = next(iter(net.params.values()))
+    out = torch.empty(n * per, n * per, device=p0.device, dtype=p0.dtype)
+    blocks = _blocks(n, chunk)
+
+    if implementation == "jacobian":
+        cache = _JacobianCache(lambda k: jacobian(net, x[blocks[k]], variant == "sum_logits"), cache_mb * 2**20)
+        block_fn = lambda bi, bj: _gram(cache.get(bi), cache.get(bj), variant)  # noqa: E731
+    else:
+        cache = None
+        block_fn = lambda bi, bj: _ntvp_block(net, x[blocks[bi]], x[blocks[bj]], variant, chunk)  # noqa: E731
+
+    for bi, rows in enumerate(blocks):
+        if cache is not None:
+            cache.drop_before(bi)
+        r = slice(rows.start * per, rows.stop * per)
+        for bj in range(bi, len(blocks)):
+            cols = blocks[bj]
+            s = slice(cols.start * per, cols.stop * per)
+            block = block_fn(bi, bj)
+            if bi == bj:  # GEMM rounding differs between (i,j) and (j,i); store one of them
+                block = 0.5 * (block + block.T)
+            out[r, s] = block
+            if bi != bj:
+                out[s, r] = block.T
+    return out
+
+
+def cross_ntk(net: Network, x_rows: torch.Tensor, x_cols: torch.Tensor, variant: str = "trace",
+              chunk: int = 256) -> torch.Tensor:
+    """Θ(x_rows, x_cols): the rectangular kernel between two input sets (jacobian contraction),
+    (m·per)×(n·per) with per = C for ``full`` and 1 otherwise. The column Jacobian is held whole;
+    the rows are streamed in blocks of ``chunk``."""
+    check_variant(variant)
+    sl = variant == "sum_logits"
+    j_cols = torch.cat([jacobian(net, x_cols[b], sl) for b in _blocks(x_cols.shape[0], chunk)])
+    return torch.cat([_gram(jacobian(net, x_rows[b], sl), j_cols, variant)
+                      for b in _blocks(x_rows.shape[0], chunk)])
+
+
+def trace_ntk_diagonal(net: Network, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """diag Θ^tr: Θ^tr[i,i] = ‖J(x_i)‖²_F = Σ_a ‖∂f_a(x_i)/∂w‖², without the off-diagonal."""
+    return torch.cat([jacobian(net, x[b]).pow(2).sum(dim=(1, 2)) for b in _blocks(x.shape[0], chunk)])
+
+
+def _ntvp_block(net: Network, x_rows: torch.Tensor, x_cols: torch.Tensor, variant: str,
+                chunk: int) -> torch.Tensor:
+    """One kernel block by NTK-vector products: column e of Θ is J_rows (J_colsᵀ e)."""
+    m, b = x_rows.shape[0], x_cols.shape[0]
+    _, pull = vjp(lambda p: net.logits(p, x_cols), net.params)
+    c = net.logits(net.params, x_cols[:1]).shape[-1]
+    p0 = next(iter(net.params.values()))
+    if variant == "sum_logits":  # cotangent 1_C on input j: J_colsᵀ e = ∇_w Σ_a f_a(x_j)
+        basis = torch.eye(b, device=p0.device, dtype=p0.dtype)[:, :, None].expand(b, b, c)
+    else:
+        basis = torch.eye(b * c, device=p0.device, dtype=p0.dtype).reshape(b * c, b, c)
+
+    def column(cotangent):
+        (tangent,) = pull(cotangent)
+        return jvp(lambda p: net.logits(p, x_rows), (net.params,), (tangent,))[1]  # (m, C)
+
+    step = max(1, int(chunk))
+    cols = torch.cat([vmap(column)(basis[s : s + step]) for s in range(0, basis.shape[0], step)])
+    if variant == "sum_logits":
+        return cols.sum(-1).T  # (m, b)
+    cols = cols.reshape(b, c, m, c)  # [j, b, i, a] = Θ[(i,a),(j,b)]
+    if variant == "full":
+        return cols.permute(2, 3, 0, 1).reshape(m * c, b * c)
+    return torch.einsum("jaia->ij", cols)
+
+
+# ------------------------------------------------------------------------------ kernel summaries
+
+def one_hot_targets(labels: torch.Tensor, num_classes: int, variant: str, dtype=torch.float64) -> torch.Tensor:
+    """Target kernel T for kernel–target alignment, from one-hot labels Y (n×C).
+
+    ``trace``/``sum_logits``: T = Y Yᵀ (n×n, 1 where two inputs share a class);
+    ``full``: T = vec(Y) vec(Y)ᵀ (nC×nC, index i·C + a), so that Σ_a T[(i,a),(j,a)] = (Y Yᵀ)[i,j].
+    """
+    y = torch.nn.functional.one_hot(labels.long(), num_classes).to(dtype)
+    if variant == "full":
+        v = y.reshape(-1, 1)
+        return v @ v.T
+    return y @ y.T
+
+
+def alignment(k: torch.Tensor, t: torch.Tensor, centred: bool = False) -> float:
+    """A(K, T) = ⟨K, T⟩_F / (‖K‖_F ‖T‖_F) (Cristianini et al. 2002). Centred (Cortes et al. 2012):
+    the same with K → HKH, T → HTH, H = I − 11ᵀ/m over the matrix's m rows."""
+    k, t = k.double(), t.double()
+    if centred:
+        k, t = _centre(k), _centre(t)
+    denom = torch.linalg.matrix_norm(k) * torch.linalg.matrix_norm(t)
+    return float((k * t).sum() / denom) if denom > 0 else float("nan")
+
+
+def _centre(k: torch.Tensor) -> torch.Tensor:
+    return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+
+
+def top_eigenvalues(k: torch.Tensor, count: int = 3, dense_limit: int = 1536) -> list[float]:
+    """The ``count`` largest eigenvalues of symmetric K, descending. Dense ``eigvalsh`` up to
+    ``dense_limit`` rows; Lanczos (ARPACK ``eigsh``) above, where a dense solve costs seconds."""
+    size = k.shape[0]
+    count = min(count, size)
+    if size <= dense_limit:
+        ev = torch.linalg.eigvalsh(k.double()).flip(0)[:count]
+        return [float(v) for v in ev]
+    from scipy.sparse.linalg import eigsh
+
+    ev = eigsh(k.double().cpu().numpy(), k=count, which="LA", return_eigenvectors=False)
+    return sorted((float(v) for v in ev), reverse=True)
+
+
+def effective_rank(k: torch.Tensor) -> float:
+    """Participation ratio (Σλ)² / Σλ² = tr(K)² / ‖K‖²_F for symmetric K: 1 for rank one, m for a
+    multiple of the identity."""
+    fro2 = float(k.double().pow(2).sum())
+    return float(torch.trace(k.double())) ** 2 / fro2 if fro2 > 0 else float("nan")
+
+
+def summarise(k: torch.Tensor, labels: torch.Tensor, num_classes: int, variant: str) -> dict[str, float]:
+    """Scalars of one kernel: Frobenius norm, trace, mean diagonal, top-3 eigenvalues, effective
+    rank, kernel–target alignment plain and centred."""
+    kd = k.double()
+    t = one_hot_targets(labels, num_classes, variant).to(kd.device)
+    top = top_eigenvalues(kd, 3) + [float("nan")] * 3
+    return {
+        "frobenius_norm": float(torch.linalg.matrix_norm(kd)),
+        "trace": float(torch.trace(kd)),
+        "mean_diagonal": float(torch.diagonal(kd).mean()),
+        "top1": top[0], "top2": top[1], "top3": top[2],
+        "effective_rank": effective_rank(kd),
+        "alignment": alignment(kd, t),
+        "centered_alignment": alignment(kd, t, centred=True),
+    }
+
+
+def kernel_distance(k1, k2) -> tuple[float, float]:
+    """S(K, K') = 1 − ⟨K, K'⟩_F / (‖K‖_F ‖K'‖_F) and the angle θ = arccos(1 − S) between them.
+
+    Computed as S = ½‖K̂ − K̂'‖²_F and θ = 2·arcsin(‖K̂ − K̂'‖_F / 2) with K̂ = K/‖K‖_F: the same
+    numbers, without the cancellation of 1 − cos for nearly equal kernels. Inputs are numpy arrays
+    or tensors; the sums run in float64.
+    """
+    import numpy as np
+
+    a, b = np.asarray(k1, dtype=np.float64), np.asarray(k2, dtype=np.float64)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        raise ProbeError("kernel distance is undefined for a zero kernel")
+    d = float(np.linalg.norm(a / na - b / nb))
+    return 0.5 * d * d, 2.0 * float(np.arcsin(min(1.0, d / 2.0)))

@@ -1,0 +1,57 @@
+"""Executors run plain functions over plain tasks and yield results as they complete.
+
+``inline`` runs in this process (debuggable, and what tests use); ``process`` is a local pool of
+``--workers N`` processes. A cluster executor (Ray, batch jobs over ``lsdb worker``) only has to
+provide the same ``map``: workers share nothing but the store directory.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Callable, Iterable, Iterator
+
+
+class InlineExecutor:
+    name = "inline"
+
+    def map(self, fn: Callable, tasks: Iterable[tuple]) -> Iterator:
+        for args in tasks:
+            yield fn(*args)
+
+    def close(self):
+        pass
+
+
+def _init_worker(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+class ProcessExecutor:
+    """A pool of worker processes (spawned, not forked: torch is not fork-safe once threaded)."""
+
+    name = "process"
+
+    def __init__(self, workers: int):
+        import multiprocessing as mp
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                        initializer=_init_worker, initargs=(threads,))
+
+    def map(self, fn: Callable, tasks: Iterable[tuple]) -> Iterator:
+        futures = [self.pool.submit(fn, *args) for args in tasks]
+        for f in as_completed(futures):
+            yield f.result()
+
+    def close(self):
+        self.pool.shutdown(cancel_futures=True)
+
+
+EXECUTORS = {"inline": InlineExecutor, "process": ProcessExecutor}
+
+
+def make_executor(workers: int = 1):
+    return InlineExecutor() if workers <= 1 else ProcessExecutor(workers)

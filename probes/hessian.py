@@ -1,0 +1,455 @@
+"""``hessian``: spectrum of the Hessian of the training loss at a checkpoint.
+
+H = ∇²_w L(w), L(w) = (1/B) Σ_{i∈batch} CE(f(x_i; w), y_i), over all trainable parameters, on one
+fixed training batch of ``batch_size`` examples drawn with ``batch_seed`` (the same batch at every
+checkpoint). Only Hessian-vector products (HVPs) are used; P = number of parameters.
+
+- Top-k eigenvalues (largest algebraic) by Lanczos with full reorthogonalisation (twice per step).
+  After each step the Ritz pairs (θ_i, y_i) of the tridiagonal T_j give residual estimates
+  r_i = β_{j+1}|s_{j,i}| = ‖H y_i − θ_i y_i‖. With ``criterion`` = "residual" the run stops when
+  every top-k r_i ≤ tol·|θ₁| (then each θ_i lies within tol·|θ₁| of an eigenvalue); with "gap" when
+  min(r_i, r_i²/g_i) ≤ tol·|θ₁|, g_i the distance to the nearest other Ritz value (the sharper
+  gap bound; g_i is estimated from Ritz values). At most ``max_iter`` HVPs. With ``verify`` the
+  residuals are recomputed explicitly (k more HVPs) and those decide ``converged``; a run that
+  misses the tolerance is stored with converged = false and its largest residual.
+- Trace by Hutch++ (Meyer, Musco, Musco, Woodruff 2021) or Hutchinson (Rademacher probes), with
+  ``trace_hvps`` HVPs. Standard error: sample std of the stochastic part / √(#probes).
+- Spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019; Lin, Saad,
+  Yang 2016): ``density_vectors`` Rademacher starts, ``density_iters`` Lanczos steps each;
+  φ(t) = (1/n_v) Σ_l Σ_j τ_j^l g_σ(t − θ_j^l), τ_j = (first component of the j-th eigenvector of
+  T_l)², g_σ a unit-mass Gaussian of width σ = ``density_sigma``·(θ_max − θ_min), on a uniform grid
+  of ``density_points`` over [θ_min − 5σ, θ_max + 5σ]. φ integrates to 1 and its mean is the
+  average of vᵀHv over the unit start vectors, an estimate of trace/P.
+- Outliers: with the top-k values λ₁ ≥ … ≥ λ_k, the number above the largest gap on a log scale:
+  argmax_i log(λ_i/λ_{i+1}) over i < k with λ_{i+1} > 0, or the count of positive values when a
+  non-positive λ_{i+1} comes first (Fort & Ganguli 2019: ~C outliers above the bulk). 0 when λ₁ ≤ 0.
+
+Warm start (``warm_start``): the plan walks each run's checkpoints in order and hands the next job
+the artifact of the previous checkpoint's top-k Ritz vectors; Lanczos then starts from their sum
+(plus a small random part, so directions outside the old subspace are still found), and the row
+records the overlap ‖Y_prevᵀ Y‖²_F / k of the two top-k subspaces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jvp, vmap
+
+from lsdb.errors import ArtifactCorrupt, ProbeError, ProbeSkipped, SpecError
+
+from . import _directions as D
+from .base import JobRequest, ProbeContext, Study, each_checkpoint
+
+VERSION = 1
+TABLES = ("hessian", "hessian_eigenvalue", "hessian_density")
+
+_WARM_RANDOM_MIX = 0.05  # weight of the random part of a warm start vector
+
+
+@dataclass(frozen=True)
+class Params:
+    batch_size: int = 512
+    batch_seed: int = 0
+    top_k: int = 12
+    tol: float = 1e-3
+    criterion: str = "residual"  # "residual" | "gap"
+    max_iter: int = 200
+    verify: bool = True
+    trace_method: str = "hutch++"  # "hutch++" | "hutchinson"
+    trace_hvps: int = 99
+    density_vectors: int = 3
+    density_iters: int = 40
+    density_points: int = 256
+    density_sigma: float = 0.01
+    hvp: str = "double_backward"  # "double_backward" | "fwd_rev" (forward-over-reverse)
+    hvp_chunk: int = 16  # vectors per batched HVP
+    warm_start: bool = False
+    store_ritz: bool = True
+
+
+# --------------------------------------------------------------------------------------- plan
+
+def plan(study: Study, params: Params) -> list[JobRequest]:
+    """Every checkpoint; with ``warm_start``, one checkpoint per run at a time, in step order,
+    each handed the previous checkpoint's Ritz-vector artifact (a run's chain waits while its
+    previous checkpoint has no stored result)."""
+    if not params.warm_start:
+        return each_checkpoint(study)
+    from lsdb.probes.base import params_hash
+
+    done = _stored_ritz(study, params_hash(params))
+    jobs = []
+    for r in study.runs:
+        prev = None
+        for c in r.checkpoints:
+            if c.id in done:
+                prev = done[c.id]
+                continue
+            inputs = {"warm_start": prev} if prev else {}
+            jobs.append(JobRequest((c.id,), c.id, "self", inputs))
+            break
+    return jobs
+
+
+def _stored_ritz(study: Study, phash: str) -> dict[str, str | None]:
+    try:
+        df = study.results("hessian")
+    except Exception:  # no table yet
+        return {}
+    if df is None or len(df) == 0:
+        return {}
+    rows = df.filter((df["probe"] == "hessian") & (df["version"] == VERSION) & (df["params_hash"] == phash))
+    return {cid: art for cid, art in zip(rows["checkpoint_id"].to_list(), rows["ritz_artifact"].to_list())}
+
+
+# ------------------------------------------------------------------------------ the operator
+
+class HessianOperator:
+    """H = ∇²L(w) as a symmetric linear operator on flat vectors of length P.
+
+    "double_backward" builds ∇L once with create_graph and differentiates ⟨∇L, v⟩ for each v
+    (batched over vectors with ``is_grads_batched``); "fwd_rev" pushes v forward through ∇L with
+    ``torch.func.jvp`` (vmapped over vectors). ``hvps`` counts products.
+    """
+
+    def __init__(self, loss_fn, params: dict[str, torch.Tensor], method: str = "double_backward", chunk: int = 16):
+        if method not in ("double_backward", "fwd_rev"):
+            raise SpecError(f"probes.hessian.hvp = '{method}' must be double_backward or fwd_rev")
+        self.names = list(params)
+        self.shapes = [params[n].shape for n in self.names]
+        self.sizes = [params[n].numel() for n in self.names]
+        self.P = sum(self.sizes)
+        first = params[self.names[0]]
+        self.dtype, self.device = first.dtype, first.device
+        self.method, self.chunk, self.hvps = method, max(1, chunk), 0
+        self.params = {n: p.detach() for n, p in params.items()}
+        self.loss_fn = loss_fn
+        if method == "double_backward":
+            leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+            with torch.enable_grad():
+                loss = loss_fn(leaves)
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+            self._leaves, self._grad = list(leaves.values()), torch.cat([g.reshape(-1) for g in grads])
+        else:
+            def hvp_one(v):
+                return jvp(grad(loss_fn), (self.params,), (self.unflatten(v),))[1]
+
+            self._hvp_batch = vmap(lambda v: self.flatten(hvp_one(v)))
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: t.view(s) for n, t, s in zip(self.names, v.split(self.sizes), self.shapes)}
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """H applied to every row of V (m, P) → (m, P)."""
+        out = []
+        for i in range(0, V.shape[0], self.chunk):
+            block = V[i:i + self.chunk].to(self.dtype)
+            out.append(self._apply(block))
+            self.hvps += block.shape[0]
+        return torch.cat(out) if out else V.new_zeros((0, self.P))
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v.unsqueeze(0))[0]
+
+    def _apply(self, block):
+        if self.method == "fwd_rev":
+            return self._hvp_batch(block).detach()
+        if block.shape[0] == 1:
+            hv = torch.autograd.grad(self._grad, self._leaves, grad_outputs=block[0], retain_graph=True)
+            return torch.cat([h.reshape(-1) for h in hv]).unsqueeze(0)
+        hv = torch.autograd.grad(self._grad, self._leaves, grad_outputs=block, retain_graph=True,
+                                 is_grads_batched=True)
+        return torch.cat([h.reshape(block.shape[0], -1) for h in hv], dim=1)
+
+
+# --------------------------------------------------------------------------------- Lanczos
+
+@dataclass
+class TopEigen:
+    values: torch.Tensor  # (k,) descending
+    vectors: torch.Tensor  # (k, P) unit Ritz vectors
+    residuals: torch.Tensor  # (k,) ‖H y − θ y‖ (explicit when verified, else Lanczos estimates)
+    iters: int
+    hvps: int
+    converged: bool
+
+
+def _reorthogonalise(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    # classical Gram–Schmidt twice: "twice is enough" (Giraud et al. 2005) for full orthogonality
+    for _ in range(2):
+        w = w - Q.T @ (Q @ w)
+    return w
+
+
+def _error_bounds(theta, S, beta, order, criterion):
+    r = (beta * S[-1, order]).abs()
+    if criterion == "residual" or theta.numel() < 2:
+        return r, r
+    t = theta[order]
+    diff = (t[:, None] - theta[None, :]).abs()
+    diff[torch.arange(len(order)), order] = float("inf")
+    gap = diff.min(dim=1).values
+    return r, torch.minimum(r, r * r / gap.clamp_min(torch.finfo(r.dtype).tiny))
+
+
+def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, criterion: str = "residual",
+                verify: bool = True) -> TopEigen:
+    """Top-k (largest algebraic) eigenpairs of ``op`` by Lanczos with full reorthogonalisation.
+
+    Stops when every top-k Ritz pair meets the tolerance (see the module docstring), or after
+    ``max_iter`` HVPs. On breakdown (an invariant Krylov subspace) it continues from a fresh random
+    vector orthogonal to the basis, so eigenvalues outside the start vector's reach are still found.
+    """
+    if criterion not in ("residual", "gap"):
+        raise SpecError(f"probes.hessian.criterion = '{criterion}' must be residual or gap")
+    P, dt, dev = op.P, op.dtype, op.device
+    k = min(k, P)
+    max_iter = max(1, min(max_iter, P))
+    start_hvps = op.hvps
+
+    def rand_vec():
+        return torch.randn(P, generator=generator, dtype=torch.float64).to(device=dev, dtype=dt)
+
+    q = rand_vec() if v0 is None else v0.to(device=dev, dtype=dt)
+    Q = torch.zeros(max_iter + 1, P, dtype=dt, device=dev)
+    Q[0] = q / q.norm()
+    alpha = torch.zeros(max_iter, dtype=torch.float64)
+    beta = torch.zeros(max_iter, dtype=torch.float64)
+    converged_est = False
+    j = 0
+    for j in range(max_iter):
+        w = op.matvec(Q[j])
+        if not bool(torch.isfinite(w).all()):
+            raise ProbeSkipped("non-finite Hessian-vector product")
+        alpha[j] = float(Q[j] @ w)
+        w = _reorthogonalise(w, Q[: j + 1])
+        beta[j] = float(w.norm())
+        T = torch.diag(alpha[: j + 1]) + torch.diag(beta[:j], 1) + torch.diag(beta[:j], -1)
+        theta, S = torch.linalg.eigh(T)
+        scale = float(theta.abs().max())
+        breakdown = beta[j] <= 1e3 * torch.finfo(dt).eps * max(scale, 1e-300)
+        if j + 1 >= k:
+            order = torch.argsort(theta, descending=True)[:k]
+            _, bound = _error_bounds(theta, S, beta[j], order, criterion)
+            if bool((bound <= tol * scale).all()) or (breakdown and j + 1 >= P):
+                converged_est = True
+                break
+        if j + 1 == max_iter:
+            break
+        if breakdown:
+            beta[j] = 0.0  # T decouples; continue in the orthogonal complement
+            w = _reorthogonalise(rand_vec(), Q[: j + 1])
+            Q[j + 1] = w / w.norm()
+        else:
+            Q[j + 1] = w / beta[j]
+    m = j + 1
+    T = torch.diag(alpha[:m]) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
+    theta, S = torch.linalg.eigh(T)
+    order = torch.argsort(theta, descending=True)[: min(k, m)]
+    values = theta[order]
+    Y = S[:, order].T.to(dt) @ Q[:m]
+    Y = Y / Y.norm(dim=1, keepdim=True)
+    scale = float(theta.abs().max())
+    if verify:
+        residuals = (op.matmat(Y) - values.to(dt)[:, None] * Y).norm(dim=1).double()
+        bound = residuals
+        if criterion == "gap" and m > 1:
+            diff = (values[:, None] - theta[None, :]).abs()
+            diff[torch.arange(len(order)), order] = float("inf")
+            gap = diff.min(dim=1).values.clamp_min(torch.finfo(torch.float64).tiny)
+            bound = torch.minimum(residuals, residuals**2 / gap)
+        converged = bool((bound <= tol * scale).all()) and len(order) == k
+    else:
+        residuals, _ = _error_bounds(theta, S, beta[m - 1], order, "residual")
+        converged = converged_est and len(order) == k
+    return TopEigen(values, Y, residuals, m, op.hvps - start_hvps, converged)
+
+
+# ---------------------------------------------------------------------------- trace, density
+
+def _rademacher(m: int, P: int, generator, dtype, device) -> torch.Tensor:
+    return (torch.randint(0, 2, (m, P), generator=generator) * 2 - 1).to(device=device, dtype=dtype)
+
+
+def hutchinson(op: HessianOperator, m: int, generator) -> tuple[float, float]:
+    """tr(H) ≈ (1/m) Σ zᵢᵀHzᵢ with Rademacher zᵢ; returns (estimate, standard error)."""
+    Z = _rademacher(m, op.P, generator, op.dtype, op.device)
+    samples = (Z * op.matmat(Z)).sum(1).double()
+    return float(samples.mean()), float(samples.std() / math.sqrt(m)) if m > 1 else float("inf")
+
+
+def hutch_pp(op: HessianOperator, m: int, generator) -> tuple[float, float]:
+    """Hutch++ with m HVPs: s = m // 3 sketch vectors S, Q = orth(HS); tr(H) ≈ tr(QᵀHQ) +
+    (1/s) Σ gᵢᵀ(I−QQᵀ)H(I−QQᵀ)gᵢ with Rademacher gᵢ; the standard error is that of the second term."""
+    s = max(1, m // 3)
+    S = _rademacher(s, op.P, generator, op.dtype, op.device)
+    Qm, _ = torch.linalg.qr(op.matmat(S).T)  # (P, s)
+    exact = float((Qm * op.matmat(Qm.T).T).sum())
+    G = _rademacher(s, op.P, generator, op.dtype, op.device)
+    G = G - (G @ Qm) @ Qm.T
+    samples = (G * op.matmat(G)).sum(1).double()
+    se = float(samples.std() / math.sqrt(s)) if s > 1 else float("inf")
+    return exact + float(samples.mean()), se
+
+
+def slq_nodes(op: HessianOperator, n_vectors: int, iters: int, generator):
+    """Stochastic Lanczos quadrature nodes and weights: for each unit Rademacher start v_l,
+    (θ_j^l, τ_j^l) from the eigendecomposition of its Lanczos tridiagonal (independent Lanczos
+    runs in lockstep, so each step is one batched HVP). Returns lists of (θ, τ) tensors."""
+    P, dt = op.P, op.dtype
+    iters = max(1, min(iters, P))
+    V = _rademacher(n_vectors, P, generator, dt, op.device) / math.sqrt(P)
+    Q = torch.zeros(n_vectors, iters, P, dtype=dt, device=op.device)
+    Q[:, 0] = V
+    alpha = torch.zeros(n_vectors, iters, dtype=torch.float64)
+    beta = torch.zeros(n_vectors, iters, dtype=torch.float64)
+    length = [iters] * n_vectors
+    active = list(range(n_vectors))
+    for j in range(iters):
+        W = op.matmat(Q[active, j])
+        if not bool(torch.isfinite(W).all()):
+            raise ProbeSkipped("non-finite Hessian-vector product")
+        still = []
+        for row, l in enumerate(active):
+            w = W[row]
+            alpha[l, j] = float(Q[l, j] @ w)
+            w = _reorthogonalise(w, Q[l, : j + 1])
+            beta[l, j] = float(w.norm())
+            if j + 1 < iters and beta[l, j] > 1e3 * torch.finfo(dt).eps * max(alpha[l, : j + 1].abs().max().item(), 1e-300):
+                Q[l, j + 1] = w / beta[l, j]
+                still.append(l)
+            else:
+                length[l] = j + 1
+        active = still
+        if not active:
+            break
+    nodes = []
+    for l in range(n_vectors):
+        m = length[l]
+        T = torch.diag(alpha[l, :m]) + torch.diag(beta[l, : m - 1], 1) + torch.diag(beta[l, : m - 1], -1)
+        theta, S = torch.linalg.eigh(T)
+        nodes.append((theta, S[0] ** 2))
+    return nodes
+
+
+def slq_density(nodes, points: int, sigma_rel: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian-broadened density φ on a grid (see the module docstring)."""
+    theta = torch.cat([t for t, _ in nodes])
+    lo, hi = float(theta.min()), float(theta.max())
+    sigma = sigma_rel * (hi - lo) if hi > lo else max(abs(hi), 1.0) * sigma_rel
+    grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, points, dtype=torch.float64)
+    dens = torch.zeros_like(grid)
+    for t, tau in nodes:
+        g = torch.exp(-0.5 * ((grid[:, None] - t[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        dens += g @ tau
+    return grid, dens / len(nodes)
+
+
+def count_outliers(values: torch.Tensor) -> int:
+    """Eigenvalues above the largest log-gap among the descending top-k (module docstring)."""
+    v = [float(x) for x in values]
+    if not v or v[0] <= 0:
+        return 0
+    best, count = -1.0, len(v)
+    for i in range(len(v) - 1):
+        if v[i + 1] <= 0:  # an infinite log-gap: nothing below it can be an outlier boundary
+            return i + 1
+        gap = math.log(v[i] / v[i + 1])
+        if gap > best:
+            best, count = gap, i + 1
+    return count
+
+
+# ------------------------------------------------------------------------------------ compute
+
+def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
+    if params.top_k < 1 or params.max_iter < 1:
+        raise ProbeError("probes.hessian.top_k and max_iter must be >= 1")
+    model = ctx.model
+    state = D.prepare_state(model, ctx.states[0], ctx.device, ctx.dtype)
+    names = D.trainable_names(model)
+    params_t = {n: state[n] for n in names}
+    fixed = {k: v for k, v in state.items() if k not in params_t}
+    idx = D.fixed_subset(ctx.data.x_train.shape[0], params.batch_size, params.batch_seed, ctx.device)
+    x, y = ctx.data.x_train[idx], ctx.data.y_train[idx]
+
+    was_training = model.training
+    model.eval()
+    try:
+        loss_fn = D.loss_function(model, fixed, x, y)
+        with torch.no_grad():
+            batch_loss = float(loss_fn(params_t))
+        D.require_finite(batch_loss)
+        op = HessianOperator(loss_fn, params_t, params.hvp, params.hvp_chunk)
+        gen = torch.Generator().manual_seed(ctx.seed)
+
+        prev = _load_warm_start(ctx, op.P)
+        v0 = None
+        if prev is not None:
+            r = torch.randn(op.P, generator=gen, dtype=torch.float64)
+            s = prev.sum(0)
+            v0 = s / s.norm() + _WARM_RANDOM_MIX * r / r.norm()
+        top = lanczos_top(op, params.top_k, params.tol, params.max_iter, v0, gen, params.criterion, params.verify)
+        lanczos_hvps = op.hvps
+
+        if params.trace_method == "hutch++":
+            trace, se = hutch_pp(op, params.trace_hvps, gen)
+        elif params.trace_method == "hutchinson":
+            trace, se = hutchinson(op, params.trace_hvps, gen)
+        else:
+            raise SpecError(f"probes.hessian.trace_method = '{params.trace_method}' must be hutch++ or hutchinson")
+        trace_hvps = op.hvps - lanczos_hvps
+
+        grid, dens = (torch.zeros(0), torch.zeros(0))
+        if params.density_vectors > 0:
+            nodes = slq_nodes(op, params.density_vectors, params.density_iters, gen)
+            grid, dens = slq_density(nodes, params.density_points, params.density_sigma)
+        density_hvps = op.hvps - lanczos_hvps - trace_hvps
+    finally:
+        model.train(was_training)
+
+    ritz = top.vectors.detach().float().cpu().numpy()
+    overlap = None
+    if prev is not None:
+        Yp = prev.to(top.vectors.dtype)
+        overlap = float((Yp.to(top.vectors.device) @ top.vectors.T).pow(2).sum() / top.vectors.shape[0])
+    row = {
+        "batch_size": int(x.shape[0]), "batch_loss": batch_loss, "top_eigenvalue": float(top.values[0]),
+        "k": int(top.values.numel()), "lanczos_iters": top.iters, "hvps": int(op.hvps),
+        "converged": bool(top.converged), "max_residual": float(top.residuals.max()), "tol": params.tol,
+        "outliers": count_outliers(top.values), "trace": trace, "trace_stderr": se,
+        "trace_method": params.trace_method, "trace_hvps": int(trace_hvps), "density_hvps": int(density_hvps),
+        "warm_started": prev is not None, "subspace_overlap": overlap,
+        "ritz_artifact": ctx.artifacts.put(ritz) if params.store_ritz else None,
+    }
+    eig_rows = [{"rank": i + 1, "value": float(v), "residual": float(r)}
+                for i, (v, r) in enumerate(zip(top.values, top.residuals))]
+    dens_rows = [{"grid": float(g), "density": float(d)} for g, d in zip(grid, dens)]
+    return {"hessian": [row], "hessian_eigenvalue": eig_rows, "hessian_density": dens_rows}
+
+
+def _load_warm_start(ctx: ProbeContext, P: int) -> torch.Tensor | None:
+    sha = ctx.inputs.get("warm_start") if ctx.inputs else None
+    if not sha:
+        return None
+    arr = ctx.artifacts.get(sha)
+    if arr.ndim != 2 or arr.shape[1] != P:
+        raise ArtifactCorrupt(f"warm-start artifact {sha[:12]}… has shape {arr.shape}, expected (k, {P}); "
+                              f"delete it and rerun the hessian probe")
+    return torch.from_numpy(arr).to(torch.float64)
+
+
+# for tests and benchmarks: the probe's loss on a batch, as a plain function of a params dict
+def batch_loss_fn(model, fixed, x, y):
+    def loss(p):
+        return F.cross_entropy(functional_call(model, (p, fixed), (x,)), y)
+
+    return loss

@@ -1,0 +1,218 @@
+"""``kernel_accuracy`` — how good the kernel machine of the network at time t is.
+
+Two methods, one row each (``method`` column):
+
+- ``linearised`` (Fort et al. 2020): the first-order Taylor model at the checkpoint w_t,
+
+      f_lin(x; w) = f(x; w_t) + J_t(x)(w − w_t),
+
+  trained from w = w_t on the training split with mean cross-entropy, SGD with the run's momentum,
+  weight decay (on w) and batch size, minibatches in an order seeded from the job's seed, for
+  ``steps`` steps. J_t(x)(w − w_t) is a ``torch.func.jvp`` at w_t, so J is never materialised over
+  the training set. Learning rate (``lr_mode``): ``fixed`` = run lr × ``lr_factor``;
+  ``kernel_scaled`` = ``kernel_lr`` / mean_i Θ^tr_t(x_i, x_i) over the probe set, because Θ_t
+  grows by orders of magnitude during training and a fixed rate would make early expansions look
+  bad only by training slowly (../shared/PAPERS.md, "Practical lessons"). Train loss/error are on
+  the first ``train_eval_size`` training inputs (0 = all), test loss/error on the test split.
+- ``kernel_regression``: with X the probe set (n inputs), Y its one-hot labels (n×C),
+
+      f̂(x*) = f_t(x*) + Θ_t(x*, X)(Θ_t(X, X) + λI)⁻¹(Y − f_t(X)),
+
+  with Θ = Θ^tr applied to every logit (``kernel_variant = "trace"``, the default) or the full
+  nC×nC kernel (``"full"``). λ = ``ridge`` × mean diagonal of Θ_t(X, X) so that the ridge means
+  the same at every t; the row stores λ. Test loss (cross-entropy of f̂ as logits) and error on
+  the test split; train loss/error on X itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.func import grad_and_value, jvp
+
+from lsdb.errors import ProbeError, ProbeSkipped
+
+from . import _ntk_core as core
+from .base import ProbeContext, each_checkpoint
+
+VERSION = 1
+TABLES = ("kernel_accuracy",)
+METHODS = ("linearised", "kernel_regression")
+LR_MODES = ("fixed", "kernel_scaled")
+
+
+@dataclass(frozen=True)
+class Params:
+    methods: tuple[str, ...] = METHODS
+    steps: int = 300
+    lr_mode: str = "kernel_scaled"  # fixed | kernel_scaled
+    lr_factor: float = 1.0  # fixed: lr = run lr × lr_factor
+    kernel_lr: float = 1.0  # kernel_scaled: lr = kernel_lr / mean diagonal of Θ^tr on the probe set
+    train_eval_size: int = 0  # training inputs for the linearised train metrics (0 = all)
+    ridge: float = 1e-3  # kernel regression: λ = ridge × mean diagonal of Θ(X, X)
+    kernel_variant: str = "trace"  # trace | full, the Θ of kernel regression
+    chunk: int = 256  # inputs per block (evaluation and Jacobians)
+
+
+def plan(study, params: Params):
+    return each_checkpoint(study)
+
+
+def _validate(params: Params) -> None:
+    bad = [m for m in params.methods if m not in METHODS]
+    if bad:
+        raise ProbeError(f"kernel_accuracy.methods: unknown method(s) {bad}; valid: {', '.join(METHODS)}")
+    if params.lr_mode not in LR_MODES:
+        raise ProbeError(f"kernel_accuracy.lr_mode '{params.lr_mode}' is not one of {', '.join(LR_MODES)}")
+    if params.kernel_variant not in ("trace", "full"):
+        raise ProbeError(f"kernel_accuracy.kernel_variant '{params.kernel_variant}' must be trace or full")
+    if params.steps < 0:
+        raise ProbeError(f"kernel_accuracy.steps must be >= 0, got {params.steps}")
+
+
+# ----------------------------------------------------------------------------- linearised model
+
+def linearised_logits(net: core.Network, delta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """f_lin(x; w_t + δ) = f(x; w_t) + J_t(x) δ by one forward-mode pass (jvp) at w_t."""
+    out, tangent = jvp(lambda p: net.logits(p, x), (net.params,), (delta,))
+    return out + tangent
+
+
+def _loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``ce``: mean cross-entropy over the batch, targets are class indices.
+    ``mse``: ½ · mean over the batch of ‖f − y‖², targets are (B, C) arrays."""
+    if kind == "ce":
+        return torch.nn.functional.cross_entropy
+    if kind == "mse":
+        return lambda logits, y: 0.5 * (logits - y).pow(2).sum(-1).mean()
+    raise ProbeError(f"unknown loss '{kind}'; valid: ce, mse")
+
+
+def train_linearised(net: core.Network, x: torch.Tensor, y: torch.Tensor, *, lr: float, steps: int,
+                     batch_size: int, momentum: float = 0.0, weight_decay: float = 0.0,
+                     loss: str = "ce", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Train the linearised model from δ = w − w_t = 0 and return δ.
+
+    SGD as ``torch.optim.SGD``: g = ∇_δ L + wd·(w_t + δ); b ← μ·b + g; δ ← δ − lr·b. Each epoch
+    visits the training inputs in a fresh permutation drawn from a generator seeded with ``seed``
+    (the last partial batch included); ``batch_size >= len(x)`` is full-batch gradient descent.
+    """
+    loss_of = _loss_fn(loss)
+    step_fn = grad_and_value(lambda d, xb, yb: loss_of(linearised_logits(net, d, xb), yb))
+    delta = {k: torch.zeros_like(v) for k, v in net.params.items()}
+    buf = {k: torch.zeros_like(v) for k, v in net.params.items()}
+    n = x.shape[0]
+    batch_size = min(int(batch_size), n)
+    gen = torch.Generator().manual_seed(int(seed))
+    order, pos = None, n
+    for _ in range(int(steps)):
+        if pos >= n:
+            order, pos = torch.randperm(n, generator=gen).to(x.device), 0
+        idx = order[pos : pos + batch_size]
+        pos += batch_size
+        g, _ = step_fn(delta, x[idx], y[idx])
+        with torch.no_grad():
+            for k in delta:
+                gk = g[k] + weight_decay * (net.params[k] + delta[k]) if weight_decay else g[k]
+                buf[k].mul_(momentum).add_(gk)
+                delta[k].sub_(lr * buf[k])
+    return delta
+
+
+def _evaluate(logits_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+              chunk: int) -> tuple[float, float]:
+    """Mean cross-entropy and error of ``logits_of`` on (x, y), in blocks of ``chunk`` inputs."""
+    total_loss, wrong = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, x.shape[0], chunk):
+            logits = logits_of(x[s : s + chunk])
+            yb = y[s : s + chunk]
+            total_loss += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
+            wrong += int((logits.argmax(-1) != yb).sum())
+    return total_loss / x.shape[0], wrong / x.shape[0]
+
+
+def _linearised_row(ctx: ProbeContext, net: core.Network, params: Params, x_probe: torch.Tensor) -> dict:
+    run = ctx.runs[0]
+    if params.lr_mode == "fixed":
+        lr = run.lr * params.lr_factor
+    else:
+        mean_diag = float(core.trace_ntk_diagonal(net, x_probe, params.chunk).mean())
+        if not (mean_diag > 0 and math.isfinite(mean_diag)):
+            raise ProbeSkipped(f"trace NTK mean diagonal is {mean_diag}; cannot scale the learning rate")
+        lr = params.kernel_lr / mean_diag
+    data = ctx.data
+    delta = train_linearised(net, data.x_train, data.y_train, lr=lr, steps=params.steps,
+                             batch_size=run.batch_size, momentum=run.momentum,
+                             weight_decay=run.weight_decay, loss="ce", seed=ctx.seed)
+    m = params.train_eval_size or data.x_train.shape[0]
+    f = lambda xb: linearised_logits(net, delta, xb)  # noqa: E731
+    train_loss, train_error = _evaluate(f, data.x_train[:m], data.y_train[:m], params.chunk)
+    test_loss, test_error = _evaluate(f, data.x_test, data.y_test, params.chunk)
+    return {"method": "linearised", "lr_mode": params.lr_mode, "lr": lr, "steps": params.steps,
+            "kernel_variant": None, "n_train": m, "train_loss": train_loss, "train_error": train_error,
+            "test_loss": test_loss, "test_error": test_error, "lambda": None}
+
+
+# ----------------------------------------------------------------------------- kernel regression
+
+def kernel_regression(net: core.Network, x_fit: torch.Tensor, targets: torch.Tensor,
+                      x_eval: torch.Tensor, lam: float, variant: str = "trace", chunk: int = 256,
+                      k_fit: torch.Tensor | None = None) -> torch.Tensor:
+    """f̂(x*) = f(x*) + Θ(x*, X)(Θ(X, X) + λI)⁻¹(T − f(X)) for every x* in ``x_eval``.
+
+    ``targets`` T is (n, C). ``variant`` ``trace``: Θ^tr shared by all logits (one n×n solve
+    with C right-hand sides); ``full``: the nC×nC kernel with vec(T − f(X)) (index i·C + a).
+    ``k_fit`` may pass a precomputed Θ(X, X).
+    """
+    with torch.no_grad():
+        f_fit, f_eval = net(x_fit), net(x_eval)
+    n, c = f_fit.shape
+    if k_fit is None:
+        k_fit = core.ntk(net, x_fit, variant, chunk=chunk)
+    k_cross = core.cross_ntk(net, x_eval, x_fit, variant, chunk)
+    resid = targets.to(f_fit.dtype) - f_fit
+    eye = torch.eye(k_fit.shape[0], dtype=k_fit.dtype, device=k_fit.device)
+    if variant == "full":
+        alpha = torch.linalg.solve(k_fit + lam * eye, resid.reshape(-1, 1))
+        return f_eval + (k_cross @ alpha).reshape(-1, c)
+    alpha = torch.linalg.solve(k_fit + lam * eye, resid)
+    return f_eval + k_cross @ alpha
+
+
+def _kernel_regression_row(ctx: ProbeContext, net: core.Network, params: Params, x_probe: torch.Tensor,
+                           y_probe: torch.Tensor) -> dict:
+    c = ctx.data.num_classes
+    k_fit = core.ntk(net, x_probe, params.kernel_variant, chunk=params.chunk)
+    lam = params.ridge * float(torch.diagonal(k_fit).mean())
+    onehot = torch.nn.functional.one_hot(y_probe.long(), c)
+    predict = lambda xe: kernel_regression(net, x_probe, onehot, xe, lam, params.kernel_variant,  # noqa: E731
+                                           params.chunk, k_fit)
+    big = max(params.chunk, 1024)  # the cross kernel is (block × n); larger blocks, fewer solves
+    train_loss, train_error = _evaluate(predict, x_probe, y_probe, big)
+    test_loss, test_error = _evaluate(predict, ctx.data.x_test, ctx.data.y_test, big)
+    return {"method": "kernel_regression", "lr_mode": None, "lr": None, "steps": None,
+            "kernel_variant": params.kernel_variant, "n_train": int(x_probe.shape[0]),
+            "train_loss": train_loss, "train_error": train_error, "test_loss": test_loss,
+            "test_error": test_error, "lambda": lam}
+
+
+# -------------------------------------------------------------------------------------- compute
+
+def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
+    _validate(params)
+    x_probe = core.probe_inputs(ctx.data.x_train, ctx.probe_indices)
+    y_probe = ctx.data.y_train[ctx.probe_indices.to(ctx.data.y_train.device).long()]
+    net = core.bind(ctx.model, ctx.states[0], ctx.device, ctx.dtype)
+    with torch.no_grad():
+        if not math.isfinite(float(torch.nn.functional.cross_entropy(net(x_probe), y_probe))):
+            raise ProbeSkipped("non-finite loss")
+    rows = []
+    if "linearised" in params.methods:
+        rows.append(_linearised_row(ctx, net, params, x_probe))
+    if "kernel_regression" in params.methods:
+        rows.append(_kernel_regression_row(ctx, net, params, x_probe, y_probe))
+    return {"kernel_accuracy": rows}

@@ -1,0 +1,94 @@
+"""``ntk`` — the empirical neural tangent kernel of a checkpoint on the experiment's probe set.
+
+For the fixed probe set X = x_train[probe_indices] (n inputs drawn once per experiment) and the
+checkpoint's weights w_t, computes (Fort et al. 2020; ../shared/PAPERS.md "Objects"):
+
+- ``full``:       Θ[(i,a),(j,b)] = ⟨∂f_a(x_i)/∂w, ∂f_b(x_j)/∂w⟩, nC×nC, row index i·C + a;
+- ``trace``:      Θ^tr[i,j] = Σ_a Θ[(i,a),(j,a)], n×n (the default);
+- ``sum_logits``: Θ^sl[i,j] = ⟨∂Σ_a f_a(x_i)/∂w, ∂Σ_b f_b(x_j)/∂w⟩, n×n;
+
+with w every trainable parameter of the model. The kernel goes to ``artifacts/`` by content hash
+(``dtype``, float32 by default); the row holds scalars computed from the kernel in the worker's
+dtype before that cast:
+
+- ``frobenius_norm`` ‖Θ‖_F, ``trace`` tr Θ, ``mean_diagonal`` tr Θ / rows;
+- ``top1..top3``: the largest eigenvalues;
+- ``effective_rank``: the participation ratio (Σλ)² / Σλ² = tr(Θ)² / ‖Θ‖²_F (1 … rows);
+- ``alignment``: kernel–target alignment ⟨Θ, T⟩_F / (‖Θ‖_F ‖T‖_F) with T = Y Yᵀ for the n×n
+  variants and T = vec(Y) vec(Y)ᵀ for ``full`` (Y the probe set's one-hot labels, n×C);
+  ``centered_alignment`` the same after centring both, K → HKH with H = I − 11ᵀ/rows.
+
+Implementations (``jacobian`` contraction, ``ntvp`` NTK-vector products) agree to rounding; see
+``lsdb.probes._ntk_core``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lsdb.errors import ProbeError, ProbeSkipped
+
+from . import _ntk_core as core
+from .base import ProbeContext, each_checkpoint
+
+VERSION = 1
+TABLES = ("ntk",)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Params:
+    variant: str = "trace"  # full | trace | sum_logits
+    dtype: str = "float32"  # of the stored artifact
+    implementation: str = "jacobian"  # jacobian | ntvp
+    chunk: int = 256  # inputs per Jacobian block
+    cache_mb: float = 1024.0  # Jacobian blocks kept in memory; beyond it they are recomputed
+
+
+def plan(study, params: Params):
+    return each_checkpoint(study)
+
+
+def validate(params: Params) -> None:
+    core.check_variant(params.variant)
+    core.check_implementation(params.implementation)
+    if params.dtype not in DTYPES:
+        raise ProbeError(f"ntk.dtype '{params.dtype}' is not one of {', '.join(DTYPES)}")
+    if params.chunk < 1:
+        raise ProbeError(f"ntk.chunk must be a positive integer, got {params.chunk}")
+
+
+def probe_kernel(ctx: ProbeContext, params: Params, state_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Θ, probe labels) of checkpoint ``state_index`` of ``ctx`` in ``ctx.dtype``.
+
+    Raises ProbeSkipped when the checkpoint's loss on the probe set is not finite.
+    """
+    validate(params)
+    x = core.probe_inputs(ctx.data.x_train, ctx.probe_indices)
+    labels = ctx.data.y_train[ctx.probe_indices.to(ctx.data.y_train.device).long()]
+    net = core.bind(ctx.model, ctx.states[state_index], ctx.device, ctx.dtype)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(net(x), labels)
+    if not math.isfinite(float(loss)):
+        raise ProbeSkipped("non-finite loss")
+    k = core.ntk(net, x, params.variant, params.implementation, params.chunk, params.cache_mb)
+    if not bool(torch.isfinite(k).all()):
+        raise ProbeSkipped("non-finite kernel")
+    return k, labels
+
+
+def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
+    k, labels = probe_kernel(ctx, params)
+    sha = ctx.artifacts.put(k.detach().to(DTYPES[params.dtype]).cpu().numpy())
+    row = {
+        "variant": params.variant,
+        "n": int(labels.shape[0]),
+        "rows": int(k.shape[0]),
+        "dtype": params.dtype,
+        "artifact": sha,
+        **core.summarise(k, labels, ctx.data.num_classes, params.variant),
+    }
+    return {"ntk": [row]}

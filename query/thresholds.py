@@ -1,0 +1,92 @@
+"""Every named threshold and fixed choice of the query layer, in one place.
+
+These are decisions made before looking at any data (see ../shared/PAPERS.md, "Findings").
+A finding that fails on the data at hand is reported as failing: never tune a value here to
+make a store pass. Errors are stored as fractions in [0, 1], so one percentage point is 0.01.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------- time axis
+#: Offset (epochs) added before taking logs of time, so that epoch 0 has a finite log-time.
+#: Used by correlate's alignment, transition fits and log-scaled chart axes. [ours]
+LOG_TIME_OFFSET = 0.01
+
+#: One percentage point of error.
+POINT = 0.01
+
+# ------------------------------------------------------------------------- shared rules
+#: A measure "falls" with time when its Spearman correlation with time is at most this. [ours]
+FALLS_SPEARMAN_MAX = -0.5
+#: Fewest distinct times needed to compute a rank correlation against time. [ours]
+MIN_TIMES = 3
+#: A per-seed yes/no test holds for the finding when at least this fraction of seeds passes. [ours]
+SEED_MAJORITY = 0.5
+#: z-value of a two-sided 95% interval.
+Z95 = 1.959963984540054
+
+# --------------------------------------------------------------- F1 basin fixed early
+F1_SPEARMAN_MAX = -0.6          # barrier vs spawn time
+F1_ERROR_BARRIER_MAX = 2 * POINT  # onset: error barrier below 2 points ...
+F1_LOSS_BARRIER_MAX = 0.05        # ... and loss barrier below 0.05
+F1_ONSET_FRAC_MAX = 0.25          # onset within the first quarter of training
+
+# ------------------------------------------------------------ F2 measures correlated
+F2_PAIR_SPEARMAN_MIN = 0.6      # pairwise Spearman between measures over spawn times
+F2_PAIR_FRACTION_MIN = 0.8      # ... for at least this fraction of pairs
+F2_MIN_MEASURES = 3             # fewer measured quantities than this: not measured
+
+# ------------------------------------------------------ F3 kernel velocity fast, then flat
+F3_EARLY_FRAC = 0.05            # "early" = the first 5% of training (2 epochs of 40)
+F3_LATE_FRAC = 0.5              # "late" = the last half of training
+F3_RATIO_MIN = 3.0              # early median velocity / late median velocity
+F3_PLATEAU_MAXMIN = 3.0         # smoothed max / min over the late plateau
+F3_SMOOTH_WINDOW = 3            # centred rolling median width for the plateau test
+
+# ----------------------------------------------------------- F4 kernel moves mostly early
+F4_EARLY_FRAC = 0.1
+F4_RATIO_MIN = 0.5              # S(Θ_0, Θ_0.1T) / S(Θ_0, Θ_T)
+
+# ------------------------------------------------------ F5 learned NTK beats initial NTK
+F5_RATIO_MIN = 1.5              # err_lin(t=0) / err_lin(onset or 10%)
+F5_DEFAULT_FRAC = 0.1           # comparison time when F1's onset is not measured
+
+# ------------------------------------------------------- F6 linearised model catches up
+F6_TOL_POINTS = 1 * POINT       # err_lin(t) <= err_full(T) + max(1 point, 25%)
+F6_TOL_RELATIVE = 0.25
+F6_FRAC_MAX = 0.5
+
+# --------------------------------------------------- F7 nonlinear advantage vanishes early
+F7_ADVANTAGE_MAX = 1 * POINT
+F7_FRAC_MAX = 0.25
+
+# ----------------------------------------------------- F8 disagreement falls with spawn
+F8_RATIO_MAX = 0.5              # disagreement(latest spawn) / disagreement(earliest spawn)
+
+# ---------------------------------------------------------------- F9 ~C Hessian outliers
+F9_BELOW = 2                    # outliers in [C - 2, C + 1]
+F9_ABOVE = 1
+
+# --------------------------------------------------- F10 top eigenvalue rises then falls
+F10_CHANGE_MIN = 0.1            # rise and fall each at least 10% of the peak
+F10_EDGE_LOW = 0.8              # or the late values within [0.8, 1.2] × 2/η
+F10_EDGE_HIGH = 1.2
+
+# ------------------------------------------------ F11 adversarial training is not flatter
+F11_RATIO_MIN = 0.9             # σ_1D(adversarial) / σ_1D(standard)
+F11_MATCH_ERROR = 5 * POINT     # clean test errors within 5 points count as "matched"
+
+# ------------------------------------------------------- F12 large batch is sharper
+F12_RATIO_MIN = 1.2
+
+# ------------------------------------------------ F13 more patches, smaller top eigenvalue
+F13_RATIO_MAX = 0.7             # λ(most patches) / λ(fewest patches)
+
+# ------------------------------------------------------------------------ F14 merging
+F14_AVERAGE_LOSS_MAX = 0.05     # loss barrier between late children (averaging is harmless)
+F14_NAIVE_BARRIER_MIN = 0.1     # a "clear" naive loss barrier between different inits
+F14_MATCHED_RATIO_MAX = 0.5     # weight matching at least halves it
+
+# ------------------------------------------------------------------------- transition
+TRANSITION_MIN_SEGMENT = 3      # each segment of the two-segment fit spans >= 3 samples
+CHI2_1_95 = 3.841458820694124   # 95% quantile of chi-square with 1 degree of freedom
