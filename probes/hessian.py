@@ -112,7 +112,7 @@ class HessianOperator:
     """H = ∇²L(w) as a symmetric linear operator on flat vectors of length P.
 
     "double_backward" builds ∇L once with create_graph and differentiates ⟨∇L, v⟩ for each v
-    (batched over vectors with ``is_grads_batched``); "fwd_rev" pushes v forward through ∇L with
+    (the first-order graph is reused by every product); "fwd_rev" pushes v forward through ∇L with
     ``torch.func.jvp`` (vmapped over vectors). ``hvps`` counts products.
     """
 
@@ -161,12 +161,12 @@ class HessianOperator:
     def _apply(self, block):
         if self.method == "fwd_rev":
             return self._hvp_batch(block).detach()
-        if block.shape[0] == 1:
-            hv = torch.autograd.grad(self._grad, self._leaves, grad_outputs=block[0], retain_graph=True)
-            return torch.cat([h.reshape(-1) for h in hv]).unsqueeze(0)
-        hv = torch.autograd.grad(self._grad, self._leaves, grad_outputs=block, retain_graph=True,
-                                 is_grads_batched=True)
-        return torch.cat([h.reshape(block.shape[0], -1) for h in hv], dim=1)
+        # one vector at a time: is_grads_batched (vmap over the backward graph) measured slower
+        rows = []
+        for v in block:
+            hv = torch.autograd.grad(self._grad, self._leaves, grad_outputs=v, retain_graph=True)
+            rows.append(torch.cat([h.reshape(-1) for h in hv]))
+        return torch.stack(rows)
 
 
 # --------------------------------------------------------------------------------- Lanczos

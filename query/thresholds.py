@@ -88,5 +88,5 @@ F14_NAIVE_BARRIER_MIN = 0.1     # a "clear" naive loss barrier between different
 F14_MATCHED_RATIO_MAX = 0.5     # weight matching at least halves it
 
 # ------------------------------------------------------------------------- transition
-TRANSITION_MIN_SEGMENT = 3      # each segment of the two-segment fit spans >= 3 samples
+TRANSITION_MIN_SEGMENT = 3      # each segment of the transition fit spans >= 3 samples
 CHI2_1_95 = 3.841458820694124   # 95% quantile of chi-square with 1 degree of freedom

@@ -14,8 +14,8 @@ and fit, for breaks x_1 < x_2,
     u ≈ a + b·x + c·max(0, x − x_1) + d·max(0, x − x_2)
 
 by least squares (three straight segments joined at the breaks). The breaks are chosen by a
-grid search minimising the residual sum of squares over every sample time and the midpoints
-between neighbouring samples, each segment spanning at least TRANSITION_MIN_SEGMENT samples
+grid search minimising the residual sum of squares over every sample time (and, for series
+of fewer than 30 samples, the midpoints between neighbouring samples), each segment spanning at least TRANSITION_MIN_SEGMENT samples
 (samples at a break count for both sides). Series with fewer than 7 samples get the two-segment
 version (one break). The fast phase is the segment with the steepest |slope|; the transition
 t* = exp(x_end) − LOG_TIME_OFFSET is where it ends. If the steepest segment is the last one,
@@ -43,62 +43,105 @@ from lsdb.query.thresholds import CHI2_1_95, LOG_TIME_OFFSET, TRANSITION_MIN_SEG
 #: Series that are settings, not measurements: never fitted unless asked for by name.
 SETTINGS = ("lr",)
 
-METHOD = (f"two-segment continuous least-squares fit in log(epoch + {LOG_TIME_OFFSET:g}); "
+METHOD = (f"three-segment continuous least-squares fit in log(epoch + {LOG_TIME_OFFSET:g}); "
           f"interval: profile likelihood, n·log(RSS/RSS_min) ≤ {CHI2_1_95:.2f}")
 
 COLUMNS = ["scope", "metric", "run_id", "variant", "seed", "n", "t_break", "t_low", "t_high", "t_std",
            "frac_break", "slope_early", "slope_late", "shape", "rss"]
 
 
-def hinge_fit(x, y, min_segment: int = TRANSITION_MIN_SEGMENT, refine: int = 4) -> dict | None:
-    """Best continuous two-segment fit of y on x (x sorted ascending). None if too few points.
+def _candidates(x, min_segment: int):
+    """Break candidates: samples and midpoints, with at least ``min_segment`` samples on each side."""
+    # midpoints refine short series; long ones are dense enough and the grid grows as n²
+    pts = np.concatenate([x, (x[:-1] + x[1:]) / 2]) if len(x) < 30 else x
+    left = np.searchsorted(x, pts + 1e-12, side="right")        # samples on or before the break
+    right = len(x) - np.searchsorted(x, pts - 1e-12, side="left")  # samples on or after it
+    return np.unique(pts[(left >= min_segment) & (right >= min_segment)])
 
-    Returns dict(x_break, x_low, x_high, slope_early, slope_late, rss, candidates, profile).
+
+def segment_fit(x, y, breaks: int = 2, min_segment: int = TRANSITION_MIN_SEGMENT) -> dict | None:
+    """Best continuous piecewise-linear fit of y on x with ``breaks`` (1 or 2) breaks, by grid search.
+
+    Returns dict(knots, slopes, rss, profile) where ``knots`` are the chosen breaks, ``slopes``
+    the slope of each segment, and ``profile`` maps each break position to (candidate x's,
+    RSS minimised over the other break). None when the series is too short.
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
-    n = len(x)
-    if n < 2 * min_segment - 1 or np.ptp(x) == 0:
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    cands = _candidates(x, min_segment)
+    if len(cands) == 0 or np.ptp(x) == 0:
         return None
-    lo_k, hi_k = min_segment - 1, n - min_segment
-    cands = [x[lo_k]]
-    for k in range(lo_k, hi_k):
-        step = (x[k + 1] - x[k]) / (refine + 1)
-        cands += [x[k] + step * j for j in range(1, refine + 1)] + [x[k + 1]]
-    cands = np.unique(np.array(cands))
-    rss = np.array([_fit(x, y, xb)[1] for xb in cands])
+    if breaks == 1:
+        grid = cands[:, None]
+    else:
+        i, j = np.triu_indices(len(cands), k=1)
+        inside = (np.searchsorted(x, cands[j] + 1e-12, side="right")
+                  - np.searchsorted(x, cands[i] - 1e-12, side="left"))  # samples in [x_1, x_2]
+        ok = inside >= min_segment
+        grid = np.column_stack([cands[i[ok]], cands[j[ok]]])
+        if len(grid) == 0:
+            return None
+    rss, coefs = _batched_lstsq(x, y, grid)
     best = int(np.argmin(rss))
-    floor = max(rss[best], 1e-12 * max(float(np.sum((y - y.mean()) ** 2)), 1e-300))
-    inside = n * np.log(np.maximum(rss, floor) / floor) <= CHI2_1_95
-    coef, _ = _fit(x, y, cands[best])
-    return {"x_break": float(cands[best]), "x_low": float(cands[inside].min()),
-            "x_high": float(cands[inside].max()), "slope_early": float(coef[1]),
-            "slope_late": float(coef[1] + coef[2]), "rss": float(rss[best]), "candidates": cands,
-            "profile": rss}
+    knots = grid[best]
+    slopes = np.cumsum(coefs[best][1:])
+    profile = []
+    for k in range(grid.shape[1]):
+        xs = np.unique(grid[:, k])
+        profile.append((xs, np.array([rss[grid[:, k] == v].min() for v in xs])))
+    return {"knots": knots, "slopes": slopes, "rss": float(rss[best]), "profile": profile}
 
 
-def _fit(x, y, xb):
-    A = np.column_stack([np.ones_like(x), x, np.maximum(0.0, x - xb)])
-    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-    resid = y - A @ coef
-    return coef, float(resid @ resid)
+def _batched_lstsq(x, y, grid):
+    """RSS and coefficients of y ≈ a + b·x + Σ_k c_k·max(0, x − grid[:, k]) for every row of grid."""
+    n, m = len(x), grid.shape[1]
+    A = np.empty((len(grid), n, 2 + m))
+    A[:, :, 0] = 1.0
+    A[:, :, 1] = x
+    for k in range(m):
+        A[:, :, 2 + k] = np.maximum(0.0, x[None, :] - grid[:, k:k + 1])
+    coef = np.linalg.lstsq(A[0], y, rcond=None)[0][None] if len(grid) == 1 else None
+    if coef is None:
+        AtA = np.einsum("bni,bnj->bij", A, A)
+        Aty = np.einsum("bni,n->bi", A, y)
+        coef = np.linalg.solve(AtA + 1e-12 * np.eye(2 + m), Aty[..., None])[..., 0]
+    resid = np.einsum("bni,bi->bn", A, coef) - y
+    return (resid**2).sum(axis=1), coef
 
 
-def transition_of(epoch, value, offset: float = LOG_TIME_OFFSET) -> dict | None:
+def _interval(profile, n: int, floor: float) -> tuple[float, float]:
+    xs, rss = profile
+    keep = n * np.log(np.maximum(rss, floor) / floor) <= CHI2_1_95
+    return float(xs[keep].min()), float(xs[keep].max())
+
+
+def transition_of(epoch, value, offset: float = LOG_TIME_OFFSET,
+                  min_segment: int = TRANSITION_MIN_SEGMENT) -> dict | None:
     """The transition of one series (see the module docstring); None when it cannot be fitted."""
     epoch, value = np.asarray(epoch, float), np.asarray(value, float)
     order = np.argsort(epoch, kind="stable")
     epoch, value = epoch[order], value[order]
-    span = np.ptp(value) if len(value) else 0.0
-    if span == 0:
+    n = len(epoch)
+    span = float(np.ptp(value)) if n else 0.0
+    if span == 0 or n < 2 * min_segment - 1:
         return None
-    fit = hinge_fit(log_time(epoch, offset), (value - value.min()) / span)
+    u = (value - value.min()) / span
+    breaks = 2 if n >= 3 * min_segment - 2 else 1
+    fit = segment_fit(log_time(epoch, offset), u, breaks, min_segment)
     if fit is None:
         return None
+    slopes, knots = np.abs(fit["slopes"]), fit["knots"]
+    fast = int(np.argmax(slopes))
+    last = fast == len(slopes) - 1
+    k = fast - 1 if last else fast  # the break that ends the fast segment (or starts it, if last)
+    floor = max(fit["rss"], 1e-12 * max(float(np.sum((u - u.mean()) ** 2)), 1e-300))
+    lo, hi = _interval(fit["profile"][k], n, floor)
     back = lambda x: float(math.exp(x) - offset)  # noqa: E731
-    return {"n": len(epoch), "t_break": back(fit["x_break"]), "t_low": back(fit["x_low"]),
-            "t_high": back(fit["x_high"]), "slope_early": fit["slope_early"], "slope_late": fit["slope_late"],
-            "shape": "fast→slow" if abs(fit["slope_late"]) < abs(fit["slope_early"]) else "slow→fast",
-            "rss": fit["rss"]}
+    return {"n": n, "t_break": back(knots[k]), "t_low": back(lo), "t_high": back(hi),
+            "slope_early": float(fit["slopes"][fast]),
+            "slope_late": math.nan if last else float(fit["slopes"][fast + 1]),
+            "shape": "slow→fast" if last else "fast→slow", "rss": fit["rss"]}
 
 
 def transition(session, metrics: list[str] | None = None, runs: list[str] | None = None,

@@ -32,7 +32,6 @@ def has_metric(name: str) -> bool:
 
 
 def _default(col):
-    t = col.type.python_type if hasattr(col.type, "python_type") else str
     try:
         t = col.type.python_type
     except NotImplementedError:
@@ -47,6 +46,7 @@ class StoreBuilder:
         self.store = Store.init(root)
         self.rows: dict[str, list[dict]] = {}
         self._jobs = 0
+        self._pending: dict[tuple, dict] = {}
         self.add("experiment", id="exp", name="test", spec_toml="", dataset="mnist1d", probe_set_size=0,
                  probe_set_seed=0, probe_set_sha256="", created_at=datetime(2024, 1, 1))
 
@@ -76,30 +76,178 @@ class StoreBuilder:
                  test_loss=test_loss, test_error=test_error, created_at=datetime(2024, 1, 1))
         return cid
 
-    def metric(self, name: str, anchor: str, value: float, checkpoint_id: str | None = None, **extra) -> None:
-        """One row of metric ``name`` landing at checkpoint ``anchor``."""
+    def metric(self, name: str, anchor: str, value: float, checkpoint_id: str | None = None) -> None:
+        """Metric ``name`` landing at checkpoint ``anchor``. Metrics of one table with the same job
+        role and anchor share one row (one job), as a probe would write them."""
         table, m = metric_table(name)
         if table is None:
             raise KeyError(f"no table declares metric {name!r}")
-        self._jobs += 1
-        job = f"job{self._jobs}"
-        self.add("probe_job", id=job, probe=table.name, version=1, params_hash="h", params_json="{}",
-                 role=m.role or "self", checkpoint_id=checkpoint_id or anchor, other_checkpoint_id=None,
-                 anchor_checkpoint_id=anchor, inputs_json="{}", state="done", attempts=1, error=None,
-                 worker="test", device="cpu", started_at=datetime(2024, 1, 1), seconds=0.0)
-        row = {c.name: _default(c) for c in table.columns if not c.nullable}
-        row.update(job_id=job, idx=0, checkpoint_id=checkpoint_id or anchor, other_checkpoint_id=None,
-                   anchor_checkpoint_id=anchor)
-        for col, raw, text in _WHERE_EQ.findall(m.where or ""):
-            row[col] = text if raw.startswith("'") else float(raw)
-        row[m.column] = value
-        row.update(extra)
-        self.add(table.name, **row)
+        fixed = tuple((col, text if raw.startswith("'") else float(raw))
+                      for col, raw, text in _WHERE_EQ.findall(m.where or ""))
+        key = (table.name, m.role or "self", fixed, anchor, checkpoint_id or anchor)
+        self._pending.setdefault(key, {})[m.column] = value
+
+    def _write_metrics(self) -> None:
+        for (tname, role, fixed, anchor, ckpt), values in self._pending.items():
+            table = Base.metadata.tables[tname]
+            self._jobs += 1
+            job = f"job{self._jobs}"
+            self.add("probe_job", id=job, probe=tname, version=1, params_hash="h", params_json="{}", role=role,
+                     checkpoint_id=ckpt, other_checkpoint_id=None, anchor_checkpoint_id=anchor,
+                     inputs_json="{}", state="done", attempts=1, error=None, worker="test", device="cpu",
+                     started_at=datetime(2024, 1, 1), seconds=0.0)
+            row = {c.name: _default(c) for c in table.columns if not c.nullable}
+            row.update(job_id=job, idx=0, checkpoint_id=ckpt, other_checkpoint_id=None, anchor_checkpoint_id=anchor)
+            row.update(dict(fixed))
+            row.update(values)
+            self.add(tname, **row)
+        self._pending.clear()
 
     def flush(self) -> Store:
+        self._write_metrics()
         with self.store.write() as conn:
             for table in Base.metadata.sorted_tables:  # parents before children (foreign keys)
                 rows = self.rows.pop(table.name, [])
-                if rows:
-                    conn.execute(sa.insert(table), rows)
+                keys = {k for r in rows for k in r}  # executemany needs one set of columns
+                rows = [{k: r.get(k) for k in keys} for r in rows]
+                # DuckDB checks the self-referencing run.parent_run_id against earlier statements only
+                for batch in ([r for r in rows if not r.get("parent_run_id")],
+                              [r for r in rows if r.get("parent_run_id")]):
+                    if batch:
+                        conn.execute(sa.insert(table), batch)
         return self.store
+
+
+# ------------------------------------------------------------------ a synthetic study
+EPOCHS = 40.0
+PARENT_EPOCHS = (0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40)
+SPAWNS = (0, 0.25, 1, 4, 8)
+SEEDS = (0, 1, 2)
+LR_DROP = 30
+
+
+def _lr(epoch):
+    return 0.1 if epoch < LR_DROP else 0.01
+
+
+class Study:
+    """A small Fort-style study with closed-form metric curves, written once in memory.
+
+    ``holds=True`` draws curves with the shapes F1–F14 expect (fast early change, falling
+    barriers, ~C Hessian outliers, ...); ``holds=False`` draws curves that violate each of them.
+    ``stable=True`` makes the barrier negligible from spawn 0 (a network stable at init).
+    """
+
+    def __init__(self, holds: bool = True, stable: bool = False):
+        import math
+
+        self.runs: list[dict] = []
+        self.checkpoints: list[dict] = []
+        self.metrics: list[tuple[str, str, float]] = []  # (metric, anchor checkpoint id, value)
+        exp = math.exp
+        for seed in SEEDS:
+            j = 1 + 0.05 * seed  # seeds differ a little
+            pid = f"base-s{seed}"
+            self._run(pid, seed)
+            for e in PARENT_EPOCHS:
+                c = self._ckpt(pid, e, test_error=0.1 if e == 40 else 0.1 + 0.5 * exp(-e))
+                v = (0.05 + exp(-e / 0.5)) * j if holds else 0.05 * j
+                if e != 40:
+                    self.metrics.append(("kernel_velocity", c, v if e < LR_DROP else 0.01 * j))
+                self.metrics.append(("kernel_distance_to_init", c,
+                                     (0.6 * (1 - exp(-e)) + 0.002 * e) * j if holds else 0.01 * e * j))
+                self.metrics.append(("hessian_top_eigenvalue", c,
+                                     (5 + 20 * e * exp(-e / 4)) * j if holds else (1 + 0.1 * e) * j))
+                if e == 40:
+                    self.metrics.append(("hessian_outliers", c, 10 if holds else 3))
+                    self.metrics.append(("sharpness_1d", c, 1.0 * j))
+            for s in SPAWNS:
+                c = f"{pid}@{int(round(s * 100))}"
+                if stable:
+                    eb, lb = 0.001, 0.001
+                elif holds:
+                    eb, lb = 0.3 * exp(-s / 0.5) * j, 2 * exp(-s / 0.5) * j
+                else:
+                    eb, lb = (0.2 + 0.01 * s) * j, (0.5 + 0.01 * s) * j
+                self.metrics += [("error_barrier_test", c, eb), ("loss_barrier_test", c, lb)]
+                fall = holds or stable
+                self.metrics += [
+                    ("child_disagreement", c, (0.4 * exp(-s) if fall else 0.1 + 0.02 * s) * j),
+                    ("sibling_kernel_distance", c, (0.5 * exp(-s / 2) if fall else 0.1 + 0.03 * s) * j),
+                    ("relative_sibling_distance", c, (0.8 * exp(-s / 1.5) if fall else 0.2 + 0.01 * s) * j),
+                    ("linearised_test_error", c, 0.1 + 0.6 * exp(-s / 0.5) if holds else 0.3 + 0.001 * s),
+                ]
+                for k in range(2):
+                    cid = f"{pid}-c{s}-{k}"
+                    self._run(cid, seed, kind="child", parent_run_id=pid, parent_checkpoint_id=c,
+                              spawn_epoch=s, child_index=k)
+                    self._ckpt(cid, 40, test_error=0.1)
+                lid = f"{pid}-low{s}"
+                self._run(lid, seed, kind="lowlr_child", parent_run_id=pid, parent_checkpoint_id=c,
+                          spawn_epoch=s, child_index=0, lr=0.01)
+                self._ckpt(lid, 40, test_error=0.1 + 0.05 * exp(-s))
+            # variants: adversarial, large batch, patch networks (final checkpoint only)
+            for name, kw, sharp, lam in (
+                ("adversarial", {"adversarial": "pgd"}, 1.0 if holds else 0.5, None),
+                ("large_batch", {"batch_size": 512}, 1.5 if holds else 1.0, None),
+                ("patch1", {"model": "patchnet", "patches": 1}, None, 10.0),
+                ("patch4", {"model": "patchnet", "patches": 4}, None, 7.0 if holds else 10.0),
+                ("patch9", {"model": "patchnet", "patches": 9}, None, 5.0 if holds else 10.0),
+            ):
+                vid = f"{name}-s{seed}"
+                self._run(vid, seed, variant=name, **kw)
+                self._ckpt(vid, 0, test_error=0.9)
+                c = self._ckpt(vid, 40, test_error=0.12)
+                if sharp is not None:
+                    self.metrics.append(("sharpness_1d", c, sharp * j))
+                if lam is not None:
+                    self.metrics.append(("hessian_top_eigenvalue", c, lam * j))
+
+    def _run(self, id, seed, **kw):
+        self.runs.append({"id": id, "seed": seed, **kw})
+
+    def _ckpt(self, run_id, epoch, **kw):
+        cid = f"{run_id}@{int(round(epoch * 100))}"
+        self.checkpoints.append({"run_id": run_id, "epoch": float(epoch), "id": cid, "lr": _lr(epoch), **kw})
+        return cid
+
+    # ---------------------------------------------------------------- two views of it
+    def evidence(self):
+        """The study as ``Evidence`` frames (every metric, whether or not its table exists yet)."""
+        import polars as pl
+
+        from lsdb.query.findings import Evidence
+
+        defaults = {"variant": "base", "kind": "parent", "model": "cnn1d", "patches": 1, "batch_size": 64,
+                    "adversarial": "none", "num_params": 8000, "parent_run_id": None, "parent_checkpoint_id": None,
+                    "spawn_epoch": None, "child_index": None, "status": "finished", "epochs": EPOCHS, "lr": 0.1}
+        runs = pl.DataFrame([{**defaults, **r} for r in self.runs])
+        ck = {c["id"]: c for c in self.checkpoints}
+        finals = {}
+        for c in self.checkpoints:
+            if c["run_id"] not in finals or c["epoch"] > finals[c["run_id"]]["epoch"]:
+                finals[c["run_id"]] = c
+        finals = pl.DataFrame([{"run_id": r, "epoch": c["epoch"], "frac": c["epoch"] / EPOCHS,
+                                "test_error": c.get("test_error", 0.5), "test_loss": 1.0, "train_error": 0.0,
+                                "train_loss": 0.1} for r, c in finals.items()])
+        rows = [{"run_id": ck[a]["run_id"], "checkpoint_id": a, "epoch": ck[a]["epoch"],
+                 "frac": ck[a]["epoch"] / EPOCHS, "metric": m, "value": float(v)} for m, a, v in self.metrics]
+        rows += [{"run_id": c["run_id"], "checkpoint_id": c["id"], "epoch": c["epoch"], "frac": c["epoch"] / EPOCHS,
+                  "metric": "lr", "value": c["lr"]} for c in self.checkpoints]
+        return Evidence(runs, finals, pl.DataFrame(rows), "mnist1d")
+
+    def write(self, root) -> tuple[Store, set[str]]:
+        """The study as a real store; returns it and the metrics no table declares yet (left out)."""
+        b = StoreBuilder(root)
+        for r in self.runs:
+            b.run(**r)
+        for c in self.checkpoints:
+            b.checkpoint(c["run_id"], c["epoch"], id=c["id"], lr=c["lr"], test_error=c.get("test_error", 0.5),
+                         train_loss=0.1, train_error=0.0, test_loss=1.0)
+        skipped = set()
+        for m, a, v in self.metrics:
+            if has_metric(m):
+                b.metric(m, a, v)
+            else:
+                skipped.add(m)
+        return b.flush(), skipped

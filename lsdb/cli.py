@@ -1,0 +1,212 @@
+"""The ``lsdb`` command line. Each command parses options, makes one library call and prints.
+
+Errors that are the user's input (``LsdbError``) become one line on stderr and exit code 1.
+torch is never imported at module level, so ``lsdb --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lsdb.cli_common import Format, FormatOpt, OutOpt, StoreOpt, emit
+from lsdb.errors import LsdbError
+
+app = typer.Typer(
+    name="lsdb",
+    help="A declarative experiment database for loss-landscape research.\n\n"
+    "Declare an experiment in TOML; `lsdb run` trains what is missing, probes every checkpoint "
+    "(NTK, barriers, Hessian, flatness …) and stores every number in DuckDB; `lsdb sql`, "
+    "`lsdb correlate`, `lsdb findings` and `lsdb chart` answer questions.\n\n"
+    "Quick start:  lsdb run examples/quick.toml && lsdb sql \"SELECT * FROM metric_series LIMIT 5\"",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (TOML). See README, 'The spec'.", show_default=False)]
+WorkersOpt = Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes (1 = run inline).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="Torch device for probes (default: cuda if present, else cpu).")]
+
+
+@app.command()
+def init(store: StoreOpt = None):
+    """Create a store (a directory with lsdb.duckdb, checkpoints/, spool/, artifacts/, exports/)."""
+    from lsdb.store import Store
+
+    s = Store.init(store)
+    typer.echo(f"store ready at {s.root}")
+
+
+@app.command()
+def plan(spec: SpecArg, store: StoreOpt = None):
+    """Print what `lsdb run SPEC` would do (runs to train, checkpoints and probe jobs missing)."""
+    from lsdb import runner
+    from lsdb.spec import load_spec
+    from lsdb.store import Store
+
+    sp = load_spec(spec)
+    st = Store.init(store)
+    p = runner.plan(sp, st)
+    typer.echo(f"experiment {sp.name} ({p.experiment_id[:12]}): {p.runs_total} runs declared")
+    if p.nothing_to_do:
+        typer.echo("nothing to do: the store holds everything this spec declares")
+        return
+    parents = sum(r.kind == "parent" for r in p.runs_to_train)
+    typer.echo(f"  runs to train:       {len(p.runs_to_train)} ({parents} parents, {len(p.runs_to_train) - parents} children)")
+    typer.echo(f"  checkpoints missing: {p.checkpoints_missing}")
+    typer.echo(f"  probe jobs missing:  {p.jobs_missing}" + ("" if not p.jobs_by_probe else
+               "  (" + ", ".join(f"{k}: {v}" for k, v in sorted(p.jobs_by_probe.items())) + ")"))
+    typer.echo("probes that need other probes' results (e.g. ntk_distance) are planned once those exist")
+
+
+@app.command()
+def run(spec: SpecArg, store: StoreOpt = None, workers: WorkersOpt = 1, device: DeviceOpt = None,
+        progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True):
+    """Train and probe everything SPEC declares that the store lacks. Safe to interrupt and rerun."""
+    from lsdb import runner
+    from lsdb.spec import load_spec
+    from lsdb.store import Store
+
+    sp = load_spec(spec)
+    st = Store.init(store)
+    p = runner.plan(sp, st)
+    if p.nothing_to_do:
+        typer.echo("nothing to do: the store holds everything this spec declares")
+        return
+    s = runner.run(sp, st, workers=workers, device=device, progress=progress and sys.stderr.isatty())
+    typer.echo(f"trained {s.trained} runs ({s.checkpoints} checkpoints); probe jobs: {s.jobs_done} done, "
+               f"{s.jobs_skipped} skipped, {s.jobs_failed} failed; {s.seconds:.1f} s")
+    for d in s.diverged:
+        typer.echo(f"diverged: {d}")
+    for f in s.failures[:20]:
+        typer.echo(f"failed: {f}", err=True)
+
+
+@app.command()
+def ingest(store: StoreOpt = None):
+    """Ingest result shards waiting in the store's spool/ (e.g. written by `lsdb worker` elsewhere)."""
+    from lsdb.ingest.ingest import ingest as do_ingest
+    from lsdb.store import Store
+
+    st = Store.open(store)
+    with st.lock("lsdb ingest"):
+        r = do_ingest(st)
+    typer.echo(f"ingested {r.shards} shards: {r.checkpoints} checkpoints, {r.jobs} probe jobs, "
+               f"{r.result_rows} result rows ({r.skipped_known} already stored)")
+
+
+@app.command()
+def sql(query: Annotated[str, typer.Argument(help="A read-only SQL query (DuckDB dialect).")],
+        store: StoreOpt = None, format: FormatOpt = Format.table, out: OutOpt = None):
+    """Run a read-only SQL query. Tables: experiment, run, checkpoint, probe_job, one per probe;
+    the view metric_series(run_id, checkpoint_id, step, epoch, frac, metric, value)."""
+    from lsdb.query.session import Session
+
+    db = Session.open(store)
+    if format in (Format.csv, Format.parquet) and out is not None:
+        _stream(db, query, format, out)
+        return
+    emit(db.sql(query), format, out)
+
+
+def _stream(db, query, format, out):
+    """Large exports stream in record batches instead of building one frame in memory."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    writer = None
+    for batch in db.sql_batches(query):
+        if writer is None:
+            writer = (pq.ParquetWriter(out, batch.schema) if format == Format.parquet
+                      else pacsv.CSVWriter(out, batch.schema))
+        writer.write_batch(batch)
+    if writer is not None:
+        writer.close()
+
+
+@app.command()
+def runs(store: StoreOpt = None, format: FormatOpt = Format.table, out: OutOpt = None):
+    """List the runs in the store with their status and final test error."""
+    from lsdb.query.session import Session
+
+    emit(Session.open(store).runs(), format, out)
+
+
+@app.command()
+def show(run_id: Annotated[str, typer.Argument(help="Run id (a unique prefix is enough).")],
+         store: StoreOpt = None, format: FormatOpt = Format.table):
+    """Show one run: hyperparameters and checkpoints."""
+    from lsdb.query.session import Session
+
+    info, checkpoints = Session.open(store).show(run_id)
+    if format == Format.table:
+        for k, v in info.row(0, named=True).items():
+            typer.echo(f"{k:>22}: {v}")
+    else:
+        emit(info, format)
+    emit(checkpoints, format)
+
+
+@app.command()
+def metrics(store: StoreOpt = None, format: FormatOpt = Format.table):
+    """List the metrics in metric_series with how many values and runs each has."""
+    from lsdb.query.session import Session
+
+    emit(Session.open(store).metrics(), format)
+
+
+@app.command()
+def jobs(store: StoreOpt = None, failed: Annotated[bool, typer.Option(help="Only failed or skipped jobs.")] = False,
+         format: FormatOpt = Format.table):
+    """Probe jobs by probe and state (with --failed: each failed job and its error)."""
+    from lsdb.query.session import Session
+
+    db = Session.open(store)
+    if failed:
+        emit(db.sql("SELECT id, probe, role, state, attempts, error FROM probe_job WHERE state <> 'done' ORDER BY probe"), format)
+    else:
+        emit(db.sql("SELECT probe, state, count(*) AS jobs, round(sum(seconds), 2) AS seconds FROM probe_job "
+                    "GROUP BY ALL ORDER BY probe, state"), format)
+
+
+def _register_query_commands() -> None:
+    import lsdb.cli_query as cli_query
+
+    cli_query.register(app)
+
+
+try:
+    _register_query_commands()
+except ModuleNotFoundError as e:  # only while lsdb/cli_query.py does not exist yet
+    if e.name != "lsdb.cli_query":
+        raise
+
+
+def main() -> None:
+    """Console entry point: user errors → one line on stderr, exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except LsdbError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: rerun the same command to finish the work", err=True)
+        sys.exit(130)
+    except Exception as e:  # usage errors and exits from Typer's (vendored) click
+        code = getattr(e, "exit_code", None)
+        if code is None:
+            raise
+        if hasattr(e, "show"):
+            e.show()
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

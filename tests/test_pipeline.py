@@ -1,0 +1,160 @@
+"""End to end on a tiny real study: spec → training → checkpoints → probes → DuckDB → SQL."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import lsdb
+from lsdb import runner
+from lsdb.errors import CheckpointCorrupt, StoreLocked
+from lsdb.ingest.ingest import ingest
+from lsdb.plan import expand_runs
+from lsdb.spec import load_spec
+
+TABLES = ("run", "checkpoint", "probe_job", "eval", "weights")
+
+
+def counts(store) -> dict[str, int]:
+    db = lsdb.open(store.root)
+    out = {t: db.sql(f"SELECT count(*) AS n FROM {t}")["n"][0] for t in TABLES}
+    out["metric_series"] = db.sql("SELECT count(*) AS n FROM metric_series")["n"][0]
+    return out
+
+
+def snapshot(store):
+    """Every stored number that must be identical between an interrupted and a clean run."""
+    db = lsdb.open(store.root)
+    return (
+        db.sql("SELECT id, run_id, step, sha256, train_loss, test_error FROM checkpoint ORDER BY id").rows(),
+        db.sql("SELECT id, status FROM run ORDER BY id").rows(),
+        db.sql("SELECT job_id, train_loss, test_error FROM eval ORDER BY job_id").rows(),
+        db.sql("SELECT job_id, norm, distance FROM weights ORDER BY job_id").rows(),
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    from lsdb.store import Store
+    from tests.conftest import TINY_SPEC
+
+    root = tmp_path_factory.mktemp("finished")
+    (root / "tiny.toml").write_text(TINY_SPEC)
+    spec = load_spec(root / "tiny.toml")
+    store = Store.init(root / "store")
+    summary = runner.run(spec, store)
+    return spec, store, summary
+
+
+def test_run_fills_the_expected_counts(finished):
+    spec, store, summary = finished
+    runs = expand_runs(spec, 1437)
+    assert len(runs) == 2 * (1 + 2)  # 2 seeds × (parent + 2 children)
+    expected_ckpts = sum(len(r.save_steps) for r in runs)
+    c = counts(store)
+    assert c["run"] == 6 and c["checkpoint"] == expected_ckpts == summary.checkpoints
+    assert c["eval"] == expected_ckpts
+    parents_ckpts = sum(len(r.save_steps) for r in runs if r.kind == "parent")
+    child_ckpts = expected_ckpts - parents_ckpts
+    # weights: norm for each checkpoint + to-init for parents + to-parent for children + 1 sibling pair per parent
+    assert c["weights"] == expected_ckpts + parents_ckpts + child_ckpts + 2
+    assert summary.jobs_failed == 0
+    db = lsdb.open(store.root)
+    per_metric = dict(db.sql("SELECT metric, count(*) FROM metric_series GROUP BY metric").rows())
+    assert per_metric["test_error"] == expected_ckpts
+    assert per_metric["distance_to_init"] == parents_ckpts
+    assert per_metric["sibling_distance"] == 2
+
+
+def test_sibling_metrics_sit_at_the_spawn_time(finished):
+    _, store, _ = finished
+    db = lsdb.open(store.root)
+    rows = db.sql("SELECT m.epoch, r.kind FROM metric_series m JOIN run r ON r.id = m.run_id "
+                  "WHERE metric = 'sibling_distance'").rows()
+    assert rows == [(1.0, "parent")] * 2
+
+
+def test_children_start_from_the_parent_and_differ(finished):
+    _, store, _ = finished
+    db = lsdb.open(store.root)
+    d = db.sql("SELECT value FROM metric_series WHERE metric = 'sibling_distance'")["value"]
+    assert (d > 0).all()
+    kids = db.sql("SELECT parent_checkpoint_id, spawn_step, data_seed FROM run WHERE kind = 'child'")
+    assert kids["data_seed"].n_unique() == 4 and kids["parent_checkpoint_id"].null_count() == 0
+
+
+def test_eval_probe_agrees_with_training_records(finished):
+    _, store, _ = finished
+    db = lsdb.open(store.root)
+    df = db.sql("SELECT c.test_loss, e.test_loss AS probe_loss FROM eval e JOIN checkpoint c ON c.id = e.checkpoint_id")
+    assert ((df["test_loss"] - df["probe_loss"]).abs() < 1e-5).all()
+
+
+def test_rerun_does_nothing(finished):
+    spec, store, _ = finished
+    before = snapshot(store)
+    assert runner.plan(spec, store).nothing_to_do
+    summary = runner.run(spec, store)
+    assert summary.trained == 0 and summary.jobs_done == 0
+    assert snapshot(store) == before
+
+
+def test_training_is_deterministic(finished, tmp_path):
+    from lsdb.store import Store
+
+    spec, store, _ = finished
+    other = Store.init(tmp_path / "again")
+    runner.run(spec, other)
+    assert snapshot(other) == snapshot(store)
+
+
+def test_reingesting_shards_changes_nothing(finished):
+    spec, store, _ = finished
+    before = counts(store)
+    # a crash after the commit but before shards were moved leaves them in spool/: replay them all
+    for shard in list(store.ingested.iterdir())[:50]:
+        shutil.copytree(shard, store.spool / shard.name)
+    report = ingest(store)
+    assert report.checkpoints == 0 and report.jobs == 0 and report.result_rows == 0
+    assert counts(store) == before
+
+
+def test_second_run_on_a_busy_store_is_refused(finished):
+    spec, store, _ = finished
+    with store.lock("test"):
+        with pytest.raises(StoreLocked, match="busy"):
+            runner.run(spec, store)
+
+
+def test_altered_checkpoint_is_caught(finished, tmp_path):
+    from lsdb.train.checkpoints import load_weights
+
+    _, store, _ = finished
+    sha = lsdb.open(store.root).sql("SELECT sha256 FROM checkpoint LIMIT 1")["sha256"][0]
+    copy = tmp_path / "ck"
+    copy.mkdir()
+    data = bytearray(store.checkpoint_path(sha).read_bytes())
+    data[-1] ^= 0xFF
+    (copy / f"{sha}.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorrupt, match="does not match its hash"):
+        load_weights(copy, sha)
+
+
+def test_altered_checkpoint_fails_only_its_jobs(tiny_spec_path, tmp_path):
+    from lsdb.store import Store
+
+    spec = load_spec(tiny_spec_path)
+    no_probes = spec.__class__(**{**spec.__dict__, "probes": ()})
+    store = Store.init(tmp_path / "s")
+    runner.run(no_probes, store)
+    sha = lsdb.open(store.root).sql("SELECT sha256 FROM checkpoint ORDER BY step DESC LIMIT 1")["sha256"][0]
+    path = store.checkpoint_path(sha)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    summary = runner.run(spec, store)
+    assert summary.jobs_failed >= 1 and summary.jobs_done > 0
+    assert any("does not match its hash" in f for f in summary.failures)
+    failed = lsdb.open(store.root).sql("SELECT error FROM probe_job WHERE state = 'failed'")
+    assert failed.height == summary.jobs_failed and "CheckpointCorrupt" in failed["error"][0]

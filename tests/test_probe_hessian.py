@@ -1,0 +1,202 @@
+"""hessian probe against a dense torch.func.hessian + eigvalsh on a tiny net (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lsdb.errors import ProbeSkipped
+from lsdb.probes import hessian as H
+from lsdb.probes.base import Artifacts, CheckpointRef, JobRequest, ProbeContext, RunRef
+from lsdb.train.data import Data
+
+DT = torch.float64
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 4)).double()
+
+
+def _data(n=96):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 16, generator=g, dtype=DT)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return Data("toy", x, y, x[:8], y[:8], 4)
+
+
+@pytest.fixture(scope="module")
+def dense():
+    """Dense Hessian of the probe's loss (mean CE on its fixed batch) and its eigenvalues."""
+    model, data = _net(), _data()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    idx = torch.randperm(96, generator=torch.Generator().manual_seed(0))[:64].sort().values
+    x, y = data.x_train[idx], data.y_train[idx]
+    names, shapes = list(params), [p.shape for p in params.values()]
+    sizes = [p.numel() for p in params.values()]
+
+    def flat_loss(w):
+        p = {n: t.view(s) for n, t, s in zip(names, w.split(sizes), shapes)}
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    w0 = torch.cat([p.reshape(-1) for p in params.values()])
+    Hd = torch.func.jacrev(torch.func.jacrev(flat_loss))(w0)  # dense; same as torch.func.hessian
+    return {"H": Hd, "eig": torch.linalg.eigvalsh(Hd).flip(0), "model": model, "data": data, "P": w0.numel()}
+
+
+def _ctx(model, data, tmp_path, inputs=None, seed=0):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return ProbeContext(model=model, states=[state], checkpoints=[CheckpointRef("c0", "r", 0, 0.0, "0" * 64)],
+                        runs=[], data=data, probe_indices=torch.arange(4), device=torch.device("cpu"), dtype=DT,
+                        artifacts=Artifacts(tmp_path), inputs=inputs or {}, seed=seed)
+
+
+def _operator(dense, method="double_backward"):
+    model, data = dense["model"], dense["data"]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    idx = torch.randperm(96, generator=torch.Generator().manual_seed(0))[:64].sort().values
+    return H.HessianOperator(H.batch_loss_fn(model, {}, data.x_train[idx], data.y_train[idx]), params, method, 8)
+
+
+@pytest.mark.parametrize("method", ["double_backward", "fwd_rev"])
+def test_hvp_matches_dense(dense, method):
+    op = _operator(dense, method)
+    V = torch.randn(5, op.P, generator=torch.Generator().manual_seed(1), dtype=DT)
+    torch.testing.assert_close(op.matmat(V), V @ dense["H"], rtol=1e-10, atol=1e-12)
+    assert op.hvps == 5
+
+
+def test_top5_and_trace_match_dense(dense, tmp_path):
+    assert 1000 < dense["P"] < 3000
+    params = H.Params(batch_size=64, top_k=5, tol=1e-9, max_iter=400, trace_hvps=300, density_vectors=4,
+                      density_iters=60)
+    out = H.compute(_ctx(dense["model"], dense["data"], tmp_path), params)
+    row = out["hessian"][0]
+    assert row["converged"] is True
+    got = torch.tensor([r["value"] for r in out["hessian_eigenvalue"]], dtype=DT)
+    torch.testing.assert_close(got, dense["eig"][:5], rtol=1e-6, atol=0)
+    assert row["max_residual"] <= 1e-9 * float(dense["eig"].abs().max())
+    assert row["top_eigenvalue"] == pytest.approx(float(dense["eig"][0]), rel=1e-6)
+    true_trace = float(torch.trace(dense["H"]))
+    assert row["trace_method"] == "hutch++" and row["trace_hvps"] == 300
+    assert abs(row["trace"] - true_trace) <= 3 * row["trace_stderr"]
+    assert row["hvps"] == row["lanczos_iters"] + 5 + 300 + row["density_hvps"]
+
+    # density: unit mass, mean ≈ trace / P
+    grid = torch.tensor([r["grid"] for r in out["hessian_density"]], dtype=DT)
+    dens = torch.tensor([r["density"] for r in out["hessian_density"]], dtype=DT)
+    assert float(torch.trapezoid(dens, grid)) == pytest.approx(1.0, abs=1e-6)
+    mean = float(torch.trapezoid(grid * dens, grid))
+    # SLQ's mean is a Hutchinson estimate of trace/P from unit Rademacher vectors, whose variance
+    # is 2(‖H‖²_F − Σ H_ii²)/P² per vector
+    Hd = dense["H"]
+    se = math.sqrt(2 * float((Hd**2).sum() - (torch.diagonal(Hd) ** 2).sum()) / 4) / dense["P"]
+    assert abs(mean - true_trace / dense["P"]) <= 3 * se
+
+
+def test_density_mean_is_average_rayleigh_quotient(dense):
+    op = _operator(dense)
+    nodes = H.slq_nodes(op, 3, 30, torch.Generator().manual_seed(5))
+    grid, dens = H.slq_density(nodes, 400, 0.01)
+    # Σ_j τ_j θ_j = e₁ᵀ T e₁ = vᵀHv for each unit start vector v: the quadrature's mean, exactly
+    V = (torch.randint(0, 2, (3, op.P), generator=torch.Generator().manual_seed(5)) * 2 - 1).to(DT) / math.sqrt(op.P)
+    rq = float(((V @ dense["H"]) * V).sum(1).mean())
+    assert float(torch.trapezoid(grid * dens, grid)) == pytest.approx(rq, rel=1e-6)
+    assert sum(float(t.sum()) for _, t in nodes) == pytest.approx(3.0, rel=1e-12)
+
+
+def test_hutchinson_and_hutchpp_within_three_se(dense):
+    true_trace = float(torch.trace(dense["H"]))
+    for fn in (H.hutchinson, H.hutch_pp):
+        op = _operator(dense)
+        est, se = fn(op, 150, torch.Generator().manual_seed(3))
+        assert op.hvps == 150
+        assert abs(est - true_trace) <= 3 * se, fn.__name__
+
+
+def test_hutchpp_exact_when_sketch_spans_space():
+    # L(w) = ½ wᵀAw has Hessian A; with a sketch of P vectors Q spans R^P and Hutch++ is exact
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(30, 30, generator=g, dtype=DT)
+    A = B @ B.T
+    op = H.HessianOperator(lambda p: 0.5 * p["w"] @ A @ p["w"], {"w": torch.randn(30, dtype=DT)}, "double_backward")
+    est, _ = H.hutch_pp(op, 90, g)
+    assert est == pytest.approx(float(torch.trace(A)), rel=1e-10)
+    top = H.lanczos_top(op, 3, 1e-10, 30, generator=g)
+    torch.testing.assert_close(top.values, torch.linalg.eigvalsh(A).flip(0)[:3], rtol=1e-10, atol=0)
+
+
+def test_not_converged_is_reported(dense, tmp_path):
+    params = H.Params(batch_size=64, top_k=5, tol=1e-9, max_iter=6, trace_hvps=6, density_vectors=1, density_iters=4)
+    row = H.compute(_ctx(dense["model"], dense["data"], tmp_path), params)["hessian"][0]
+    assert row["converged"] is False
+    assert row["lanczos_iters"] == 6
+    assert row["max_residual"] > 1e-9 * abs(row["top_eigenvalue"])
+    # and the explicit residuals are what the rows hold
+    op = _operator(dense)
+    top = H.lanczos_top(op, 5, 1e-9, 6, generator=torch.Generator().manual_seed(0))
+    res = (top.vectors @ dense["H"] - top.values[:, None] * top.vectors).norm(dim=1)
+    torch.testing.assert_close(top.residuals, res, rtol=1e-8, atol=1e-12)
+    assert top.converged is False
+
+
+def test_gap_criterion_needs_fewer_steps(dense):
+    res = H.lanczos_top(_operator(dense), 1, 1e-6, 400, generator=torch.Generator().manual_seed(0))
+    gap = H.lanczos_top(_operator(dense), 1, 1e-6, 400, generator=torch.Generator().manual_seed(0), criterion="gap")
+    assert res.converged and gap.converged and gap.iters <= res.iters
+    assert float(gap.values[0]) == pytest.approx(float(dense["eig"][0]), rel=1e-6)
+
+
+def test_warm_start_from_artifact(dense, tmp_path):
+    params = H.Params(batch_size=64, top_k=3, tol=1e-6, max_iter=300, trace_hvps=3, density_vectors=0)
+    cold = H.compute(_ctx(dense["model"], dense["data"], tmp_path), params)["hessian"][0]
+    assert cold["warm_started"] is False and cold["subspace_overlap"] is None
+    warm = H.compute(_ctx(dense["model"], dense["data"], tmp_path, {"warm_start": cold["ritz_artifact"]}, seed=1),
+                     params)["hessian"][0]
+    assert warm["warm_started"] is True and warm["converged"] is True
+    assert warm["lanczos_iters"] < cold["lanczos_iters"]
+    assert warm["subspace_overlap"] == pytest.approx(1.0, abs=1e-4)
+    assert warm["top_eigenvalue"] == pytest.approx(cold["top_eigenvalue"], rel=1e-6)
+
+
+def test_non_finite_is_skipped(dense, tmp_path):
+    model = _net()
+    with torch.no_grad():
+        model[0].weight.fill_(float("inf"))
+    with pytest.raises(ProbeSkipped, match="non-finite"):
+        H.compute(_ctx(model, dense["data"], tmp_path), H.Params(batch_size=64))
+
+
+def test_count_outliers_rule():
+    assert H.count_outliers(torch.tensor([50.0, 40, 30, 1, 0.9])) == 3
+    assert H.count_outliers(torch.tensor([50.0, 5, 4, 3])) == 1
+    assert H.count_outliers(torch.tensor([5.0, 4, -1, -2])) == 2
+    assert H.count_outliers(torch.tensor([-1.0, -2])) == 0
+
+
+class _Study:
+    def __init__(self, runs, results):
+        self.runs, self._results = runs, results
+
+    def results(self, table):
+        import polars as pl
+
+        return pl.DataFrame(self._results, schema={"checkpoint_id": pl.String, "ritz_artifact": pl.String,
+                                                   "probe": pl.String, "version": pl.Int64, "params_hash": pl.String})
+
+
+def test_plan_warm_start_chain():
+    from lsdb.probes.base import params_hash
+
+    refs = tuple(CheckpointRef(f"c{s}", "r", s, float(s), "0" * 64) for s in range(3))
+    run = RunRef("r", "parent", 0, "base", "finished", None, None, None, None, 2.0, 0.1, 8, 0.9, 0.0, 0, refs)
+    params = H.Params(warm_start=True)
+    ph = params_hash(params)
+    assert H.plan(_Study([run], []), params) == [JobRequest(("c0",), "c0")]
+    done = [{"checkpoint_id": "c0", "ritz_artifact": "abc", "probe": "hessian", "version": H.VERSION, "params_hash": ph}]
+    assert H.plan(_Study([run], done), params) == [JobRequest(("c1",), "c1", "self", {"warm_start": "abc"})]
+    assert len(H.plan(_Study([run], []), H.Params())) == 3

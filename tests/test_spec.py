@@ -1,0 +1,75 @@
+"""Spec parsing, validation messages and pinned identity hashes."""
+
+import pytest
+
+from lsdb.errors import SpecError
+from lsdb.spec import load_spec, parse_spec
+
+
+def test_defaults_match_the_papers_setting():
+    spec = parse_spec("")
+    assert spec.data.name == "mnist1d" and spec.data.probe_set_size == 256
+    assert spec.model.name == "cnn1d" and spec.model.width == 32 and spec.model.kernels == (5, 3, 3)
+    assert spec.optim.lr == 0.1 and spec.optim.momentum == 0.9 and spec.optim.batch_size == 64
+    assert spec.optim.epochs == 40 and spec.optim.lr_drops == (30.0,)
+
+
+def test_identity_leaves_defaults_out_and_is_pinned():
+    # Pinned literals: if one changes, every stored experiment would silently change identity.
+    empty = parse_spec("")
+    assert empty.identity() == "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+    assert parse_spec("[optim]\nlr = 0.1\n").identity() == empty.identity()  # a default written out
+    assert parse_spec("[optim]\nlr = 0.2\n").identity() == "98f65a8a482239de493480a8ea370a6dd29b7f7563b3b061876c5797acf9403b"
+    from tests.conftest import TINY_SPEC
+
+    assert parse_spec(TINY_SPEC).identity() == "8d588cec354ab70c29e3c8a93ca1351dda5e8b9faf98b5b31f4b59d29ad7e9da"
+
+
+def test_unknown_key_suggests_nearest_and_names_line():
+    with pytest.raises(SpecError) as e:
+        parse_spec("[optim]\nlr = 0.1\nmomentun = 0.9\n", source="s.toml")
+    msg = str(e.value)
+    assert "s.toml:3" in msg and "optim.momentun" in msg and "did you mean 'momentum'" in msg
+
+
+def test_unknown_section_and_probe():
+    with pytest.raises(SpecError, match="did you mean 'optim'"):
+        parse_spec("[optimiser]\nlr = 1\n")
+    with pytest.raises(SpecError, match="unknown probe 'hesian'; did you mean 'hessian'"):
+        parse_spec("[probes.hesian]\n")
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[optim]\nlr = -0.1\n", "optim.lr"),
+    ("[model]\nname = 'resnet'\n", "model.name"),
+    ("[optim]\nbatch_size = 'big'\n", "optim.batch_size"),
+    ("[optim]\nepochs = 5\n[spawn]\ntimes = [1, 7]\n", "spawn time 7.0"),
+])
+def test_bad_values_name_the_key_and_line(text, key):
+    with pytest.raises(SpecError) as e:
+        parse_spec(text, source="bad.toml")
+    assert key in str(e.value) and "bad.toml:" in str(e.value)
+
+
+def test_malformed_toml_is_one_clear_error():
+    with pytest.raises(SpecError, match="malformed TOML"):
+        parse_spec("[optim\nlr = 1", source="x.toml")
+
+
+def test_missing_file():
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec("/nonexistent/spec.toml")
+
+
+def test_variants_override_sections():
+    spec = parse_spec("[optim]\nepochs = 4\nlr_drops = [3]\n[variants.large_batch.optim]\nbatch_size = 512\n")
+    base, large = spec.run_configs()
+    assert base.variant == "base" and large.variant == "large_batch"
+    assert large.optim.batch_size == 512 and large.optim.epochs == 4
+
+
+def test_examples_parse():
+    from tests.conftest import REPO
+
+    for path in (REPO / "examples").glob("*.toml"):
+        load_spec(path)
