@@ -125,3 +125,21 @@ def _insert_probe_results(con, shards: list[tuple[Path, dict]], report: IngestRe
 
 def job_meta_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
+
+
+def check_integrity(con) -> list[str]:
+    """Result rows whose job or checkpoints are missing (the logical foreign keys of result tables)."""
+    from lsdb.schema import result_tables
+
+    problems = []
+    for name in result_tables():
+        exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0]
+        if not exists:
+            continue
+        for col, ref in (("job_id", "probe_job"), ("checkpoint_id", "checkpoint"),
+                         ("anchor_checkpoint_id", "checkpoint"), ("other_checkpoint_id", "checkpoint")):
+            n = con.execute(f"SELECT count(*) FROM {name} t WHERE t.{col} IS NOT NULL AND NOT EXISTS "
+                            f"(SELECT 1 FROM {ref} r WHERE r.id = t.{col})").fetchone()[0]
+            if n:
+                problems.append(f"{name}.{col}: {n} rows without a matching {ref}")
+    return problems

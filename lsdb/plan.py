@@ -157,12 +157,16 @@ def run_ref(r: PlannedRun, status: str, checkpoints: tuple[CheckpointRef, ...]) 
                   checkpoints=checkpoints)
 
 
-def simulated_study(runs: list[PlannedRun]) -> StoreStudy:
-    """The study as it will be once every run has trained (for `lsdb plan`)."""
+def simulated_study(runs: list[PlannedRun], status: dict | None = None, stored: dict | None = None) -> StoreStudy:
+    """The study as it will be once every run has trained (for `lsdb plan`). Runs that already
+    ended (finished, diverged, skipped) keep the checkpoints they actually have."""
+    status, stored = status or {}, stored or {}
     refs = []
     for r in runs:
-        cps = tuple(CheckpointRef(checkpoint_id(r.id, s), r.id, s, s / r.steps_per_epoch, "") for s in r.save_steps)
-        refs.append(run_ref(r, "finished", cps))
+        st = status.get(r.id, "planned")
+        steps = sorted(stored.get(r.id, {})) if st in ("finished", "diverged", "skipped") else r.save_steps
+        cps = tuple(CheckpointRef(checkpoint_id(r.id, s), r.id, s, s / r.steps_per_epoch, "") for s in steps)
+        refs.append(run_ref(r, "finished" if st not in ("diverged", "skipped") else st, cps))
     return StoreStudy(refs)
 
 

@@ -79,7 +79,7 @@ def plan(spec: Spec, store: Store) -> PlanSummary:
     by_probe: dict[str, int] = {}
     from lsdb.probes.base import job_id
 
-    for name, version, _params, phash, req in probe_requests(spec, simulated_study(runs)):
+    for name, version, _params, phash, req in probe_requests(spec, simulated_study(runs, status, steps)):
         jid = job_id(name, version, phash, req.checkpoint_ids, req.role)
         if jobs.get(jid, ("",))[0] not in ("done", "skipped"):
             by_probe[name] = by_probe.get(name, 0) + 1

@@ -50,7 +50,7 @@ class Params:
     steps: int = 300
     lr_mode: str = "kernel_scaled"  # fixed | kernel_scaled
     lr_factor: float = 1.0  # fixed: lr = run lr × lr_factor
-    kernel_lr: float = 1.0  # kernel_scaled: lr = kernel_lr / mean diagonal of Θ^tr on the probe set
+    kernel_lr: float = 10.0  # kernel_scaled: lr = kernel_lr / mean diagonal of Θ^tr on the probe set
     train_eval_size: int = 0  # training inputs for the linearised train metrics (0 = all)
     ridge: float = 1e-3  # kernel regression: λ = ridge × mean diagonal of Θ(X, X)
     kernel_variant: str = "trace"  # trace | full, the Θ of kernel regression

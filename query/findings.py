@@ -745,3 +745,19 @@ def to_frame(results: list[Finding]):
 
     cols = ["id", "title", "verdict", "measured", "expected", "metric", "detail"]
     return pl.DataFrame([r.as_row() for r in results], schema={c: pl.Utf8 for c in cols})
+
+
+def as_text(results: list[Finding]) -> str:
+    """The findings as plain text, one block per finding (what ``lsdb findings`` prints)."""
+    lines = []
+    for r in results:
+        lines.append(f"{r.id:<4} {r.verdict.upper():<14} {r.title}")
+        lines.append(f"     metric:   {r.metric}")
+        lines.append(f"     expected: {r.expected}")
+        if r.measured:
+            lines.append(f"     measured: {r.measured}")
+        if r.detail:
+            lines.append(f"     note:     {r.detail}")
+    counts = {v: sum(r.verdict == v for r in results) for v in (HOLDS, FAILS, NOT_MEASURED)}
+    lines.append(f"{counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[NOT_MEASURED]} not measured")
+    return "\n".join(lines)

@@ -40,7 +40,7 @@ class Session:
         with self.store.read() as con:
             _refuse_writes(con, query)
             try:
-                reader = con.execute(query).fetch_record_batch(batch_rows)
+                reader = con.execute(query).to_arrow_reader(batch_rows)
             except duckdb.Error as e:
                 raise QueryError(_first_line(e)) from None
             yield from reader

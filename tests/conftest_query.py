@@ -251,3 +251,16 @@ class Study:
             else:
                 skipped.add(m)
         return b.flush(), skipped
+
+
+_STORES: dict[tuple, Store] = {}
+
+
+def study_store(holds: bool = True) -> Store:
+    """The synthetic study written to a real store once per test process (read-only use)."""
+    import tempfile
+
+    key = (holds,)
+    if key not in _STORES:
+        _STORES[key] = Study(holds).write(tempfile.mkdtemp(prefix="lsdb-study-"))[0]
+    return _STORES[key]

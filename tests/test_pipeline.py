@@ -67,6 +67,14 @@ def test_run_fills_the_expected_counts(finished):
     assert per_metric["sibling_distance"] == 2
 
 
+def test_no_orphan_result_rows(finished):
+    from lsdb.ingest.ingest import check_integrity
+
+    _, store, _ = finished
+    with store.read() as con:
+        assert check_integrity(con) == []
+
+
 def test_sibling_metrics_sit_at_the_spawn_time(finished):
     _, store, _ = finished
     db = lsdb.open(store.root)
@@ -158,3 +166,24 @@ def test_altered_checkpoint_fails_only_its_jobs(tiny_spec_path, tmp_path):
     assert any("does not match its hash" in f for f in summary.failures)
     failed = lsdb.open(store.root).sql("SELECT error FROM probe_job WHERE state = 'failed'")
     assert failed.height == summary.jobs_failed and "CheckpointCorrupt" in failed["error"][0]
+
+
+@pytest.mark.parametrize("lr, reason", [(1e8, "non-finite"), (3.0, "collapsed to chance accuracy")])
+def test_divergence_is_recorded_and_final(tmp_path, lr, reason):
+    from lsdb.spec import parse_spec
+    from lsdb.store import Store
+    from tests.conftest import TINY_SPEC
+
+    text = TINY_SPEC.replace("lr = 0.05", f"lr = {lr}").replace("seeds = [0, 1]", "seeds = [0]")
+    spec = parse_spec(text)
+    store = Store.init(tmp_path / "s")
+    summary = runner.run(spec, store)
+    assert summary.diverged and reason in summary.diverged[0]
+    db = lsdb.open(store.root)
+    parent = db.sql("SELECT status, diverged_step, diverged_reason FROM run WHERE kind = 'parent'").row(0)
+    assert parent[0] == "diverged" and reason in parent[2]
+    # checkpoints before the divergence stay stored and probed
+    n = db.sql("SELECT count(*) AS n FROM checkpoint c JOIN run r ON r.id = c.run_id WHERE r.kind = 'parent'")["n"][0]
+    assert n >= 1
+    assert db.sql("SELECT count(*) AS n FROM eval")["n"][0] >= n
+    assert runner.plan(spec, store).nothing_to_do

@@ -1,0 +1,344 @@
+"""Altair charts over a store, by name or by metric.
+
+    import lsdb
+    db = lsdb.open("lsdb-store")
+    db.chart(["test_error", "kernel_velocity"], out="metrics.html")   # metric vs time, seed band
+    db.chart("barrier", out="barrier.svg")                             # a named chart (CHARTS)
+
+Data is aggregated in DuckDB (``load_series`` averages per checkpoint) and polars (seed mean ±
+std per variant and time) before it reaches Altair, so specs stay small. Time axes are
+log-scaled on epoch + LOG_TIME_OFFSET so that epoch 0 shows. ``save`` writes ``.html``
+(self-contained, Vega JS inlined, works offline), ``.svg``, ``.png`` (both via vl-convert) and
+``.json`` (the Vega-Lite spec).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from lsdb.errors import QueryError
+from lsdb.query.correlate import check_metrics, load_series, resolve_runs
+from lsdb.query.thresholds import LOG_TIME_OFFSET
+
+WIDTH, HEIGHT = 420, 220
+TIME_TITLE = f"epoch (log scale, +{LOG_TIME_OFFSET:g})"
+SPAWN_METRICS = ("error_barrier_test", "loss_barrier_test", "entezari_loss_barrier_test", "child_disagreement",
+                 "sibling_kernel_distance", "relative_sibling_distance", "sibling_weight_distance",
+                 "kernel_distance_spawn_to_final")
+FORMATS = (".html", ".svg", ".png", ".json")
+
+
+class NoChartData(QueryError):
+    """The store has nothing to draw for this chart (yet)."""
+
+
+def _alt():
+    import altair as alt
+
+    return alt
+
+
+def _time_x(field: str = "t", title: str = TIME_TITLE):
+    alt = _alt()
+    return alt.X(f"{field}:Q", scale=alt.Scale(type="log"), title=title)
+
+
+def _parents(session, runs):
+    ids = resolve_runs(session, runs)
+    if ids is None:
+        ids = session.sql("SELECT id FROM run WHERE kind = 'parent' ORDER BY id")["id"].to_list()
+    return ids
+
+
+def _series(session, metrics, runs):
+    import polars as pl
+
+    df = load_series(session, metrics, _parents(session, runs))
+    if df.height == 0:
+        raise NoChartData(f"no rows of {', '.join(metrics)} in this store")
+    return df.with_columns((pl.col("epoch") + LOG_TIME_OFFSET).alias("t"))
+
+
+def _band(df):
+    """Seed mean ± std per (variant, metric, time)."""
+    import polars as pl
+
+    return (df.group_by("variant", "metric", pl.col("epoch").round(9).alias("epoch"))
+            .agg(pl.col("value").mean().alias("mean"), pl.col("value").std().fill_null(0).alias("std"),
+                 pl.len().alias("seeds"))
+            .with_columns((pl.col("epoch") + LOG_TIME_OFFSET).alias("t"), (pl.col("mean") - pl.col("std")).alias("lo"),
+                          (pl.col("mean") + pl.col("std")).alias("hi"))
+            .sort("variant", "metric", "epoch"))
+
+
+def metric_chart(session, metrics: list[str], runs=None, points: bool = False):
+    """Each metric vs time: one thin line per run, the seed mean as a thick line, ± std as a band."""
+    import polars as pl
+
+    alt = _alt()
+    check_metrics(session, metrics)
+    df = _series(session, metrics, runs)
+    band = _band(df)
+    panels = []
+    for m in metrics:
+        d, b = df.filter(pl.col("metric") == m), band.filter(pl.col("metric") == m)
+        if d.height == 0:
+            continue
+        color = alt.Color("variant:N", title="variant")
+        area = alt.Chart(b).mark_area(opacity=0.2).encode(_time_x(), alt.Y("lo:Q", title=m), alt.Y2("hi:Q"), color)
+        mean = alt.Chart(b).mark_line(point=points, strokeWidth=2.5).encode(
+            _time_x(), alt.Y("mean:Q", title=m), color,
+            tooltip=["variant", "epoch", alt.Tooltip("mean:Q", format=".4g"), alt.Tooltip("std:Q", format=".3g"),
+                     "seeds"])
+        lines = alt.Chart(d).mark_line(opacity=0.35, strokeWidth=1).encode(
+            _time_x(), alt.Y("value:Q", title=m), color, detail="run_id:N",
+            tooltip=["run_id", "seed", "epoch", alt.Tooltip("value:Q", format=".4g")])
+        panels.append(alt.layer(area, lines, mean).properties(width=WIDTH, height=HEIGHT, title=m))
+    return alt.vconcat(*panels) if len(panels) > 1 else panels[0]
+
+
+def spawn_chart(session, runs=None, metrics=SPAWN_METRICS):
+    """Every spawn-indexed metric (barriers, disagreement, sibling distances) vs spawn time."""
+    have = set(session.sql("SELECT DISTINCT metric FROM metric_series")["metric"].to_list())
+    present = [m for m in metrics if m in have]
+    if not present:
+        raise NoChartData("no spawn-indexed metrics (add [probes.barrier] and [spawn] times to the spec)")
+    return metric_chart(session, present, runs, points=True).properties(
+        title="Spawn-indexed measures vs spawn time (children spawned from the parent at that time)")
+
+
+def barrier_chart(session, runs=None):
+    return spawn_chart(session, runs, ("error_barrier_test", "loss_barrier_test"))
+
+
+def kernel_velocity_chart(session, runs=None):
+    _need(session, "kernel_velocity", "ntk_distance")
+    return metric_chart(session, ["kernel_velocity"], runs)
+
+
+def correlation_chart(session, runs=None, method: str = "spearman"):
+    """Heatmap of the pooled (Fisher-z) correlation between every pair of metrics over time."""
+    import polars as pl
+
+    from lsdb.query.correlate import correlate
+
+    alt = _alt()
+    df = correlate(session, None, runs, by="pooled", method=method)
+    df = df.filter(pl.col("r").is_not_nan() & pl.col("r").is_not_null())
+    if df.height == 0:
+        raise NoChartData("no pair of metrics with enough aligned samples to correlate")
+    both = pl.concat([df.select("metric_a", "metric_b", "r", "n"),
+                      df.select(pl.col("metric_b").alias("metric_a"), pl.col("metric_a").alias("metric_b"), "r", "n")])
+    names = sorted(set(both["metric_a"]))
+    diag = pl.DataFrame({"metric_a": names, "metric_b": names, "r": [1.0] * len(names), "n": [None] * len(names)},
+                        schema=both.schema)
+    data = pl.concat([both, diag])
+    base = alt.Chart(data).encode(alt.X("metric_a:N", title=None, sort=names), alt.Y("metric_b:N", title=None, sort=names))
+    rect = base.mark_rect().encode(
+        alt.Color("r:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue", reverse=True), title=f"{method} r"),
+        tooltip=["metric_a", "metric_b", alt.Tooltip("r:Q", format=".2f"), "n"])
+    text = base.mark_text(fontSize=8).encode(alt.Text("r:Q", format=".1f"))
+    side = max(200, 18 * len(names))
+    return (rect + text).properties(width=side, height=side,
+                                    title=f"Pooled {method} correlation over training time (Fisher-z across runs)")
+
+
+def transition_chart(session, runs=None, metrics=None):
+    """Transition time (end of the fast phase) of each metric, per run, with its interval."""
+    import polars as pl
+
+    from lsdb.query.transition import transition
+
+    alt = _alt()
+    df = transition(session, metrics, runs, summary=False).filter(pl.col("shape") == "fast→slow")
+    if df.height == 0:
+        raise NoChartData("no metric with a fast-then-slow shape and enough checkpoints")
+    df = df.with_columns(*(pl.col(c) + LOG_TIME_OFFSET for c in ("t_break", "t_low", "t_high")),
+                         pl.col("seed").cast(pl.Utf8))
+    base = alt.Chart(df).encode(alt.Y("metric:N", title=None), alt.Color("seed:N", title="seed"))
+    bars = base.mark_rule(opacity=0.5).encode(_time_x("t_low"), alt.X2("t_high:Q"))
+    pts = base.mark_point(filled=True, size=50).encode(
+        _time_x("t_break", title=f"end of the fast phase, {TIME_TITLE}"),
+        tooltip=["metric", "run_id", alt.Tooltip("t_break:Q", format=".3g"), alt.Tooltip("frac_break:Q", format=".2f")])
+    return (bars + pts).properties(width=WIDTH, height=max(120, 16 * df["metric"].n_unique()),
+                                   title="Transition times (three-segment fit in log-time; bars: 95% profile interval)")
+
+
+def hessian_spectrum_chart(session, runs=None, max_checkpoints: int = 6):
+    """Top-k Hessian eigenvalues by rank at up to ``max_checkpoints`` checkpoints of one parent run."""
+    import polars as pl
+
+    alt = _alt()
+    _need_table(session, "hessian_eigenvalue", "hessian")
+    ids = _parents(session, runs)
+    df = session.sql(
+        "SELECT c.run_id, c.epoch, e.rank, avg(e.value) AS value FROM hessian_eigenvalue e "
+        "JOIN probe_job j ON j.id = e.job_id JOIN checkpoint c ON c.id = e.checkpoint_id "
+        f"WHERE j.state = 'done' AND c.run_id IN ({', '.join('?' * len(ids))}) "
+        "GROUP BY c.run_id, c.epoch, e.rank ORDER BY c.run_id, c.epoch, e.rank", ids) if ids else None
+    if df is None or df.height == 0:
+        raise NoChartData("no Hessian eigenvalues (add [probes.hessian] to the spec)")
+    run = df["run_id"][0]
+    df = df.filter(pl.col("run_id") == run)
+    epochs = sorted(set(df["epoch"].to_list()))
+    step = max(1, len(epochs) // max_checkpoints)
+    keep = set(epochs[::step][: max_checkpoints - 1] + [epochs[-1]])
+    df = df.filter(pl.col("epoch").is_in(list(keep)))
+    return alt.Chart(df).mark_line(point=True).encode(
+        alt.X("rank:O", title="rank (1 = largest)"),
+        alt.Y("value:Q", scale=alt.Scale(type="symlog"), title="eigenvalue (symlog)"),
+        alt.Color("epoch:O", scale=alt.Scale(scheme="viridis"), title="epoch"),
+        tooltip=["epoch", "rank", alt.Tooltip("value:Q", format=".4g")],
+    ).properties(width=WIDTH, height=HEIGHT, title=f"Hessian spectrum (top-k), run {run[:12]}")
+
+
+def _slice_frame(session, runs, dims: int):
+    _need_table(session, "slice", "slice")
+    ids = _parents(session, runs)
+    if not ids:
+        raise NoChartData("no runs")
+    df = session.sql(
+        "WITH s AS (SELECT t.*, c.run_id, c.epoch, c.step FROM slice t JOIN probe_job j ON j.id = t.job_id "
+        f"JOIN checkpoint c ON c.id = t.checkpoint_id WHERE j.state = 'done' AND t.dims = {dims} "
+        f"AND c.run_id IN ({', '.join('?' * len(ids))})), "
+        "pick AS (SELECT run_id, checkpoint_id FROM s ORDER BY run_id, step DESC LIMIT 1) "
+        "SELECT s.run_id, s.epoch, s.split, s.a, s.b, avg(s.loss) AS loss, avg(s.error) AS error "
+        "FROM s JOIN pick USING (checkpoint_id) GROUP BY ALL ORDER BY s.split, s.a, s.b", ids)
+    if df.height == 0:
+        raise NoChartData(f"no {dims}D loss slices (add [probes.slice] to the spec)")
+    return df
+
+
+def slice_1d_chart(session, runs=None):
+    """Filter-normalised 1D loss slice L(w + a·d) around the latest sliced checkpoint."""
+    alt = _alt()
+    df = _slice_frame(session, runs, 1)
+    return alt.Chart(df).mark_line(point=True).encode(
+        alt.X("a:Q", title="a (filter-normalised direction)"), alt.Y("loss:Q", title="loss"), alt.Color("split:N"),
+        tooltip=["split", "a", alt.Tooltip("loss:Q", format=".4g"), alt.Tooltip("error:Q", format=".3f")],
+    ).properties(width=WIDTH, height=HEIGHT,
+                 title=f"1D loss slice, run {df['run_id'][0][:12]} at epoch {df['epoch'][0]:g}")
+
+
+def slice_2d_chart(session, runs=None, split: str | None = None):
+    """Filter-normalised 2D loss surface L(w + a·d₁ + b·d₂) as a heatmap (log colour)."""
+    import polars as pl
+
+    alt = _alt()
+    df = _slice_frame(session, runs, 2)
+    split = split or ("test" if "test" in set(df["split"]) else df["split"][0])
+    df = df.filter(pl.col("split") == split).with_columns(pl.col("a").round(6), pl.col("b").round(6))
+    return alt.Chart(df).mark_rect().encode(
+        alt.X("a:O", title="a (direction 1)", axis=alt.Axis(labelOverlap=True, format=".2f")),
+        alt.Y("b:O", title="b (direction 2)", sort="descending", axis=alt.Axis(labelOverlap=True, format=".2f")),
+        alt.Color("loss:Q", scale=alt.Scale(type="log", scheme="viridis"), title=f"{split} loss"),
+        tooltip=["a", "b", alt.Tooltip("loss:Q", format=".4g"), alt.Tooltip("error:Q", format=".3f")],
+    ).properties(width=300, height=300,
+                 title=f"2D loss surface ({split}), run {df['run_id'][0][:12]} at epoch {df['epoch'][0]:g}")
+
+
+def kernel_accuracy_chart(session, runs=None):
+    """Linearised-model (and kernel-regression) test error vs expansion time, with the low-lr
+    children's final error at the same spawn times and the full network's final test error as a
+    dashed reference line."""
+    import polars as pl
+
+    alt = _alt()
+    have = set(session.sql("SELECT DISTINCT metric FROM metric_series")["metric"].to_list())
+    metrics = [m for m in ("linearised_test_error", "kernel_regression_test_error") if m in have]
+    if not metrics:
+        raise NoChartData("no kernel accuracy (add [probes.kernel_accuracy] to the spec)")
+    ids = _parents(session, runs)
+    df = _band(_series(session, metrics, ids))
+    lowlr = session.sql(
+        "SELECT r.variant, 'low-lr child (final)' AS metric, p.epoch, avg(f.test_error) AS mean, "
+        "coalesce(stddev_samp(f.test_error), 0) AS std, count(*) AS seeds "
+        "FROM run r JOIN checkpoint p ON p.id = r.parent_checkpoint_id "
+        "JOIN (SELECT run_id, arg_max(test_error, step) AS test_error FROM checkpoint GROUP BY run_id) f "
+        f"ON f.run_id = r.id WHERE r.kind = 'lowlr_child' AND r.parent_run_id IN ({', '.join('?' * len(ids))}) "
+        "GROUP BY ALL", ids)
+    if lowlr.height:
+        lowlr = lowlr.with_columns((pl.col("epoch") + LOG_TIME_OFFSET).alias("t"),
+                                   (pl.col("mean") - pl.col("std")).alias("lo"),
+                                   (pl.col("mean") + pl.col("std")).alias("hi"))
+        df = pl.concat([df, lowlr.select(df.columns).cast(df.schema)])
+    final = session.sql(
+        "SELECT avg(e) AS final FROM (SELECT arg_max(test_error, step) AS e FROM checkpoint "
+        f"WHERE run_id IN ({', '.join('?' * len(ids))}) GROUP BY run_id)", ids)
+    color = alt.Color("metric:N", title="model")
+    lines = alt.Chart(df).mark_line(point=True).encode(
+        _time_x(title=f"expansion / spawn time, {TIME_TITLE}"), alt.Y("mean:Q", title="test error"), color,
+        strokeDash=alt.StrokeDash("variant:N"),
+        tooltip=["metric", "variant", "epoch", alt.Tooltip("mean:Q", format=".3f"), "seeds"])
+    band = alt.Chart(df).mark_area(opacity=0.15).encode(_time_x(), alt.Y("lo:Q"), alt.Y2("hi:Q"), color,
+                                                        detail="variant:N")
+    layers = [band, lines]
+    if final.height and final["final"][0] is not None:
+        ref = pl.DataFrame({"final": [float(final["final"][0])], "label": ["full network, final test error"]})
+        layers.append(alt.Chart(ref).mark_rule(strokeDash=[6, 4], color="black").encode(
+            alt.Y("final:Q"), tooltip=["label", alt.Tooltip("final:Q", format=".3f")]))
+        layers.append(alt.Chart(ref).mark_text(align="left", dx=4, dy=-6, fontSize=10).encode(
+            alt.Y("final:Q"), text="label:N", x=alt.value(0)))
+    return alt.layer(*layers).properties(width=WIDTH, height=HEIGHT,
+                                         title="Kernel accuracy: test error of the model linearised at time t")
+
+
+def _need(session, metric: str, probe: str) -> None:
+    if session.sql("SELECT count(*) AS n FROM metric_series WHERE metric = ?", [metric])["n"][0] == 0:
+        raise NoChartData(f"no {metric} in this store (add [probes.{probe}] to the spec)")
+
+
+def _need_table(session, table: str, probe: str) -> None:
+    n = session.sql("SELECT count(*) AS n FROM duckdb_tables() WHERE table_name = ?", [table])["n"][0]
+    if n == 0:
+        raise NoChartData(f"no table {table} in this store (add [probes.{probe}] to the spec)")
+
+
+#: Named charts: ``lsdb chart --name NAME`` and the report use these.
+CHARTS: dict[str, Callable] = {
+    "barrier": barrier_chart,
+    "spawn": spawn_chart,
+    "kernel_velocity": kernel_velocity_chart,
+    "kernel_accuracy": kernel_accuracy_chart,
+    "correlation": correlation_chart,
+    "transition": transition_chart,
+    "hessian_spectrum": hessian_spectrum_chart,
+    "slice_1d": slice_1d_chart,
+    "slice_2d": slice_2d_chart,
+}
+
+
+def build(session, what, runs=None):
+    """An Altair chart: ``what`` is a chart name from CHARTS, a metric name, or a list of metrics."""
+    if isinstance(what, str):
+        if what in CHARTS:
+            return CHARTS[what](session, runs)
+        what = [what]
+    if not what:
+        raise QueryError(f"name a chart ({', '.join(CHARTS)}) or one or more metrics")
+    return metric_chart(session, list(what), runs)
+
+
+def save(chart, out) -> Path:
+    """Write ``chart`` as .html (self-contained, offline), .svg, .png or .json by suffix."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in FORMATS:
+        raise QueryError(f"cannot write a chart as '{suffix or out.name}'; use one of {', '.join(FORMATS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".html":
+        chart.save(str(out), format="html", inline=True)
+    elif suffix == ".json":
+        out.write_text(chart.to_json())
+    else:
+        chart.save(str(out), format=suffix[1:])
+    return out
+
+
+def chart(session, what, runs=None, out=None):
+    """Build a chart (see ``build``) and, when ``out`` is given, save it there. Returns the chart."""
+    c = build(session, what, runs)
+    if out is not None:
+        save(c, out)
+    return c

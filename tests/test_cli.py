@@ -1,0 +1,97 @@
+"""The CLI: wiring (CliRunner), help on every command, and one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from lsdb.cli import app
+from tests.conftest import lsdb_cmd
+
+runner = CliRunner()
+
+
+def lsdb(*args, env=None, cwd=None):
+    return subprocess.run(lsdb_cmd() + list(args), capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_every_command_has_help():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    assert len(group.commands) >= 9
+    for name, cmd in group.commands.items():
+        assert cmd.help and cmd.help.strip(), f"command {name} has no help"
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, name
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from lsdb.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    import sys
+
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_init_then_sql_formats(tmp_path):
+    s = str(tmp_path / "st")
+    assert runner.invoke(app, ["init", "--store", s]).exit_code == 0
+    r = runner.invoke(app, ["sql", "SELECT 1 AS a, 'x' AS b", "--store", s, "--format", "csv"])
+    assert r.stdout == "a,b\n1,x\n"
+    r = runner.invoke(app, ["sql", "SELECT 1 AS a", "--store", s, "--format", "json"])
+    assert json.loads(r.stdout) == [{"a": 1}]
+    out = tmp_path / "o.parquet"
+    r = runner.invoke(app, ["sql", "SELECT range AS i FROM range(250000)", "--store", s, "--format", "parquet",
+                            "--out", str(out)])
+    import polars as pl
+
+    assert r.exit_code == 0 and pl.read_parquet(out).height == 250000
+
+
+def test_store_from_environment(tmp_path, cli_env):
+    cli_env["LSDB_STORE"] = str(tmp_path / "envstore")
+    assert lsdb("init", env=cli_env).returncode == 0
+    assert (tmp_path / "envstore" / "lsdb.duckdb").exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[optim\nlr = 1\n", "malformed TOML"),
+    ("[optim]\nlrr = 1\n", "unknown key 'optim.lrr'; did you mean 'lr'?"),
+    ("[optim]\nlr = -1.0\n", "optim.lr = -1.0 must be > 0"),
+    ("[model]\nname = 'resnet'\n", "model.name = 'resnet' must be one of"),
+])
+def test_bad_specs_get_one_line(tmp_path, cli_env, text, expected):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    r = lsdb("plan", str(spec), "--store", str(tmp_path / "s"), env=cli_env)
+    assert r.returncode == 1
+    assert expected in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_store_and_write_attempt(tmp_path, cli_env):
+    r = lsdb("runs", "--store", str(tmp_path / "nowhere"), env=cli_env)
+    assert r.returncode == 1 and r.stderr.startswith("error: no store at") and "lsdb init" in r.stderr
+    lsdb("init", "--store", str(tmp_path / "s"), env=cli_env)
+    r = lsdb("sql", "DROP TABLE run", "--store", str(tmp_path / "s"), env=cli_env)
+    assert r.returncode == 1 and "read-only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_busy_store(tmp_path, cli_env, tiny_spec_path):
+    from lsdb.store import Store
+
+    store = Store.init(tmp_path / "s")
+    with store.lock("lsdb run"):
+        r = lsdb("run", str(tiny_spec_path), "--store", str(store.root), env=cli_env)
+    assert r.returncode == 1 and "is busy" in r.stderr and "pid" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_run(tmp_path):
+    s = str(tmp_path / "st")
+    runner.invoke(app, ["init", "--store", s])
+    r = lsdb("show", "abc", "--store", s)
+    assert r.returncode == 1 and "no run 'abc'" in r.stderr

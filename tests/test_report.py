@@ -1,0 +1,66 @@
+"""The HTML report: self-contained, every chart draws in headless Chromium, not blank."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from lsdb.query.report import SECTIONS, report
+from lsdb.query.session import Session
+
+from .chromium import external_requests, ink_fraction, png_pixels, render, require_chromium
+from .conftest_query import StoreBuilder, study_store
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    report(Session.open(study_store(True)), out)
+    return out
+
+
+def test_report_is_self_contained(page):
+    text = page.read_text()
+    assert "<script src=" not in text and "<link " not in text and "@import" not in text
+    assert text.count("class='chart'") == int(text.split('data-charts="')[1].split('"')[0]) == 7
+    assert "F14" in text and "holds" in text and "What this page is" in text
+    assert "Not drawn (no data)" in text  # Hessian spectrum and slices have no rows in this store
+
+
+@pytest.mark.chromium
+def test_report_renders_every_chart_in_chromium(page, tmp_path):
+    binary = require_chromium()
+    got = render(page, binary=binary, ready="document.body.dataset.rendered || document.body.dataset.failed",
+                 probe="Array.from(document.querySelectorAll('.chart')).map("
+                       "d => d.querySelectorAll('svg .role-mark path, svg .role-mark text, svg .role-mark line').length)")
+    assert got.value == "7", got.value
+    assert all(n > 0 for n in got.probe), got.probe  # every chart has marks
+    assert got.errors == [] and external_requests(got) == []
+    (tmp_path / "report.png").write_bytes(got.screenshot)
+    w, h, _, _ = png_pixels(got.screenshot)
+    assert (w, h) == (1200, 1600) and ink_fraction(got.screenshot) > 0.02
+
+
+def test_report_of_an_empty_store(tmp_path):
+    b = StoreBuilder(tmp_path / "s")
+    b.run("p0")
+    b.checkpoint("p0", 0)
+    out = report(Session.open(b.flush()), tmp_path / "r.html")
+    text = out.read_text()
+    assert "14 hold" not in text and "not measured" in text and 'data-charts="1"' in text
+
+
+def test_cli_findings_report(tmp_path):
+    from lsdb.cli import app
+
+    out = tmp_path / "r.html"
+    res = CliRunner().invoke(app, ["findings", "--store", str(study_store(True).root), "--only", "F1",
+                                   "--report", str(out)])
+    assert res.exit_code == 0, res.output and f"report: {out}" in res.stderr
+    assert out.exists() and "F1" in out.read_text()
+
+
+def test_sections_name_real_charts():
+    from lsdb.query.charts import CHARTS
+
+    assert all(isinstance(w, list) or w in CHARTS for w, _, _ in SECTIONS)
