@@ -87,6 +87,32 @@ def run(spec: SpecArg, store: StoreOpt = None, workers: WorkersOpt = 1, device: 
 
 
 @app.command()
+def demo(quick: Annotated[bool, typer.Option("--quick", help="The reduced study (a few minutes on 2 cores).")] = False,
+         store: StoreOpt = None, workers: WorkersOpt = 2, device: DeviceOpt = None,
+         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+         report: Annotated[Optional[Path], typer.Option(help="Also write the offline HTML report here.")] = None):
+    """Run the embedded Fort et al. (2020) style study on MNIST-1D and print the findings table."""
+    from lsdb.demo import demo_spec, run_demo
+    from lsdb.query.findings import as_text
+    from lsdb.store import Store
+
+    st = Store.init(store)
+    sp = demo_spec(quick)
+    typer.echo(f"running {sp.name} into {st.root} (rerun to resume; nothing is redone)")
+    s, results = run_demo(st, quick=quick, workers=workers, device=device, progress=progress and sys.stderr.isatty())
+    typer.echo(f"trained {s.trained} runs, {s.jobs_done} probe jobs done, {s.jobs_failed} failed in {s.seconds:.0f} s")
+    for f in s.failures[:10]:
+        typer.echo(f"failed: {f}", err=True)
+    typer.echo(as_text(results))
+    if report is not None:
+        from lsdb.query.report import report as write_report
+        from lsdb.query.session import Session
+
+        write_report(Session(st), report)
+        typer.echo(f"report written to {report}")
+
+
+@app.command()
 def ingest(store: StoreOpt = None):
     """Ingest result shards waiting in the store's spool/ (e.g. written by `lsdb worker` elsewhere)."""
     from lsdb.ingest.ingest import ingest as do_ingest

@@ -207,14 +207,44 @@ def probe_requests(spec: Spec, study: Study) -> list[tuple[str, int, object, str
     from lsdb.probes import probe_module
     from lsdb.probes.base import dataclass_from_dict
 
+    from lsdb.spec import ProbeSelection
+
     out = []
     for name, raw in spec.probe_params().items():
         module = probe_module(name)
         params = dataclass_from_dict(module.Params, raw)
+        keep = _selector(study, dataclass_from_dict(ProbeSelection, raw))
         phash = params_hash(params)
         for req in module.plan(study, params):
-            out.append((name, module.VERSION, params, phash, req))
+            if keep(req):
+                out.append((name, module.VERSION, params, phash, req))
     return out
+
+
+_KINDS = {"all": None, "parents": {"parent"}, "children": {"child"}, "lowlr_children": {"lowlr_child"}}
+
+
+def _selector(study: Study, sel):
+    """A predicate on job requests from the spec's on_runs / on_checkpoints / on_variants keys."""
+    kinds = _KINDS[sel.on_runs]
+
+    def qualifies(cid: str) -> bool:
+        c = study.checkpoint(cid)
+        r = study.run(c.run_id)
+        if kinds is not None and r.kind not in kinds:
+            return False
+        if sel.on_variants and r.variant not in sel.on_variants:
+            return False
+        if sel.on_checkpoints == "final":
+            return c.id == r.final.id
+        if sel.on_checkpoints == "init_final":
+            return c.id in (r.init.id, r.final.id)
+        if sel.on_checkpoints == "spawn":
+            spawn_points = {k.parent_checkpoint_id for k in study.runs if k.parent_checkpoint_id}
+            return c.id in spawn_points or c.id == r.final.id
+        return True
+
+    return lambda req: all(qualifies(c) for c in req.checkpoint_ids)
 
 
 def probe_jobs(spec: Spec, study: StoreStudy, runs: list[PlannedRun], probe_set_sha: str,

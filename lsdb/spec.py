@@ -107,6 +107,25 @@ class SpawnSpec:
     lowlr_factor: float = field(default=0.1, metadata=_check(_positive, "must be > 0"))
 
 
+RUN_SELECTIONS = ("all", "parents", "children", "lowlr_children")
+CHECKPOINT_SELECTIONS = ("all", "final", "init_final", "spawn")
+
+
+@dataclass(frozen=True)
+class ProbeSelection:
+    """Keys every ``[probes.NAME]`` table accepts besides the probe's own params: which runs and
+    checkpoints the probe measures. A pair job is kept when all its checkpoints qualify."""
+
+    on_runs: str = field(default="all", metadata=_check(lambda v: v in RUN_SELECTIONS,
+                                                        f"must be one of {', '.join(RUN_SELECTIONS)}"))
+    on_checkpoints: str = field(default="all", metadata=_check(lambda v: v in CHECKPOINT_SELECTIONS,
+                                                               f"must be one of {', '.join(CHECKPOINT_SELECTIONS)}"))
+    on_variants: tuple[str, ...] = ()  # empty = every variant
+
+
+SELECTOR_KEYS = tuple(f.name for f in fields(ProbeSelection))
+
+
 @dataclass(frozen=True)
 class ExperimentSpec:
     name: str = "experiment"
@@ -243,10 +262,11 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
     return spec
 
 
-def build_dataclass(cls, table: dict, where: "_Locator", path: tuple[str, ...], partial: bool = False):
+def build_dataclass(cls, table: dict, where: "_Locator", path: tuple[str, ...], partial: bool = False,
+                    extra_valid: tuple[str, ...] = ()):
     """Validate ``table`` against dataclass ``cls``: names, types and per-field checks."""
     known = {f.name: f for f in fields(cls)}
-    _reject_unknown(table, list(known), where, path)
+    _reject_unknown(table, list(known) + list(extra_valid), where, path)
     values = {}
     for key, value in table.items():
         f = known[key]
@@ -305,7 +325,10 @@ def _parse_probes(table, where) -> tuple:
             raise SpecError(f"{where.at(('probes',), name)}: unknown probe '{name}'; {hint}")
         if not isinstance(params, dict):
             raise SpecError(f"{where.at(('probes',), name)}: [probes.{name}] must be a table")
-        build_dataclass(probe_params_class(name), params, where, ("probes", name))
+        selection = {k: v for k, v in params.items() if k in SELECTOR_KEYS}
+        build_dataclass(ProbeSelection, selection, where, ("probes", name))
+        rest = {k: v for k, v in params.items() if k not in SELECTOR_KEYS}
+        build_dataclass(probe_params_class(name), rest, where, ("probes", name), extra_valid=SELECTOR_KEYS)
         out.append((name, tuple(sorted(params.items(), key=lambda kv: kv[0]))))
     return tuple(out)
 

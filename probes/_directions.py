@@ -140,14 +140,16 @@ def evaluate_combinations(model: nn.Module, basis: list[dict[str, torch.Tensor]]
 
     loss[k] = (1/N) Σ_i CE(f(x_i; w_k), y_i); error[k] = (1/N) Σ_i [argmax f(x_i; w_k) ≠ y_i].
     ``mode`` "vmap" evaluates up to ``chunk_rows // batch`` points in one vmapped forward pass,
-    "loop" one point at a time; "auto" picks vmap unless the model has BatchNorm (whose batched
-    running statistics vmap does not support). The model is evaluated in eval mode.
+    "loop" one point at a time; "auto" picks vmap on CUDA unless the model has BatchNorm (whose
+    batched running statistics vmap does not support), and loop on the CPU, where vmap's grouped
+    convolutions measured 2–5× slower than a loop (benchmarks/barrier.py). The model is evaluated
+    in eval mode.
     """
     coeffs = torch.as_tensor(coeffs, device=x.device)
     if coeffs.dim() != 2 or coeffs.shape[1] != len(basis):
         raise ProbeError(f"coefficients must be (K, {len(basis)}), got {tuple(coeffs.shape)}")
     if mode == "auto":
-        mode = "loop" if has_batchnorm(model) else "vmap"
+        mode = "vmap" if x.device.type == "cuda" and not has_batchnorm(model) else "loop"
     was_training = model.training
     model.eval()
     try:

@@ -14,6 +14,7 @@ log-scaled on epoch + LOG_TIME_OFFSET so that epoch 0 shows. ``save`` writes ``.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -328,12 +329,37 @@ def save(chart, out) -> Path:
         raise QueryError(f"cannot write a chart as '{suffix or out.name}'; use one of {', '.join(FORMATS)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".html":
-        chart.save(str(out), format="html", inline=True)
+        out.write_text(html_page(chart.to_dict(), title=out.stem), encoding="utf-8")
     elif suffix == ".json":
         out.write_text(chart.to_json())
     else:
         chart.save(str(out), format=suffix[1:])
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def vega_bundle() -> str:
+    """Vega, Vega-Lite and vega-embed as one JS module (from vl-convert; no network). It takes
+    seconds to assemble, so it is built once per process."""
+    import vl_convert as vlc
+
+    return vlc.javascript_bundle()
+
+
+def html_page(spec: dict, title: str = "lsdb chart") -> str:
+    """A self-contained page drawing one Vega-Lite spec as SVG. When drawn, ``body[data-rendered]``
+    is set (tests wait on it); on failure ``body[data-failed]`` holds the error."""
+    import html
+    import json
+
+    data = json.dumps(spec).replace("</", "<\\/")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+            f"<body><div id='chart'></div><script type='application/json' id='spec'>{data}</script>"
+            f"<script type='module'>{vega_bundle()}</script><script type='module'>"
+            "vegaEmbed('#chart', JSON.parse(document.getElementById('spec').textContent), "
+            "{renderer: 'svg', actions: false}).then(() => { document.body.dataset.rendered = '1'; })"
+            ".catch(e => { document.body.dataset.failed = String(e); console.error(e); });"
+            "</script></body></html>\n")
 
 
 def chart(session, what, runs=None, out=None):

@@ -15,7 +15,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lsdb.query.charts import NoChartData, build
+from lsdb.query.charts import NoChartData, build, vega_bundle
 
 #: (chart name or metric list, heading, caption for a newcomer)
 SECTIONS = [
@@ -99,8 +99,6 @@ def _findings_table(results) -> str:
 
 
 def _page(session, results, charts, skipped) -> str:
-    import vl_convert as vlc
-
     from lsdb import __version__
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -146,7 +144,7 @@ fraction (0.01 = one percentage point); time is in epochs, or as t/T, a fraction
 <p class="small">Reproduce: <code>lsdb findings --store {html.escape(str(session.store.root))} --report report.html</code>;
 explore: <code>lsdb sql "SELECT * FROM metric_series LIMIT 10"</code>, <code>lsdb correlate</code>, <code>lsdb chart --name NAME</code>.</p>
 <script type="application/json" id="specs">{specs}</script>
-<script type="module">{vlc.javascript_bundle()}</script>
+<script type="module">{vega_bundle()}</script>
 <script type="module">{embed}</script>
 </body></html>
 """

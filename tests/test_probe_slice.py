@@ -34,9 +34,10 @@ def _ctx(model, data, tmp_path, state=None):
                         artifacts=Artifacts(tmp_path))
 
 
-def test_surfaces_match_plain_loop(tmp_path):
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_surfaces_match_plain_loop(tmp_path, mode):
     model, data = _setup()
-    params = slice_probe.Params(points_1d=7, points_2d=5, train_subset=0, range_min=-0.5, range_max=1.0)
+    params = slice_probe.Params(points_1d=7, points_2d=5, train_subset=0, range_min=-0.5, range_max=1.0, mode=mode)
     rows = slice_probe.compute(_ctx(model, data, tmp_path), params)["slice"]
     assert len(rows) == 2 * 7 + 2 * 25
     w = {k: v.clone() for k, v in model.state_dict().items()}

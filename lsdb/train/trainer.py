@@ -95,7 +95,21 @@ def run_training(task: TrainTask, emit) -> dict:
 
     from safetensors.torch import load_file
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    # Small models train fastest on one thread (measured: 2 ms/step vs up to 50 ms/step with two
+    # threads on a busy 2-core machine); parallelism comes from running runs in separate workers.
+    torch.set_num_threads(1)
+    try:
+        return _train(task, emit)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(task: TrainTask, emit) -> dict:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
     cfg = task.config
     root = Path(task.store_root)
     ckdir = root / "checkpoints"

@@ -1,0 +1,27 @@
+"""``lsdb demo``: run the embedded Fort et al. style study and evaluate the findings."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from lsdb.spec import Spec, parse_spec
+
+FULL = "fort2020-mnist1d.toml"
+QUICK = "fort2020-mnist1d-quick.toml"
+
+
+def demo_spec(quick: bool) -> Spec:
+    name = QUICK if quick else FULL
+    text = resources.files("lsdb.examples").joinpath(name).read_text()
+    return parse_spec(text, source=f"lsdb/examples/{name}")
+
+
+def run_demo(store, quick: bool = False, workers: int = 1, device: str | None = None, progress: bool = False):
+    """Train and probe the demo study into ``store``; returns (run summary, findings)."""
+    from lsdb import runner
+    from lsdb.query.findings import findings_results
+    from lsdb.query.session import Session
+
+    spec = demo_spec(quick)
+    summary = runner.run(spec, store, workers=workers, device=device, progress=progress)
+    return summary, findings_results(Session(store))
