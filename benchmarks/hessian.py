@@ -133,7 +133,7 @@ def eigsh_top(model, x, y, counter: Counter, seed: int, tol: float):
 
 def lsdb_top(model, x, y, counter: Counter, seed: int, tol: float, criterion: str, v0=None, hvp="double_backward"):
     params = {n: p.detach() for n, p in model.named_parameters()}
-    op = H.HessianOperator(H.batch_loss_fn(model, {}, x, y), params, hvp, 8)
+    op = H.HessianOperator(D.loss_function(model, {}, x, y), params, hvp, 8)
     top = H.lanczos_top(op, 1, tol, 200, v0=v0, generator=torch.Generator().manual_seed(seed), criterion=criterion)
     counter.n += op.hvps
     return float(top.values[0]), top
@@ -142,7 +142,7 @@ def lsdb_top(model, x, y, counter: Counter, seed: int, tol: float, criterion: st
 def reference_top(model, x, y):
     m64 = copy.deepcopy(model).double()
     params = {n: p.detach() for n, p in m64.named_parameters()}
-    op = H.HessianOperator(H.batch_loss_fn(m64, {}, x.double(), y), params, "double_backward")
+    op = H.HessianOperator(D.loss_function(m64, {}, x.double(), y), params, "double_backward")
     top = H.lanczos_top(op, 1, 1e-10, 400, generator=torch.Generator().manual_seed(123))
     assert top.converged, "float64 reference did not converge"
     return float(top.values[0])
@@ -253,7 +253,7 @@ def main():
     print(f"  pyhessian hutchinson: {need} HVPs (estimate {samples[:need or 600].mean():.3f})")
     params = {k: p.detach() for k, p in model.named_parameters()}
     for m in (12, 18, 24, 30, 36, 45, 60, 75, 90, 120, 150, 180, 240, 300, 450, 600):
-        op = H.HessianOperator(H.batch_loss_fn(model, {}, x, y), params, "double_backward")
+        op = H.HessianOperator(D.loss_function(model, {}, x, y), params, "double_backward")
         est, s_ = H.hutch_pp(op, m, torch.Generator().manual_seed(m))
         if s_ <= target:
             print(f"  lsdb hutch++        : {op.hvps} HVPs (estimate {est:.3f} ± {s_:.3f})")

@@ -94,9 +94,23 @@ def retire(shard: Path, ingested: Path) -> None:
 
 
 def clean_temporaries(spool: Path) -> None:
-    """Remove half-written shards left by a killed worker (they were never renamed)."""
+    """Remove half-written shards left by killed workers (never renamed). A temporary whose
+    writer (the PID at the end of its name) is still alive on this machine is left alone."""
     for p in Path(spool).glob(".tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync(path: Path) -> None:

@@ -85,7 +85,7 @@ def expand_runs(spec: Spec, n_train: int) -> list[PlannedRun]:
             runs.append(parent)
             for t in sorted(set(cfg.spawn.times)):
                 s = int(round(t * spe))
-                later = tuple(x for x in steps if x > s)
+                later = tuple(x for x in steps if x > s) if cfg.spawn.child_checkpoints == "schedule" else (total,)
                 kinds = [("child", i, 1.0) for i in range(cfg.spawn.children)]
                 kinds += [("lowlr_child", i, cfg.spawn.lowlr_factor) for i in range(cfg.spawn.lowlr_children)]
                 for kind, i, factor in kinds:

@@ -105,6 +105,8 @@ class SpawnSpec:
     children: int = field(default=2, metadata=_check(_non_negative, "must be >= 0"))
     lowlr_children: int = field(default=0, metadata=_check(_non_negative, "must be >= 0"))
     lowlr_factor: float = field(default=0.1, metadata=_check(_positive, "must be > 0"))
+    child_checkpoints: str = field(default="schedule", metadata=_check(
+        lambda v: v in ("schedule", "final"), "must be 'schedule' (the parent's schedule after the spawn) or 'final'"))
 
 
 RUN_SELECTIONS = ("all", "parents", "children", "lowlr_children")

@@ -24,10 +24,13 @@ checkpoint). Only Hessian-vector products (HVPs) are used; P = number of paramet
   argmax_i log(λ_i/λ_{i+1}) over i < k with λ_{i+1} > 0, or the count of positive values when a
   non-positive λ_{i+1} comes first (Fort & Ganguli 2019: ~C outliers above the bulk). 0 when λ₁ ≤ 0.
 
-Warm start (``warm_start``): the plan walks each run's checkpoints in order and hands the next job
-the artifact of the previous checkpoint's top-k Ritz vectors; Lanczos then starts from their sum
-(plus a small random part, so directions outside the old subspace are still found), and the row
-records the overlap ‖Y_prevᵀ Y‖²_F / k of the two top-k subspaces.
+Warm start (``warm_start``): each job names the previous checkpoint of its run; when that job has
+already run (jobs are planned in step order, so an in-order executor always finds it), its top-k
+Ritz vectors (an artifact, found through a note under ``artifacts/hessian-ritz/``) seed Lanczos:
+the start vector is their sum plus a small random part, so directions outside the old subspace are
+still found. Otherwise the job starts cold. Either way the row says which (``warm_started``) and,
+when warm, the overlap ‖Y_prevᵀ Y‖²_F / k of the two top-k subspaces. Warm and cold runs meet the
+same tolerance, so the stored numbers agree to within it.
 """
 
 from __future__ import annotations
@@ -36,8 +39,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 
 from lsdb.errors import ArtifactCorrupt, ProbeError, ProbeSkipped, SpecError
 
@@ -74,36 +76,17 @@ class Params:
 # --------------------------------------------------------------------------------------- plan
 
 def plan(study: Study, params: Params) -> list[JobRequest]:
-    """Every checkpoint; with ``warm_start``, one checkpoint per run at a time, in step order,
-    each handed the previous checkpoint's Ritz-vector artifact (a run's chain waits while its
-    previous checkpoint has no stored result)."""
+    """Every checkpoint; with ``warm_start`` each job also names the previous checkpoint of its run
+    (``inputs["previous_checkpoint"]``), whose Ritz vectors it starts from when they exist."""
     if not params.warm_start:
         return each_checkpoint(study)
-    from lsdb.probes.base import params_hash
-
-    done = _stored_ritz(study, params_hash(params))
     jobs = []
     for r in study.runs:
         prev = None
         for c in r.checkpoints:
-            if c.id in done:
-                prev = done[c.id]
-                continue
-            inputs = {"warm_start": prev} if prev else {}
-            jobs.append(JobRequest((c.id,), c.id, "self", inputs))
-            break
+            jobs.append(JobRequest((c.id,), c.id, "self", {"previous_checkpoint": prev} if prev else {}))
+            prev = c.id
     return jobs
-
-
-def _stored_ritz(study: Study, phash: str) -> dict[str, str | None]:
-    try:
-        df = study.results("hessian")
-    except Exception:  # no table yet
-        return {}
-    if df is None or len(df) == 0:
-        return {}
-    rows = df.filter((df["probe"] == "hessian") & (df["version"] == VERSION) & (df["params_hash"] == phash))
-    return {cid: art for cid, art in zip(rows["checkpoint_id"].to_list(), rows["ritz_artifact"].to_list())}
 
 
 # ------------------------------------------------------------------------------ the operator
@@ -391,7 +374,7 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
         op = HessianOperator(loss_fn, params_t, params.hvp, params.hvp_chunk)
         gen = torch.Generator().manual_seed(ctx.seed)
 
-        prev = _load_warm_start(ctx, op.P)
+        prev = _load_warm_start(ctx, params, op.P)
         v0 = None
         if prev is not None:
             r = torch.randn(op.P, generator=gen, dtype=torch.float64)
@@ -428,16 +411,34 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
         "outliers": count_outliers(top.values), "trace": trace, "trace_stderr": se,
         "trace_method": params.trace_method, "trace_hvps": int(trace_hvps), "density_hvps": int(density_hvps),
         "warm_started": prev is not None, "subspace_overlap": overlap,
-        "ritz_artifact": ctx.artifacts.put(ritz) if params.store_ritz else None,
+        "ritz_artifact": ctx.artifacts.put(ritz) if params.store_ritz or params.warm_start else None,
     }
+    if params.warm_start:
+        _leave_note(ctx, params, row["ritz_artifact"])
     eig_rows = [{"rank": i + 1, "value": float(v), "residual": float(r)}
                 for i, (v, r) in enumerate(zip(top.values, top.residuals))]
     dens_rows = [{"grid": float(g), "density": float(d)} for g, d in zip(grid, dens)]
     return {"hessian": [row], "hessian_eigenvalue": eig_rows, "hessian_density": dens_rows}
 
 
-def _load_warm_start(ctx: ProbeContext, P: int) -> torch.Tensor | None:
-    sha = ctx.inputs.get("warm_start") if ctx.inputs else None
+def _pointer(ctx: ProbeContext, params: Params, checkpoint_id: str):
+    """Where the artifact hash of a checkpoint's Ritz vectors is noted for the next checkpoint's job
+    (a hint: keyed by probe version and params, written atomically; missing means a cold start)."""
+    from .base import params_hash
+
+    return ctx.artifacts.root / "hessian-ritz" / f"v{VERSION}-{params_hash(params)}-{checkpoint_id}.txt"
+
+
+def _load_warm_start(ctx: ProbeContext, params: Params, P: int) -> torch.Tensor | None:
+    """Previous Ritz vectors (k, P): from ``inputs["warm_start"]`` (an artifact hash), else from
+    the note left by the job of ``inputs["previous_checkpoint"]`` when it has run already."""
+    inputs = ctx.inputs or {}
+    sha = inputs.get("warm_start")
+    if not sha and inputs.get("previous_checkpoint"):
+        note = _pointer(ctx, params, inputs["previous_checkpoint"])
+        if not note.exists():
+            return None  # the previous checkpoint's job has not run (yet): start cold
+        sha = note.read_text().strip()
     if not sha:
         return None
     arr = ctx.artifacts.get(sha)
@@ -447,9 +448,13 @@ def _load_warm_start(ctx: ProbeContext, P: int) -> torch.Tensor | None:
     return torch.from_numpy(arr).to(torch.float64)
 
 
-# for tests and benchmarks: the probe's loss on a batch, as a plain function of a params dict
-def batch_loss_fn(model, fixed, x, y):
-    def loss(p):
-        return F.cross_entropy(functional_call(model, (p, fixed), (x,)), y)
+def _leave_note(ctx: ProbeContext, params: Params, sha: str) -> None:
+    import os
 
-    return loss
+    if not ctx.checkpoints:
+        return
+    note = _pointer(ctx, params, ctx.checkpoints[0].id)
+    note.parent.mkdir(parents=True, exist_ok=True)
+    tmp = note.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(sha)
+    os.replace(tmp, note)

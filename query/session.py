@@ -72,6 +72,21 @@ class Session:
 
         return correlate(self, *args, **kwargs)
 
+    def transition(self, *args, **kwargs):
+        from lsdb.query.transition import transition
+
+        return transition(self, *args, **kwargs)
+
+    def findings(self, *args, **kwargs):
+        from lsdb.query.findings import findings
+
+        return findings(self, *args, **kwargs)
+
+    def report(self, out, **kwargs):
+        from lsdb.query.report import report
+
+        return report(self, out, **kwargs)
+
     def chart(self, *args, **kwargs):
         from lsdb.query.charts import chart
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from lsdb.errors import ProbeSkipped
+from lsdb.probes import _directions as D
 from lsdb.probes import hessian as H
 from lsdb.probes.base import Artifacts, CheckpointRef, JobRequest, ProbeContext, RunRef
 from lsdb.train.data import Data
@@ -59,7 +60,7 @@ def _operator(dense, method="double_backward"):
     model, data = dense["model"], dense["data"]
     params = {n: p.detach() for n, p in model.named_parameters()}
     idx = torch.randperm(96, generator=torch.Generator().manual_seed(0))[:64].sort().values
-    return H.HessianOperator(H.batch_loss_fn(model, {}, data.x_train[idx], data.y_train[idx]), params, method, 8)
+    return H.HessianOperator(D.loss_function(model, {}, data.x_train[idx], data.y_train[idx]), params, method, 8)
 
 
 @pytest.mark.parametrize("method", ["double_backward", "fwd_rev"])
@@ -178,25 +179,27 @@ def test_count_outliers_rule():
     assert H.count_outliers(torch.tensor([-1.0, -2])) == 0
 
 
-class _Study:
-    def __init__(self, runs, results):
-        self.runs, self._results = runs, results
-
-    def results(self, table):
-        import polars as pl
-
-        return pl.DataFrame(self._results, schema={"checkpoint_id": pl.String, "ritz_artifact": pl.String,
-                                                   "probe": pl.String, "version": pl.Int64, "params_hash": pl.String})
-
-
-def test_plan_warm_start_chain():
-    from lsdb.probes.base import params_hash
-
+def test_plan_warm_start_names_previous_checkpoint():
     refs = tuple(CheckpointRef(f"c{s}", "r", s, float(s), "0" * 64) for s in range(3))
     run = RunRef("r", "parent", 0, "base", "finished", None, None, None, None, 2.0, 0.1, 8, 0.9, 0.0, 0, refs)
-    params = H.Params(warm_start=True)
-    ph = params_hash(params)
-    assert H.plan(_Study([run], []), params) == [JobRequest(("c0",), "c0")]
-    done = [{"checkpoint_id": "c0", "ritz_artifact": "abc", "probe": "hessian", "version": H.VERSION, "params_hash": ph}]
-    assert H.plan(_Study([run], done), params) == [JobRequest(("c1",), "c1", "self", {"warm_start": "abc"})]
-    assert len(H.plan(_Study([run], []), H.Params())) == 3
+
+    class Study:
+        runs = [run]
+
+    assert H.plan(Study(), H.Params(warm_start=True)) == [
+        JobRequest(("c0",), "c0"), JobRequest(("c1",), "c1", "self", {"previous_checkpoint": "c0"}),
+        JobRequest(("c2",), "c2", "self", {"previous_checkpoint": "c1"})]
+    assert H.plan(Study(), H.Params()) == [JobRequest((f"c{i}",), f"c{i}") for i in range(3)]
+
+
+def test_warm_start_through_previous_checkpoint_note(dense, tmp_path):
+    params = H.Params(batch_size=64, top_k=2, tol=1e-6, max_iter=300, trace_hvps=3, density_vectors=0,
+                      warm_start=True)
+    # the previous checkpoint's job has not run: a cold start, not an error
+    early = H.compute(_ctx(dense["model"], dense["data"], tmp_path, {"previous_checkpoint": "c0"}), params)
+    assert early["hessian"][0]["warm_started"] is False
+    H.compute(_ctx(dense["model"], dense["data"], tmp_path), params)  # checkpoint c0 leaves its note
+    row = H.compute(_ctx(dense["model"], dense["data"], tmp_path, {"previous_checkpoint": "c0"}, seed=2),
+                    params)["hessian"][0]
+    assert row["warm_started"] is True and row["converged"] is True
+    assert row["subspace_overlap"] == pytest.approx(1.0, abs=1e-4)
