@@ -11,7 +11,6 @@ rate (model FLOPs counted analytically: 2·C_out·L_out·C_in·k per conv, 2·in
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -72,8 +71,9 @@ def train(data, device, seed: int, steps: int):
     return model
 
 
-def plain_loop(model, basis, coeffs, splits):
-    """The baseline: for every point, build the state dict, load it, evaluate each split."""
+def plain_loop(model, basis, coeffs, splits, batch=None):
+    """The baseline: for every point, build the state dict, load it, evaluate each split (in one
+    forward pass, or in mini-batches of ``batch``)."""
     out = []
     for c in coeffs.tolist():
         sd = {k: sum(ci * b[k] for ci, b in zip(c, basis)) for k in basis[0]}
@@ -81,41 +81,48 @@ def plain_loop(model, basis, coeffs, splits):
         row = []
         with torch.no_grad():
             for x, y in splits:
-                logits = model(x)
+                step = batch or x.shape[0]
+                logits = torch.cat([model(x[i:i + step]) for i in range(0, x.shape[0], step)])
                 row.append((F.cross_entropy(logits, y).item(), (logits.argmax(1) != y).float().mean().item()))
         out.append(row)
     return out
 
 
+BATCH = 1000  # the probes' default batch_size
+
+
 def lsdb_eval(model, basis, coeffs, splits, mode):
-    return [D.evaluate_combinations(model, basis, coeffs, {}, x, y, batch_size=1000, mode=mode) for x, y in splits]
+    return [D.evaluate_combinations(model, basis, coeffs, {}, x, y, batch_size=BATCH, mode=mode) for x, y in splits]
 
 
 def bench(name, model, basis, coeffs, splits, flops_per_example, peak, reps, device, with_vmap=True):
     n_examples = sum(x.shape[0] for x, _ in splits)
     total_flops = flops_per_example * n_examples * coeffs.shape[0]
-    results = {}
     methods = [("plain loop (load_state_dict)", lambda: plain_loop(model, basis, coeffs, splits)),
+               ("plain loop, batches of 250", lambda: plain_loop(model, basis, coeffs, splits, 250)),
                ("lsdb loop (functional_call)", lambda: lsdb_eval(model, basis, coeffs, splits, "loop"))]
     if with_vmap:
         methods.append(("lsdb vmap (many points per pass)", lambda: lsdb_eval(model, basis, coeffs, splits, "vmap")))
-    for label, fn in methods:
-        times = []
-        for _ in range(reps):
+    times: dict[str, list[float]] = {label: [] for label, _ in methods}
+    outs = {}
+    for _ in range(reps):  # interleaved, best of reps: the box is shared and timings are noisy
+        for label, fn in methods:
             _sync(device)
             t = time.perf_counter()
-            out = fn()
+            outs[label] = fn()
             _sync(device)
-            times.append(time.perf_counter() - t)
-        results[label] = (statistics.median(times), out)
+            times[label].append(time.perf_counter() - t)
+    results = {label: (min(times[label]), outs[label]) for label, _ in methods}
     base = results["plain loop (load_state_dict)"][0]
     print(f"\n{name}: {coeffs.shape[0]} points × {n_examples} examples, {total_flops / 1e9:.1f} GFLOP")
     for label, (t, _) in results.items():
         rate = total_flops / t
-        print(f"  {label:34s} {t:8.3f} s  {base / t:5.2f}x  {rate / 1e9:7.1f} GFLOP/s = {rate / peak:.2f} of matmul")
+        print(f"  {label:36s} {t:8.3f} s  {base / t:5.2f}x  {rate / 1e9:7.1f} GFLOP/s = {rate / peak:.2f} of matmul")
     # the three agree
     ref = torch.tensor([[r[0] for r in row] for row in results["plain loop (load_state_dict)"][1]])
     for label in list(results)[1:]:
+        if label.startswith("plain"):
+            continue
         got = torch.stack([e.loss for e in results[label][1]], dim=1).float().cpu()
         print(f"  max |loss difference|, {label.split(' (')[0]} vs plain loop: {float((ref - got).abs().max()):.2e}")
 

@@ -98,11 +98,17 @@ def probe_inputs(x_train: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------- Jacobians
 
-def jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False) -> torch.Tensor:
+def jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False, structured: bool | None = None) -> torch.Tensor:
     """Per-input Jacobians of a block: (b, C, P), or (b, P) of ∂Σ_a f_a/∂w when ``sum_logits``.
 
     Parameters are concatenated in ``net.params`` order, each flattened row-major.
+    ``structured`` (None = when the model allows it) uses the closed form of ``structured_jacobian``;
+    otherwise ``vmap(jacrev)`` over the inputs.
     """
+    if structured is None:
+        structured = supports_structured(net)
+    if structured:
+        return structured_jacobian(net, x, sum_logits)
 
     def one(params, xi):
         out = net.logits(params, xi.unsqueeze(0)).squeeze(0)
@@ -112,6 +118,91 @@ def jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False) -> torch.T
     b = x.shape[0]
     lead = (b,) if sum_logits else (b, per_param[next(iter(per_param))].shape[1])
     return torch.cat([per_param[n].reshape(*lead, -1) for n in net.params], dim=-1)
+
+
+_STRUCTURED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def _owner(net: Network, name: str):
+    prefix, _, attr = name.rpartition(".")
+    return net.model.get_submodule(prefix), attr
+
+
+def supports_structured(net: Network) -> bool:
+    """True when every trainable parameter is the weight or bias of a Linear, or of a zero-padded,
+    ungrouped Conv1d/Conv2d with numeric padding: the layers ``structured_jacobian`` knows."""
+    for name in net.params:
+        module, attr = _owner(net, name)
+        if not isinstance(module, _STRUCTURED) or attr not in ("weight", "bias"):
+            return False
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) and (
+                module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)):
+            return False
+    return True
+
+
+def structured_jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False) -> torch.Tensor:
+    """Per-input Jacobians from each layer's input and output gradient (no per-input vmap).
+
+    For a layer y = W ⊛ h + β, ∂f_a(x_i)/∂W = Σ_t g_{ia}[:, t] ⊗ U(h_i)[:, t] and ∂f_a(x_i)/∂β =
+    Σ_t g_{ia}[:, t], with g_{ia} = ∂f_a(x_i)/∂y_i and U the im2col unfolding of the layer input
+    (identity for Linear, one position t). One forward of the block records every h_i; one
+    backward, batched over the C logit cotangents, gives every g_{ia} (inputs do not interact
+    without BatchNorm, so the batch backward is per-input). Same layout as ``jacobian``.
+    """
+    modules = {}
+    for name in net.params:
+        module, _ = _owner(net, name)
+        modules.setdefault(id(module), module)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def record(module, inputs, output):
+        if id(module) in seen:
+            raise ProbeError(f"structured NTK: layer {type(module).__name__} is called twice; use implementation='jacobian'")
+        seen[id(module)] = (inputs[0].detach(), output)
+
+    handles = [m.register_forward_hook(record) for m in modules.values()]
+    try:
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)  # records the graph; parameters stay plain tensors
+            out = net.logits(net.params, xg)
+            b, c = out.shape
+            k = 1 if sum_logits else c
+            cot = torch.ones(1, b, c, dtype=out.dtype, device=out.device) if sum_logits else \
+                torch.eye(c, dtype=out.dtype, device=out.device)[:, None, :].expand(c, b, c)
+            outputs = [seen[id(m)][1] for m in modules.values()]
+            grads = torch.autograd.grad(out, outputs, cot, is_grads_batched=True)
+    finally:
+        for h in handles:
+            h.remove()
+    g_of = {mid: g for mid, g in zip(modules, grads)}  # (k, b, *output_shape)
+
+    p_total = sum(p.numel() for p in net.params.values())
+    jac = torch.empty(b, k, p_total, dtype=out.dtype, device=out.device)
+    offset = 0
+    for name, p in net.params.items():
+        module, attr = _owner(net, name)
+        h, g = seen[id(module)][0], g_of[id(module)]
+        g = g.reshape(k, b, g.shape[2], -1)  # (k, b, out_channels, positions)
+        if attr == "bias":
+            block = g.sum(-1)
+        else:
+            u = _unfold(module, h)  # (b, in_channels · kernel, positions)
+            block = torch.einsum("kbot,bit->kboi", g, u)
+        jac[:, :, offset : offset + p.numel()] = block.reshape(k, b, -1).transpose(0, 1)
+        offset += p.numel()
+    return jac[:, 0] if sum_logits else jac
+
+
+def _unfold(module, h: torch.Tensor) -> torch.Tensor:
+    """im2col of a layer input: (b, in · kernel, positions), matching the weight's row-major layout."""
+    if isinstance(module, torch.nn.Linear):
+        return h.reshape(h.shape[0], -1, 1) if h.dim() == 2 else h.reshape(-1, h.shape[-1], 1)
+    if isinstance(module, torch.nn.Conv1d):
+        return torch.nn.functional.unfold(h.unsqueeze(2), (1, module.kernel_size[0]), dilation=(1, module.dilation[0]),
+                                          padding=(0, module.padding[0]), stride=(1, module.stride[0]))
+    return torch.nn.functional.unfold(h, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                                      stride=module.stride)
 
 
 def _gram(ja: torch.Tensor, jb: torch.Tensor, variant: str) -> torch.Tensor:
