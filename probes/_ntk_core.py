@@ -9,13 +9,17 @@ per-input Jacobian J(x) = ∂f(x; w)/∂w ∈ R^{C×P}. For inputs X = (x_1 … 
 - ``trace``:      Θ^tr[i,j] = Σ_a Θ[(i,a),(j,a)], n×n;
 - ``sum_logits``: Θ^sl[i,j] = ⟨∂Σ_a f_a(x_i)/∂w, ∂Σ_b f_b(x_j)/∂w⟩ = Σ_{a,b} Θ[(i,a),(j,b)], n×n.
 
-Two implementations compute the same matrices (tests assert they agree):
+Implementations of the same matrices (an enum; tests assert they agree):
 
-- ``jacobian``: per-input Jacobians of a block of inputs by ``vmap(jacrev)``, written once into
-  one contiguous (b, C, P) array, then one matrix product per pair of blocks (a single GEMM over
-  all parameters instead of one contraction per parameter tensor). Only blocks on or above the
-  diagonal are computed; Jacobian blocks are cached up to ``cache_mb`` and recomputed beyond it,
-  so memory is bounded by the cache plus two blocks whatever n is.
+- ``jacobian``: per-input Jacobians of a block of inputs by ``vmap(jacrev)`` (any model),
+  written into one contiguous (b, C, P) array, then one matrix product per pair of blocks (a
+  single GEMM over all parameters instead of one contraction per parameter tensor). Only blocks
+  on or above the diagonal are computed; Jacobian blocks are cached up to ``cache_mb`` and
+  recomputed beyond it, so memory is bounded by the cache plus two blocks whatever n is.
+- ``structured``: the same contraction, with each block's Jacobian in closed form from every
+  layer's input and output gradient (Linear, Conv1d, Conv2d; ``structured_jacobian``), about 2×
+  faster than ``vmap(jacrev)`` on the MNIST-1D CNN. ``auto`` (the default) picks it when every
+  parameter belongs to such a layer, else ``jacobian``.
 - ``ntvp``: NTK-vector products, Θ e = J_I (J_Jᵀ e): a ``vjp`` through the column inputs followed
   by a ``jvp`` through the row inputs, vmapped over basis cotangents. Never holds a Jacobian of
   more than ``chunk`` cotangents; costs O(n²) network passes, so it is the cross-check, not the
@@ -33,7 +37,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 from lsdb.errors import ProbeError
 
 VARIANTS = ("full", "trace", "sum_logits")
-IMPLEMENTATIONS = ("jacobian", "ntvp")
+IMPLEMENTATIONS = ("auto", "structured", "jacobian", "ntvp")
 
 
 # ----------------------------------------------------------------------------- binding a network
@@ -105,9 +109,12 @@ def jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False, structured
     ``structured`` (None = when the model allows it) uses the closed form of ``structured_jacobian``;
     otherwise ``vmap(jacrev)`` over the inputs.
     """
-    if structured is None:
-        structured = supports_structured(net)
-    if structured:
+    if structured is None and supports_structured(net):
+        try:
+            return structured_jacobian(net, x, sum_logits)
+        except _LayerReused:
+            pass
+    elif structured:
         return structured_jacobian(net, x, sum_logits)
 
     def one(params, xi):
@@ -121,6 +128,10 @@ def jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False, structured
 
 
 _STRUCTURED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+class _LayerReused(ProbeError):
+    """A layer applied twice in one forward: its Jacobian is not one outer product per input."""
 
 
 def _owner(net: Network, name: str):
@@ -158,7 +169,7 @@ def structured_jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False)
 
     def record(module, inputs, output):
         if id(module) in seen:
-            raise ProbeError(f"structured NTK: layer {type(module).__name__} is called twice; use implementation='jacobian'")
+            raise _LayerReused(f"structured NTK: layer {type(module).__name__} is called twice; use implementation='jacobian'")
         seen[id(module)] = (inputs[0].detach(), output)
 
     handles = [m.register_forward_hook(record) for m in modules.values()]
@@ -242,12 +253,15 @@ class _JacobianCache:
 
 # --------------------------------------------------------------------------------------- kernels
 
-def ntk(net: Network, x: torch.Tensor, variant: str = "trace", implementation: str = "jacobian",
-        chunk: int = 256, cache_mb: float = 1024.0) -> torch.Tensor:
+def ntk(net: Network, x: torch.Tensor, variant: str = "trace", implementation: str = "auto",
+        chunk: int = 128, cache_mb: float = 1024.0) -> torch.Tensor:
     """The empirical NTK of ``net`` on inputs ``x`` (see the module docstring for the variants),
     in the dtype and on the device of ``net``'s parameters. Exactly symmetric."""
     check_variant(variant)
     check_implementation(implementation)
+    if implementation == "structured" and not supports_structured(net):
+        raise ProbeError(f"implementation 'structured' supports only Linear/Conv1d/Conv2d parameters; "
+                         f"{type(net.model).__name__} has others (use 'jacobian')")
     with torch.no_grad():
         c = net(x[:1]).shape[-1]
     n = x.shape[0]
@@ -256,8 +270,9 @@ def ntk(net: Network, x: torch.Tensor, variant: str = "trace", implementation: s
     out = torch.empty(n * per, n * per, device=p0.device, dtype=p0.dtype)
     blocks = _blocks(n, chunk)
 
-    if implementation == "jacobian":
-        cache = _JacobianCache(lambda k: jacobian(net, x[blocks[k]], variant == "sum_logits"), cache_mb * 2**20)
+    if implementation != "ntvp":
+        use = {"auto": None, "structured": True, "jacobian": False}[implementation]
+        cache = _JacobianCache(lambda k: jacobian(net, x[blocks[k]], variant == "sum_logits", use), cache_mb * 2**20)
         block_fn = lambda bi, bj: _gram(cache.get(bi), cache.get(bj), variant)  # noqa: E731
     else:
         cache = None
@@ -280,7 +295,7 @@ def ntk(net: Network, x: torch.Tensor, variant: str = "trace", implementation: s
 
 
 def cross_ntk(net: Network, x_rows: torch.Tensor, x_cols: torch.Tensor, variant: str = "trace",
-              chunk: int = 256) -> torch.Tensor:
+              chunk: int = 128) -> torch.Tensor:
     """Θ(x_rows, x_cols): the rectangular kernel between two input sets (jacobian contraction),
     (m·per)×(n·per) with per = C for ``full`` and 1 otherwise. The column Jacobian is held whole;
     the rows are streamed in blocks of ``chunk``."""
@@ -291,7 +306,7 @@ def cross_ntk(net: Network, x_rows: torch.Tensor, x_cols: torch.Tensor, variant:
                       for b in _blocks(x_rows.shape[0], chunk)])
 
 
-def trace_ntk_diagonal(net: Network, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def trace_ntk_diagonal(net: Network, x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """diag Θ^tr: Θ^tr[i,i] = ‖J(x_i)‖²_F = Σ_a ‖∂f_a(x_i)/∂w‖², without the off-diagonal."""
     return torch.cat([jacobian(net, x[b]).pow(2).sum(dim=(1, 2)) for b in _blocks(x.shape[0], chunk)])
 

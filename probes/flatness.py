@@ -147,7 +147,7 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
     near = torch.linspace(-0.2, 0.2, params.curvature_points, dtype=torch.float64)
     grid = torch.cat([alphas, near, torch.tensor([-params.rho, params.rho], dtype=torch.float64)])
     coeffs = torch.stack([torch.ones_like(grid), grid], dim=1)
-    per_dir = torch.stack([evaluate([floats, d], coeffs).loss for d in dirs])  # (m, len(grid))
+    per_dir = torch.stack([evaluate([floats, d], coeffs).loss for d in dirs]).cpu()  # (m, len(grid))
     D.require_finite(per_dir[:, : params.points + params.curvature_points], "loss near the checkpoint")
     na, nc = params.points, params.curvature_points
     sigma, sigma_std = sharpness_1d(per_dir[:, :na], L0)

@@ -6,12 +6,14 @@ checkpoint). Only Hessian-vector products (HVPs) are used; P = number of paramet
 
 - Top-k eigenvalues (largest algebraic) by Lanczos with full reorthogonalisation (twice per step).
   After each step the Ritz pairs (θ_i, y_i) of the tridiagonal T_j give residual estimates
-  r_i = β_{j+1}|s_{j,i}| = ‖H y_i − θ_i y_i‖. With ``criterion`` = "residual" the run stops when
-  every top-k r_i ≤ tol·|θ₁| (then each θ_i lies within tol·|θ₁| of an eigenvalue); with "gap" when
-  min(r_i, r_i²/g_i) ≤ tol·|θ₁|, g_i the distance to the nearest other Ritz value (the sharper
-  gap bound; g_i is estimated from Ritz values). At most ``max_iter`` HVPs. With ``verify`` the
-  residuals are recomputed explicitly (k more HVPs) and those decide ``converged``; a run that
-  misses the tolerance is stored with converged = false and its largest residual.
+  r_i = β_{j+1}|s_{j,i}| = ‖H y_i − θ_i y_i‖. Let s = max_i |θ_i| over all Ritz values (an
+  estimate of ‖H‖₂; for a trained net's Hessian, θ₁). With ``criterion`` = "residual" the run
+  stops when every top-k r_i ≤ tol·s (then each θ_i lies within tol·s of an eigenvalue); with
+  "gap" when min(r_i, r_i²/g_i) ≤ tol·s, g_i the distance to the nearest other Ritz value (the
+  sharper gap bound, but g_i is only estimated from Ritz values, so it is not a guarantee). At most
+  ``max_iter`` Lanczos steps (one HVP each). With ``verify`` the residuals are recomputed
+  explicitly (k more HVPs) and those decide ``converged``; a run that misses the tolerance is
+  stored with converged = false and its largest residual.
 - Trace by Hutch++ (Meyer, Musco, Musco, Woodruff 2021) or Hutchinson (Rademacher probes), with
   ``trace_hvps`` HVPs. Standard error: sample std of the stochastic part / √(#probes).
 - Spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019; Lin, Saad,
@@ -22,7 +24,8 @@ checkpoint). Only Hessian-vector products (HVPs) are used; P = number of paramet
   average of vᵀHv over the unit start vectors, an estimate of trace/P.
 - Outliers: with the top-k values λ₁ ≥ … ≥ λ_k, the number above the largest gap on a log scale:
   argmax_i log(λ_i/λ_{i+1}) over i < k with λ_{i+1} > 0, or the count of positive values when a
-  non-positive λ_{i+1} comes first (Fort & Ganguli 2019: ~C outliers above the bulk). 0 when λ₁ ≤ 0.
+  non-positive λ_{i+1} comes first (Fort & Ganguli 2019: ~C outliers above the bulk). 0 when λ₁ ≤ 0;
+  at most k − 1 when all k are positive, so choose top_k > C.
 
 Warm start (``warm_start``): each job names the previous checkpoint of its run; when that job has
 already run (jobs are planned in step order, so an in-order executor always finds it), its top-k
@@ -238,11 +241,11 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: torc
     theta, S = torch.linalg.eigh(T)
     order = torch.argsort(theta, descending=True)[: min(k, m)]
     values = theta[order]
-    Y = S[:, order].T.to(dt) @ Q[:m]
+    Y = S[:, order].T.to(device=dev, dtype=dt) @ Q[:m]  # T is small and lives on the CPU
     Y = Y / Y.norm(dim=1, keepdim=True)
     scale = float(theta.abs().max())
     if verify:
-        residuals = (op.matmat(Y) - values.to(dt)[:, None] * Y).norm(dim=1).double()
+        residuals = (op.matmat(Y) - values.to(device=dev, dtype=dt)[:, None] * Y).norm(dim=1).double().cpu()
         bound = residuals
         if criterion == "gap" and m > 1:
             diff = (values[:, None] - theta[None, :]).abs()

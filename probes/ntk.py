@@ -18,8 +18,9 @@ dtype before that cast:
   variants and T = vec(Y) vec(Y)ᵀ for ``full`` (Y the probe set's one-hot labels, n×C);
   ``centered_alignment`` the same after centring both, K → HKH with H = I − 11ᵀ/rows.
 
-Implementations (``jacobian`` contraction, ``ntvp`` NTK-vector products) agree to rounding; see
-``lsdb.probes._ntk_core``.
+Implementations (Jacobian contraction with ``structured`` closed-form or ``jacobian``
+vmap(jacrev) Jacobians, ``ntvp`` NTK-vector products; ``auto`` picks ``structured`` when the model
+allows) agree to rounding; see ``lsdb.probes._ntk_core``.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class Params:
     variant: str = "trace"  # full | trace | sum_logits
     dtype: str = "float32"  # of the stored artifact
-    implementation: str = "jacobian"  # jacobian | ntvp
-    chunk: int = 256  # inputs per Jacobian block
+    implementation: str = "auto"  # auto | structured | jacobian | ntvp
+    chunk: int = 128  # inputs per Jacobian block
     cache_mb: float = 1024.0  # Jacobian blocks kept in memory; beyond it they are recomputed
 
 

@@ -77,7 +77,7 @@ class HessianResult(ProbeRow, Base):
     """Hessian of the mean training cross-entropy on a fixed batch (``hessian`` probe).
 
     ``converged`` is true only when every one of the top ``k`` Ritz pairs has a residual
-    ‖Hy − θy‖ ≤ tol·|θ₁| within the HVP budget; ``max_residual`` is the largest of those residuals.
+    ‖Hy − θy‖ ≤ tol·max|θ| within the HVP budget; ``max_residual`` is the largest of those residuals.
     ``outliers`` = number of top eigenvalues above the largest log-gap (see the probe).
     ``subspace_overlap`` = ‖Y_prevᵀY‖²_F / k against the previous checkpoint's top-k subspace
     (null without a warm start).

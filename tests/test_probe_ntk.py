@@ -96,7 +96,8 @@ def test_ntk_symmetric_psd_and_implementations_agree(case, variant):
     ev = torch.linalg.eigvalsh(k)
     assert ev.min() > -1e-10 * ev.max()
     for other in (core.ntk(net, x, variant, "ntvp", chunk=2), core.ntk(net, x, variant, "ntvp", chunk=7),
-                  core.ntk(net, x, variant, "jacobian", chunk=1, cache_mb=0)):
+                  core.ntk(net, x, variant, "structured", chunk=1, cache_mb=0),
+                  core.ntk(net, x, variant, "auto", chunk=4)):
         assert rel_err(other, k) < 1e-12
 
 
@@ -108,6 +109,44 @@ def test_trace_and_sum_logits_consistent_with_full(case):
     assert rel_err(core.ntk(net, x, "trace"), torch.einsum("iaja->ij", full)) < 1e-12
     assert rel_err(core.ntk(net, x, "sum_logits"), full.sum(dim=(1, 3))) < 1e-12
     assert torch.allclose(core.trace_ntk_diagonal(net, x), torch.diagonal(core.ntk(net, x, "trace")), rtol=1e-12)
+
+
+@pytest.mark.parametrize("sum_logits", [False, True])
+def test_structured_jacobian_equals_vmap_jacrev(case, sum_logits):
+    model, state, data, _ = case
+    net = core.bind(model, state, "cpu", torch.float64)
+    assert core.supports_structured(net)
+    x = data.x_train
+    a = core.jacobian(net, x, sum_logits, structured=False)
+    assert rel_err(core.jacobian(net, x, sum_logits, structured=True), a) < 1e-13
+
+
+def test_structured_falls_back_or_refuses_for_other_layers(tmp_path):
+    class Scaled(torch.nn.Module):  # a parameter outside Linear/Conv: no closed form
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, C)
+            self.scale = torch.nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return self.scale * self.lin(x.flatten(1))
+
+    class Twice(torch.nn.Module):  # one layer applied twice
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(C, C)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.lin(x.flatten(1)[:, :C])))
+
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for model in (Scaled().double(), Twice().double()):
+        net = core.bind(model, model.state_dict(), "cpu", torch.float64)
+        ref = brute_full_ntk(model, model.state_dict(), x)
+        assert rel_err(core.ntk(net, x, "full", "auto"), ref) < 1e-10
+    with pytest.raises(ProbeError, match="structured"):
+        net = core.bind(Scaled().double(), Scaled().double().state_dict(), "cpu", torch.float64)
+        core.ntk(net, x, "trace", "structured")
 
 
 def test_cross_ntk_is_a_block_of_the_joint_kernel(case):
