@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lsdb.ingest.spool import clean_temporaries, pending_shards, read_meta, retire
+from lsdb.ingest.spool import pending_shards, read_meta, retire
 
 BATCH = 2000
 JOB_COLUMNS = ("id", "probe", "version", "params_hash", "params_json", "role", "checkpoint_id",
@@ -36,7 +36,6 @@ class IngestReport:
 
 def ingest(store, batch: int = BATCH) -> IngestReport:
     """Ingest every pending shard of ``store``; returns what was added."""
-    clean_temporaries(store.spool)
     report = IngestReport()
     shards = pending_shards(store.spool)
     for i in range(0, len(shards), batch):

@@ -42,7 +42,9 @@ def init(store: StoreOpt = None):
 
 
 @app.command()
-def plan(spec: SpecArg, store: StoreOpt = None):
+def plan(spec: SpecArg, store: StoreOpt = None,
+         manifest: Annotated[Optional[Path], typer.Option(
+             help="Also write the probe jobs ready now as JSON lines, for `lsdb worker` on other machines.")] = None):
     """Print what `lsdb run SPEC` would do (runs to train, checkpoints and probe jobs missing)."""
     from lsdb import runner
     from lsdb.spec import load_spec
@@ -50,6 +52,11 @@ def plan(spec: SpecArg, store: StoreOpt = None):
 
     sp = load_spec(spec)
     st = Store.init(store)
+    if manifest is not None:
+        from lsdb.probes.manifest import write_manifest
+
+        n = write_manifest(runner.ready_jobs(sp, st), manifest)
+        typer.echo(f"wrote {n} ready probe jobs to {manifest}; run them with: lsdb worker {manifest} --store {st.root}")
     p = runner.plan(sp, st)
     typer.echo(f"experiment {sp.name} ({p.experiment_id[:12]}): {p.runs_total} runs declared")
     if p.nothing_to_do:
@@ -65,7 +72,9 @@ def plan(spec: SpecArg, store: StoreOpt = None):
 
 @app.command()
 def run(spec: SpecArg, store: StoreOpt = None, workers: WorkersOpt = 1, device: DeviceOpt = None,
-        progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True):
+        progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+        probes: Annotated[bool, typer.Option(help="Run probe jobs (--no-probes: train only, e.g. to probe "
+                                                  "elsewhere with `lsdb plan --manifest` and `lsdb worker`).")] = True):
     """Train and probe everything SPEC declares that the store lacks. Safe to interrupt and rerun."""
     from lsdb import runner
     from lsdb.spec import load_spec
@@ -77,7 +86,7 @@ def run(spec: SpecArg, store: StoreOpt = None, workers: WorkersOpt = 1, device: 
     if p.nothing_to_do:
         typer.echo("nothing to do: the store holds everything this spec declares")
         return
-    s = runner.run(sp, st, workers=workers, device=device, progress=progress and sys.stderr.isatty())
+    s = runner.run(sp, st, workers=workers, device=device, progress=progress and sys.stderr.isatty(), probes=probes)
     typer.echo(f"trained {s.trained} runs ({s.checkpoints} checkpoints); probe jobs: {s.jobs_done} done, "
                f"{s.jobs_skipped} skipped, {s.jobs_failed} failed; {s.seconds:.1f} s")
     for d in s.diverged:
@@ -123,6 +132,26 @@ def ingest(store: StoreOpt = None):
         r = do_ingest(st)
     typer.echo(f"ingested {r.shards} shards: {r.checkpoints} checkpoints, {r.jobs} probe jobs, "
                f"{r.result_rows} result rows ({r.skipped_known} already stored)")
+
+
+@app.command()
+def worker(manifest: Annotated[Path, typer.Argument(help="A job manifest written by `lsdb plan SPEC --manifest FILE`.")],
+           store: StoreOpt = None, device: DeviceOpt = None,
+           shard: Annotated[str, typer.Option(help="Run every n-th job starting at i (i/n), to split a manifest "
+                                                   "across machines.")] = "0/1"):
+    """Run probe jobs from a manifest, writing result shards to the store's spool/ (never the database).
+    Then `lsdb ingest` on the coordinating machine."""
+    from lsdb.errors import LsdbError
+    from lsdb.probes.manifest import run_manifest
+    from lsdb.store import resolve_store_path
+
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise LsdbError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from None
+    counts = run_manifest(resolve_store_path(store), manifest, (i, n), device)
+    typer.echo("jobs: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none to run") +
+               "; ingest them with: lsdb ingest")
 
 
 @app.command()

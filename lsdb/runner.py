@@ -86,15 +86,28 @@ def plan(spec: Spec, store: Store) -> PlanSummary:
     return PlanSummary(spec.identity(), len(runs), to_train, missing_ckpts, sum(by_probe.values()), by_probe)
 
 
+def ready_jobs(spec: Spec, store: Store) -> list:
+    """Probe jobs that can run now (their checkpoints and inputs exist), for a manifest."""
+    runs = expand_runs(spec, _n_train(spec))
+    probe_sha = experiment_probe_set(store, spec)
+    with store.read() as con:
+        study = stored_study(runs, con)
+        states = {r[0]: (r[1], r[2], r[3]) for r in con.execute("SELECT id, state, attempts, error FROM probe_job").fetchall()}
+        return probe_jobs(spec, study, runs, probe_sha, states).ready
+
+
 def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None, progress: bool = False,
-        log=print) -> RunSummary:
+        log=print, probes: bool = True) -> RunSummary:
     """Train and probe everything missing. Safe to interrupt at any point and rerun."""
     from lsdb.ingest.ingest import ingest
     from lsdb.probes.executors import make_executor
 
     t0 = time.perf_counter()
     summary = RunSummary()
+    from lsdb.ingest.spool import clean_temporaries
+
     with store.lock():
+        clean_temporaries(store.spool)
         ingest(store)
         runs = expand_runs(spec, _n_train(spec))
         _record_experiment(spec, store, runs)
@@ -103,7 +116,8 @@ def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None, p
         try:
             with bars:
                 _train_all(store, runs, executor, summary, bars)
-                _probe_all(spec, store, runs, executor, summary, bars, device)
+                if probes:
+                    _probe_all(spec, store, runs, executor, summary, bars, device)
         finally:
             executor.close()
         ingest(store)
@@ -156,7 +170,7 @@ def experiment_probe_set(store: Store, spec: Spec) -> str:
     with store.read() as con:
         row = con.execute("SELECT probe_set_sha256 FROM experiment WHERE id = ?", [spec.identity()]).fetchone()
     if row is None:
-        raise LsdbError(f"experiment {spec.name} is not recorded in {store.root}; run `lsdb run` first")
+        raise LsdbError(f"experiment {spec.name} is not recorded in {store.root}; train it first: lsdb run SPEC --no-probes")
     return row[0]
 
 

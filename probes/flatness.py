@@ -142,17 +142,7 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
     L0 = float(base.loss[0])
 
     gen = torch.Generator().manual_seed(params.direction_seed)
-    dirs = [D.filter_normalised_direction(model, floats, gen) for _ in range(params.directions)]
-    alphas = torch.linspace(-1.0, 1.0, params.points, dtype=torch.float64)
-    near = torch.linspace(-0.2, 0.2, params.curvature_points, dtype=torch.float64)
-    grid = torch.cat([alphas, near, torch.tensor([-params.rho, params.rho], dtype=torch.float64)])
-    coeffs = torch.stack([torch.ones_like(grid), grid], dim=1)
-    per_dir = torch.stack([evaluate([floats, d], coeffs).loss for d in dirs]).cpu()  # (m, len(grid))
-    D.require_finite(per_dir[:, : params.points + params.curvature_points], "loss near the checkpoint")
-    na, nc = params.points, params.curvature_points
-    sigma, sigma_std = sharpness_1d(per_dir[:, :na], L0)
-    kappas = quadratic_curvature(near, per_dir[:, na:na + nc])
-    random_at_rho = float(per_dir[:, na + nc:].max()) - L0
+    sigma, sigma_std, kappas, random_at_rho = _random_direction_stats(model, floats, evaluate, gen, L0, params)
 
     names = D.filter_names(model, floats)
     loss_of = D.loss_function(model, fixed, x, y)
@@ -176,6 +166,22 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
            "adversarial_sharpness": adv, "random_sharpness_at_rho": random_at_rho, "epsilon": params.epsilon,
            "pgd_steps": params.pgd_steps, "clean_error": clean, "fgsm_error": fgsm, "pgd_error": pgd}
     return {"flatness": [row]}
+
+
+def _random_direction_stats(model, floats, evaluate, gen, L0: float, params: Params):
+    """σ_1D (mean, std over directions), κ per direction, and the largest L(w ± ρd) − L(w), from one
+    evaluation of every direction on the α grid, the curvature grid and ±ρ together."""
+    dirs = [D.filter_normalised_direction(model, floats, gen) for _ in range(params.directions)]
+    alphas = torch.linspace(-1.0, 1.0, params.points, dtype=torch.float64)
+    near = torch.linspace(-0.2, 0.2, params.curvature_points, dtype=torch.float64)
+    grid = torch.cat([alphas, near, torch.tensor([-params.rho, params.rho], dtype=torch.float64)])
+    coeffs = torch.stack([torch.ones_like(grid), grid], dim=1)
+    per_dir = torch.stack([evaluate([floats, d], coeffs).loss for d in dirs]).cpu()  # (m, len(grid))
+    na, nc = params.points, params.curvature_points
+    D.require_finite(per_dir[:, : na + nc], "loss near the checkpoint")
+    sigma, sigma_std = sharpness_1d(per_dir[:, :na], L0)
+    kappas = quadratic_curvature(near, per_dir[:, na:na + nc])
+    return sigma, sigma_std, kappas, float(per_dir[:, na + nc:].max()) - L0
 
 
 def _adversarial_errors(model, state, x, y, params: Params) -> tuple[float, float, float]:

@@ -95,3 +95,23 @@ def test_unknown_run(tmp_path):
     runner.invoke(app, ["init", "--store", s])
     r = lsdb("show", "abc", "--store", s)
     assert r.returncode == 1 and "no run 'abc'" in r.stderr
+
+
+def test_manifest_worker_ingest_round_trip(tiny_spec_path, tmp_path, cli_env):
+    """Train only, write a manifest, run it in two worker shards, ingest: same rows as `lsdb run`."""
+    from lsdb.query.session import Session
+
+    s = str(tmp_path / "s")
+    assert lsdb("run", str(tiny_spec_path), "--store", s, "--no-probes", env=cli_env).returncode == 0
+    manifest = tmp_path / "jobs.jsonl"
+    r = lsdb("plan", str(tiny_spec_path), "--store", s, "--manifest", str(manifest), env=cli_env)
+    assert r.returncode == 0 and "ready probe jobs" in r.stdout
+    n_jobs = len(manifest.read_text().splitlines())
+    for shard in ("0/2", "1/2"):
+        r = lsdb("worker", str(manifest), "--store", s, "--shard", shard, env=cli_env)
+        assert r.returncode == 0, r.stderr
+    r = lsdb("ingest", "--store", s, env=cli_env)
+    assert f"{n_jobs} probe jobs" in r.stdout
+    assert Session.open(s).sql("SELECT count(*) AS n FROM probe_job WHERE state = 'done'")["n"][0] == n_jobs
+    r = lsdb("run", str(tiny_spec_path), "--store", s, env=cli_env)
+    assert "nothing to do" in r.stdout
