@@ -82,11 +82,10 @@ def run(spec: SpecArg, store: StoreOpt = None, workers: WorkersOpt = 1, device: 
 
     sp = load_spec(spec)
     st = Store.init(store)
-    p = runner.plan(sp, st)
-    if p.nothing_to_do:
+    s = runner.run(sp, st, workers=workers, device=device, progress=progress and sys.stderr.isatty(), probes=probes)
+    if s.nothing_to_do:
         typer.echo("nothing to do: the store holds everything this spec declares")
         return
-    s = runner.run(sp, st, workers=workers, device=device, progress=progress and sys.stderr.isatty(), probes=probes)
     typer.echo(f"trained {s.trained} runs ({s.checkpoints} checkpoints); probe jobs: {s.jobs_done} done, "
                f"{s.jobs_skipped} skipped, {s.jobs_failed} failed; {s.seconds:.1f} s")
     for d in s.diverged:

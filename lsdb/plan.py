@@ -157,7 +157,8 @@ def run_ref(r: PlannedRun, status: str, checkpoints: tuple[CheckpointRef, ...]) 
                   checkpoints=checkpoints)
 
 
-def simulated_study(runs: list[PlannedRun], status: dict | None = None, stored: dict | None = None) -> StoreStudy:
+def simulated_study(runs: list[PlannedRun], status: dict | None = None, stored: dict | None = None,
+                    con=None) -> StoreStudy:
     """The study as it will be once every run has trained (for `lsdb plan`). Runs that already
     ended (finished, diverged, skipped) keep the checkpoints they actually have."""
     status, stored = status or {}, stored or {}
@@ -167,7 +168,7 @@ def simulated_study(runs: list[PlannedRun], status: dict | None = None, stored: 
         steps = sorted(stored.get(r.id, {})) if st in ("finished", "diverged", "skipped") else r.save_steps
         cps = tuple(CheckpointRef(checkpoint_id(r.id, s), r.id, s, s / r.steps_per_epoch, "") for s in steps)
         refs.append(run_ref(r, "finished" if st not in ("diverged", "skipped") else st, cps))
-    return StoreStudy(refs)
+    return StoreStudy(refs, results_fn=None if con is None else (lambda table: _results(con, table)))
 
 
 def stored_study(runs: list[PlannedRun], con) -> StoreStudy:

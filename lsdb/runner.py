@@ -10,7 +10,6 @@ read-write only for short ingest transactions.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +47,7 @@ class RunSummary:
     failures: list[str] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    nothing_to_do: bool = False
 
 
 def _n_train(spec: Spec) -> int:
@@ -79,7 +79,9 @@ def plan(spec: Spec, store: Store) -> PlanSummary:
     by_probe: dict[str, int] = {}
     from lsdb.probes.base import job_id
 
-    for name, version, _params, phash, req in probe_requests(spec, simulated_study(runs, status, steps)):
+    with store.read() as con:  # stored results let dependent probes (kernel distances) plan too
+        requests = probe_requests(spec, simulated_study(runs, status, steps, con))
+    for name, version, _params, phash, req in requests:
         jid = job_id(name, version, phash, req.checkpoint_ids, req.role)
         if jobs.get(jid, ("",))[0] not in ("done", "skipped"):
             by_probe[name] = by_probe.get(name, 0) + 1
@@ -109,6 +111,9 @@ def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None, p
     with store.lock():
         clean_temporaries(store.spool)
         ingest(store)
+        if plan(spec, store).nothing_to_do:
+            summary.nothing_to_do = True
+            return summary
         runs = expand_runs(spec, _n_train(spec))
         _record_experiment(spec, store, runs)
         executor = make_executor(workers)
@@ -130,7 +135,7 @@ def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None, p
 def _record_experiment(spec: Spec, store: Store, runs: list[PlannedRun]) -> None:
     import sqlalchemy as sa
 
-    from lsdb.schema import Experiment, Run
+    from lsdb.schema import Run
     from lsdb.train.data import load_data, probe_indices
     from lsdb.train.models import build_model, num_params
 
@@ -154,7 +159,6 @@ def _record_experiment(spec: Spec, store: Store, runs: list[PlannedRun]) -> None
             rows = [r for r in new if (r["parent_run_id"] is None) == kind_is_parent]
             if rows:
                 conn.execute(sa.insert(Run), rows)
-    _ = Experiment
 
 
 def _spec_text(spec: Spec) -> str:
@@ -327,5 +331,3 @@ class _Progress:
         if self.progress is not None:
             self.progress.advance(task)
 
-
-_ = nullcontext

@@ -187,3 +187,23 @@ def test_divergence_is_recorded_and_final(tmp_path, lr, reason):
     assert n >= 1
     assert db.sql("SELECT count(*) AS n FROM eval")["n"][0] >= n
     assert runner.plan(spec, store).nothing_to_do
+
+
+def test_adding_a_dependent_probe_later_plans_and_runs_it(tmp_path):
+    """A probe that reads another probe's stored results (kernel distance reads stored kernels)
+    is planned from what the store holds, so adding it to a finished spec does the missing work."""
+    from lsdb.spec import parse_spec
+    from lsdb.store import Store
+    from tests.conftest import TINY_SPEC
+
+    base = TINY_SPEC.replace("seeds = [0, 1]", "seeds = [0]") + "\n[probes.ntk]\n"
+    store = Store.init(tmp_path / "s")
+    runner.run(parse_spec(base), store)
+    grown = parse_spec(base + "\n[probes.ntk_distance]\n")
+    p = runner.plan(grown, store)
+    assert p.jobs_by_probe.get("ntk_distance", 0) > 0 and not p.runs_to_train
+    summary = runner.run(grown, store)
+    assert summary.trained == 0 and summary.jobs_done == p.jobs_by_probe["ntk_distance"]
+    assert runner.plan(grown, store).nothing_to_do
+    db = lsdb.open(store.root)
+    assert db.sql("SELECT count(*) AS n FROM metric_series WHERE metric = 'kernel_velocity'")["n"][0] > 0
