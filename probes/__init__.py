@@ -20,6 +20,7 @@ PROBES: dict[str, str] = {
     "hessian": "lsdb.probes.hessian",
     "flatness": "lsdb.probes.flatness",
     "slice": "lsdb.probes.slice",
+    "merge": "lsdb.probes.merge",
 }
 
 

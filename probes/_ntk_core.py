@@ -179,10 +179,13 @@ def structured_jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False)
             out = net.logits(net.params, xg)
             b, c = out.shape
             k = 1 if sum_logits else c
-            cot = torch.ones(1, b, c, dtype=out.dtype, device=out.device) if sum_logits else \
-                torch.eye(c, dtype=out.dtype, device=out.device)[:, None, :].expand(c, b, c)
             outputs = [seen[id(m)][1] for m in modules.values()]
-            grads = torch.autograd.grad(out, outputs, cot, is_grads_batched=True)
+            # one backward per logit (retain_graph) rather than is_grads_batched: the batched form
+            # imports sympy and sets up vmap on first use, a second of cold cost per worker
+            eye = torch.eye(c, dtype=out.dtype, device=out.device)
+            cots = [torch.ones_like(out)] if sum_logits else [eye[a].expand(b, c) for a in range(c)]
+            per_logit = [torch.autograd.grad(out, outputs, cot, retain_graph=i < k - 1) for i, cot in enumerate(cots)]
+            grads = [torch.stack(gs) for gs in zip(*per_logit)]
     finally:
         for h in handles:
             h.remove()
@@ -209,6 +212,10 @@ def _unfold(module, h: torch.Tensor) -> torch.Tensor:
     """im2col of a layer input: (b, in · kernel, positions), matching the weight's row-major layout."""
     if isinstance(module, torch.nn.Linear):
         return h.reshape(h.shape[0], -1, 1) if h.dim() == 2 else h.reshape(-1, h.shape[-1], 1)
+    if isinstance(module, torch.nn.Conv1d) and module.dilation[0] == 1:
+        (k,), (pad,), (stride,) = module.kernel_size, module.padding, module.stride
+        windows = torch.nn.functional.pad(h, (pad, pad)).unfold(-1, k, stride)  # (b, in, positions, k), a view
+        return windows.transpose(2, 3).reshape(h.shape[0], -1, windows.shape[2])
     if isinstance(module, torch.nn.Conv1d):
         return torch.nn.functional.unfold(h.unsqueeze(2), (1, module.kernel_size[0]), dilation=(1, module.dilation[0]),
                                           padding=(0, module.padding[0]), stride=(1, module.stride[0]))
