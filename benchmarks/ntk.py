@@ -211,7 +211,7 @@ def main() -> None:
     worst_vs_recipe = float("inf")
     for width in widths:
         for variant, n in cases:
-            rows = compare(width, variant, n, 2 if a.quick else 3, mm, loop=True)
+            rows = compare(width, variant, n, 2, mm, loop=True)
             for r in rows:
                 print(f"{r['width']:>5} {r['params']:>6} {r['variant']:>7} {r['n']:>4}  {r['method']:<16} "
                       f"{r['seconds']:>8.3f} {r['rate_fraction']:>9.2f} {r['rel_err']:>8.1e}")

@@ -112,7 +112,7 @@ def jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False, structured
     if structured is None and supports_structured(net):
         try:
             return structured_jacobian(net, x, sum_logits)
-        except _LayerReused:
+        except _NoClosedForm:
             pass
     elif structured:
         return structured_jacobian(net, x, sum_logits)
@@ -130,8 +130,9 @@ def jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False, structured
 _STRUCTURED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
 
 
-class _LayerReused(ProbeError):
-    """A layer applied twice in one forward: its Jacobian is not one outer product per input."""
+class _NoClosedForm(ProbeError):
+    """A layer applied twice in one forward, or a Linear on more than one axis: its Jacobian is
+    not one outer product per input, so ``auto`` falls back to vmap(jacrev)."""
 
 
 def _owner(net: Network, name: str):
@@ -169,7 +170,10 @@ def structured_jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False)
 
     def record(module, inputs, output):
         if id(module) in seen:
-            raise _LayerReused(f"structured NTK: layer {type(module).__name__} is called twice; use implementation='jacobian'")
+            raise _NoClosedForm(f"structured NTK: layer {type(module).__name__} is called twice; "
+                                f"use implementation='jacobian'")
+        if isinstance(module, torch.nn.Linear) and inputs[0].dim() != 2:
+            raise _NoClosedForm("structured NTK: a Linear layer applied to a sequence; use implementation='jacobian'")
         seen[id(module)] = (inputs[0].detach(), output)
 
     handles = [m.register_forward_hook(record) for m in modules.values()]
@@ -180,12 +184,10 @@ def structured_jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False)
             b, c = out.shape
             k = 1 if sum_logits else c
             outputs = [seen[id(m)][1] for m in modules.values()]
-            # one backward per logit (retain_graph) rather than is_grads_batched: the batched form
-            # imports sympy and sets up vmap on first use, a second of cold cost per worker
-            eye = torch.eye(c, dtype=out.dtype, device=out.device)
-            cots = [torch.ones_like(out)] if sum_logits else [eye[a].expand(b, c) for a in range(c)]
-            per_logit = [torch.autograd.grad(out, outputs, cot, retain_graph=i < k - 1) for i, cot in enumerate(cots)]
-            grads = [torch.stack(gs) for gs in zip(*per_logit)]
+            # all k logit cotangents in one batched backward (is_grads_batched vmaps the engine)
+            cot = torch.ones(1, b, c, dtype=out.dtype, device=out.device) if sum_logits else \
+                torch.eye(c, dtype=out.dtype, device=out.device)[:, None, :].expand(c, b, c)
+            grads = torch.autograd.grad(out, outputs, cot, is_grads_batched=True)
     finally:
         for h in handles:
             h.remove()

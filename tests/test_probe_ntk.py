@@ -139,8 +139,16 @@ def test_structured_falls_back_or_refuses_for_other_layers(tmp_path):
         def forward(self, x):
             return self.lin(torch.tanh(self.lin(x.flatten(1)[:, :C])))
 
+    class OverSequence(torch.nn.Module):  # a Linear applied at every position of a sequence
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, C)
+
+        def forward(self, x):
+            return self.lin(x.reshape(x.shape[0], 3, 2)).sum(1)
+
     x = torch.randn(4, 6, dtype=torch.float64)
-    for model in (Scaled().double(), Twice().double()):
+    for model in (Scaled().double(), Twice().double(), OverSequence().double()):
         net = core.bind(model, model.state_dict(), "cpu", torch.float64)
         ref = brute_full_ntk(model, model.state_dict(), x)
         assert rel_err(core.ntk(net, x, "full", "auto"), ref) < 1e-10

@@ -1,0 +1,68 @@
+"""The store: layout, schema versions, and DuckDB's one-writer lock seen from another process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lsdb.errors import StoreError, StoreLocked
+from lsdb.store import SUBDIRS, Store
+
+
+def test_init_makes_the_layout_and_is_idempotent(tmp_path):
+    s = Store.init(tmp_path / "st")
+    for sub in SUBDIRS:
+        assert (s.root / sub).is_dir()
+    assert s.db_path.exists()
+    Store.init(tmp_path / "st")  # again: no error, no duplicate version rows
+    with s.read() as con:
+        assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+
+
+def test_typed_tables_keys_and_indexes(tmp_path):
+    s = Store.init(tmp_path / "st")
+    with s.read() as con:
+        cols = dict(con.execute("SELECT column_name, data_type FROM information_schema.columns "
+                                "WHERE table_name = 'run'").fetchall())
+        assert cols["lr"] == "DOUBLE" and cols["batch_size"] == "INTEGER" and cols["spawn_epoch"] == "DOUBLE"
+        fks = con.execute("SELECT constraint_text FROM duckdb_constraints() WHERE table_name = 'checkpoint' "
+                          "AND constraint_type = 'FOREIGN KEY'").fetchall()
+        assert fks
+        idx = [r[0] for r in con.execute("SELECT index_name FROM duckdb_indexes() WHERE table_name = 'checkpoint'").fetchall()]
+        assert "ix_checkpoint_run_step" in idx
+
+
+def test_newer_schema_is_refused(tmp_path):
+    s = Store.init(tmp_path / "st")
+    with s.write() as conn:
+        conn.connection.driver_connection.execute("INSERT INTO schema_version VALUES (999, now(), 'future')")
+    with pytest.raises(StoreError, match="newer lsdb"):
+        Store.open(s.root)
+
+
+def test_missing_store(tmp_path):
+    with pytest.raises(StoreError, match="lsdb init"):
+        Store.open(tmp_path / "nothing")
+
+
+def test_reader_names_the_process_holding_the_file(tmp_path):
+    s = Store.init(tmp_path / "st")
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import duckdb, time; c = duckdb.connect({str(s.db_path)!r}); print('ok', flush=True); time.sleep(30)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        t0 = time.monotonic()
+        with pytest.raises(StoreLocked) as e:
+            with s.read(timeout=1.0):
+                pass
+        assert time.monotonic() - t0 >= 1.0  # it retried before giving up
+        assert str(holder.pid) in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    with s.read() as con:  # and once released, reads work again
+        assert con.execute("SELECT 1").fetchone() == (1,)
