@@ -34,9 +34,25 @@ def test_quick_example_end_to_end(tmp_path, cli_env):
     per_metric = dict(db.sql("SELECT metric, count(*) FROM metric_series GROUP BY metric").rows())
     assert per_metric["test_error"] == per_metric["eval_test_error"] == per_metric["weight_norm"] == n_ckpt
     assert per_metric["sibling_distance"] == 2 * 2  # 2 seeds × 2 spawn times × 1 pair
+    n_parent = sum(len(r.save_steps) for r in runs if r.kind == "parent")
+    n_pairs = sum(len(r.save_steps) - 1 for r in runs)
+    # kernel probes (issue 3): distance to init for every parent checkpoint, velocity for every
+    # consecutive pair, kernel accuracy at every checkpoint of every run
+    assert per_metric["kernel_distance_to_init"] == n_parent - 2  # the init itself is not paired with itself
+    assert per_metric["kernel_velocity"] == n_pairs
+    assert per_metric["linearised_test_error"] == per_metric["kernel_regression_test_error"] == n_ckpt
+    # geometry probes (issue 4): top eigenvalue and trace everywhere, a barrier curve per sibling pair
+    assert per_metric["hessian_top_eigenvalue"] == per_metric["hessian_trace"] == n_ckpt
+    curves = db.sql("SELECT count(DISTINCT c.job_id) AS n FROM barrier_curve c JOIN probe_job j ON j.id = c.job_id "
+                    "WHERE j.role = 'siblings'")["n"][0]
+    assert curves == 4
     assert "nothing to do" in lsdb_run("run", str(spec), "--store", store, env=cli_env)
-    corr = lsdb_run("correlate", "test_error", "distance_to_init", "--store", store, "--format", "csv", env=cli_env)
-    assert "pooled" in corr or "spearman" in corr
+    corr = lsdb_run("correlate", "kernel_velocity", "test_error", "--store", store, "--format", "csv", env=cli_env)
+    assert len(corr.strip().splitlines()) >= 2
+    for name, suffix in (("barrier", "html"), ("slice_2d", "svg")):
+        out = tmp_path / f"{name}.{suffix}"
+        lsdb_run("chart", "--name", name, "--store", store, "--out", str(out), env=cli_env)
+        assert out.stat().st_size > 1000
 
 
 @pytest.mark.slow
