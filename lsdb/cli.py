@@ -48,10 +48,10 @@ def plan(spec: SpecArg, store: StoreOpt = None,
     """Print what `lsdb run SPEC` would do (runs to train, checkpoints and probe jobs missing)."""
     from lsdb import runner
     from lsdb.spec import load_spec
-    from lsdb.store import Store
+    from lsdb.store import Store, resolve_store_path
 
     sp = load_spec(spec)
-    st = Store.init(store)
+    st = Store(resolve_store_path(store))  # planning creates nothing
     if manifest is not None:
         from lsdb.probes.manifest import write_manifest
 
@@ -59,6 +59,8 @@ def plan(spec: SpecArg, store: StoreOpt = None,
         typer.echo(f"wrote {n} ready probe jobs to {manifest}; run them with: lsdb worker {manifest} --store {st.root}")
     p = runner.plan(sp, st)
     typer.echo(f"experiment {sp.name} ({p.experiment_id[:12]}): {p.runs_total} runs declared")
+    if not st.db_path.exists():
+        typer.echo(f"store {st.root} does not exist yet: `lsdb run` will create it")
     if p.nothing_to_do:
         typer.echo("nothing to do: the store holds everything this spec declares")
         return

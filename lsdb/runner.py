@@ -71,16 +71,20 @@ def _state(store: Store, runs: list[PlannedRun]):
 
 
 def plan(spec: Spec, store: Store) -> PlanSummary:
-    """What `lsdb run` would do now, without doing it."""
-    runs = expand_runs(spec, _n_train(spec))
-    status, steps, jobs = _state(store, runs)
-    to_train = [r for r in runs if status.get(r.id) not in ("finished", "diverged", "skipped")]
-    missing_ckpts = sum(len(set(r.save_steps) - set(steps.get(r.id, {}))) for r in to_train)
-    by_probe: dict[str, int] = {}
+    """What `lsdb run` would do now, without doing it (a store that does not exist yet is empty)."""
     from lsdb.probes.base import job_id
 
-    with store.read() as con:  # stored results let dependent probes (kernel distances) plan too
-        requests = probe_requests(spec, simulated_study(runs, status, steps, con))
+    runs = expand_runs(spec, _n_train(spec))
+    exists = store.db_path.exists()
+    status, steps, jobs = _state(store, runs) if exists else ({}, {}, {})
+    to_train = [r for r in runs if status.get(r.id) not in ("finished", "diverged", "skipped")]
+    missing_ckpts = sum(len(set(r.save_steps) - set(steps.get(r.id, {}))) for r in to_train)
+    if exists:
+        with store.read() as con:  # stored results let dependent probes (kernel distances) plan too
+            requests = probe_requests(spec, simulated_study(runs, status, steps, con))
+    else:
+        requests = probe_requests(spec, simulated_study(runs))
+    by_probe: dict[str, int] = {}
     for name, version, _params, phash, req in requests:
         jid = job_id(name, version, phash, req.checkpoint_ids, req.role)
         if jobs.get(jid, ("",))[0] not in ("done", "skipped"):

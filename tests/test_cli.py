@@ -115,3 +115,9 @@ def test_manifest_worker_ingest_round_trip(tiny_spec_path, tmp_path, cli_env):
     assert Session.open(s).sql("SELECT count(*) AS n FROM probe_job WHERE state = 'done'")["n"][0] == n_jobs
     r = lsdb("run", str(tiny_spec_path), "--store", s, env=cli_env)
     assert "nothing to do" in r.stdout
+
+
+def test_plan_creates_nothing(tiny_spec_path, tmp_path, cli_env):
+    r = lsdb("plan", str(tiny_spec_path), "--store", str(tmp_path / "new"), env=cli_env)
+    assert r.returncode == 0 and "does not exist yet" in r.stdout and "runs to train:       6" in r.stdout
+    assert not (tmp_path / "new").exists()
