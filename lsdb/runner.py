@@ -185,29 +185,18 @@ def experiment_probe_set(store: Store, spec: Spec) -> str:
 # ---------------------------------------------------------------------------------- training
 
 def _train_all(store: Store, runs: list[PlannedRun], executor, summary: RunSummary, bars) -> None:
-    from lsdb.ingest.ingest import ingest
-
     task_bar = None
     for wave in range(3):  # parents, then children (whose spawn checkpoints now exist)
         status, steps, _ = _state(store, runs)
         tasks = [t for t in (_train_task(store, r, status, steps) for r in runs) if t is not None]
         if not tasks:
             break
-        if task_bar is None:
-            task_bar = bars.add("training runs", len(tasks))
-        else:
-            bars.extend(task_bar, len(tasks))
-        last = time.monotonic()
-        for result in executor.map(_train_entry, [(t,) for t in tasks]):
+        task_bar = bars.add_or_extend(task_bar, "training runs", len(tasks))
+        for result in _drain(store, executor, _train_entry, [(t,) for t in tasks], bars, task_bar):
             summary.trained += 1
             summary.checkpoints += result["checkpoints"]
             if result["status"] == "diverged":
                 summary.diverged.append(f"{result['run_id']}: {result['diverged_reason']} at step {result['diverged_step']}")
-            bars.advance(task_bar)
-            if time.monotonic() - last > INGEST_EVERY_S:
-                ingest(store)
-                last = time.monotonic()
-        ingest(store)
     _skip_orphans(store, runs)
 
 
@@ -266,7 +255,6 @@ def _train_entry(task) -> dict:
 # ------------------------------------------------------------------------------------ probes
 
 def _probe_all(spec, store, runs, executor, summary: RunSummary, bars, device) -> None:
-    from lsdb.ingest.ingest import ingest
     from lsdb.probes.worker import run_probe_job
 
     if not spec.probes:
@@ -283,12 +271,8 @@ def _probe_all(spec, store, runs, executor, summary: RunSummary, bars, device) -
         if not ready:
             break
         attempted.update(j.id for j in ready)
-        if job_bar is None:
-            job_bar = bars.add("probe jobs", len(ready))
-        else:
-            bars.extend(job_bar, len(ready))
-        last = time.monotonic()
-        for meta in executor.map(run_probe_job, [(str(store.root), j, device) for j in ready]):
+        job_bar = bars.add_or_extend(job_bar, "probe jobs", len(ready))
+        for meta in _drain(store, executor, run_probe_job, [(str(store.root), j, device) for j in ready], bars, job_bar):
             if meta["state"] == "done":
                 summary.jobs_done += 1
             elif meta["state"] == "skipped":
@@ -296,11 +280,21 @@ def _probe_all(spec, store, runs, executor, summary: RunSummary, bars, device) -
             else:
                 summary.jobs_failed += 1
                 summary.failures.append(f"{meta['probe']} job {meta['id'][:10]}: {meta['error'].splitlines()[0]}")
-            bars.advance(job_bar)
-            if time.monotonic() - last > INGEST_EVERY_S:
-                ingest(store)
-                last = time.monotonic()
-        ingest(store)
+
+
+def _drain(store: Store, executor, fn, tasks: list[tuple], bars, bar):
+    """Yield each task's result as it completes, ingesting the spool every few seconds (short
+    write transactions, so readers get in between) and once at the end."""
+    from lsdb.ingest.ingest import ingest
+
+    last = time.monotonic()
+    for result in executor.map(fn, tasks):
+        yield result
+        bars.advance(bar)
+        if time.monotonic() - last > INGEST_EVERY_S:
+            ingest(store)
+            last = time.monotonic()
+    ingest(store)
 
 
 class _Progress:
@@ -324,12 +318,14 @@ class _Progress:
         if self.progress is not None:
             self.progress.__exit__(*exc)
 
-    def add(self, name, total):
-        return self.progress.add_task(name, total=total) if self.progress else None
-
-    def extend(self, task, more):
-        if self.progress is not None:
-            self.progress.update(task, total=self.progress.tasks[task].total + more)
+    def add_or_extend(self, task, name, more):
+        """A new bar the first time, then a longer total for the same bar."""
+        if self.progress is None:
+            return None
+        if task is None:
+            return self.progress.add_task(name, total=more)
+        self.progress.update(task, total=self.progress.tasks[task].total + more)
+        return task
 
     def advance(self, task):
         if self.progress is not None:
