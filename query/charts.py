@@ -264,9 +264,12 @@ def kernel_accuracy_chart(session, runs=None):
                                    (pl.col("mean") - pl.col("std")).alias("lo"),
                                    (pl.col("mean") + pl.col("std")).alias("hi"))
         df = pl.concat([df, lowlr.select(df.columns).cast(df.schema)])
+    # the reference is the final error of the same parents whose kernels were measured (not
+    # other variants, e.g. patch networks, that have no kernel accuracy)
     final = session.sql(
         "SELECT avg(e) AS final FROM (SELECT arg_max(test_error, step) AS e FROM checkpoint "
-        f"WHERE run_id IN ({', '.join('?' * len(ids))}) GROUP BY run_id)", ids)
+        f"WHERE run_id IN ({', '.join('?' * len(ids))}) AND run_id IN (SELECT DISTINCT run_id FROM metric_series "
+        "WHERE metric IN ('linearised_test_error', 'kernel_regression_test_error')) GROUP BY run_id)", ids)
     color = alt.Color("metric:N", title="model")
     lines = alt.Chart(df).mark_line(point=True).encode(
         _time_x(title=f"expansion / spawn time, {TIME_TITLE}"), alt.Y("mean:Q", title="test error"), color,
