@@ -223,11 +223,18 @@ def sibling_final_pairs(study: Study, kind: str = "child") -> list[JobRequest]:
 
 
 def to_init_pairs(study: Study) -> list[JobRequest]:
-    """Each checkpoint of a parent run paired with its step-0 checkpoint (role "init")."""
+    """Each checkpoint paired with the step-0 checkpoint of its trajectory (role "init"): a
+    parent's own init; for a child, the init of the parent it was spawned from, since the child's
+    weights continue that trajectory. The init itself is not paired with itself."""
+    by_id = {r.id: r for r in study.runs}
     out = []
     for r in study.runs:
-        if r.kind == "parent" and r.checkpoints:
-            out += [JobRequest((c.id, r.init.id), c.id, "init") for c in r.checkpoints]
+        root = r
+        while root.parent_run_id is not None and root.parent_run_id in by_id:
+            root = by_id[root.parent_run_id]
+        if not root.checkpoints or root.init.step != 0:
+            continue
+        out += [JobRequest((c.id, root.init.id), c.id, "init") for c in r.checkpoints if c.id != root.init.id]
     return out
 
 

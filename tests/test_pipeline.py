@@ -57,13 +57,14 @@ def test_run_fills_the_expected_counts(finished):
     assert c["eval"] == expected_ckpts
     parents_ckpts = sum(len(r.save_steps) for r in runs if r.kind == "parent")
     child_ckpts = expected_ckpts - parents_ckpts
-    # weights: norm for each checkpoint + to-init for parents + to-parent for children + 1 sibling pair per parent
-    assert c["weights"] == expected_ckpts + parents_ckpts + child_ckpts + 2
+    # weights: norm for each checkpoint + to-init for every checkpoint but the 2 inits
+    # + to-parent for children + 1 sibling pair per parent
+    assert c["weights"] == expected_ckpts + (expected_ckpts - 2) + child_ckpts + 2
     assert summary.jobs_failed == 0
     db = lsdb.open(store.root)
     per_metric = dict(db.sql("SELECT metric, count(*) FROM metric_series GROUP BY metric").rows())
     assert per_metric["test_error"] == expected_ckpts
-    assert per_metric["distance_to_init"] == parents_ckpts
+    assert per_metric["distance_to_init"] == expected_ckpts - 2  # children measure from their trajectory's init
     assert per_metric["sibling_distance"] == 2
 
 

@@ -143,7 +143,9 @@ def test_plan_all_roles_once_every_kernel_is_stored():
     by_role: dict[str, set] = {}
     for j in jobs:
         by_role.setdefault(j.role, set()).add((j.checkpoint_ids, j.anchor_checkpoint_id))
-    assert by_role["init"] == {(("p1", "p0"), "p1"), (("p2", "p0"), "p2")}
+    # children measure from the init of the trajectory they continue (the parent's step 0)
+    assert by_role["init"] == {(("p1", "p0"), "p1"), (("p2", "p0"), "p2"), (("k0a", "p0"), "k0a"),
+                               (("k0b", "p0"), "k0b"), (("k1a", "p0"), "k1a"), (("k1b", "p0"), "k1b")}
     assert by_role["next"] == {(("p0", "p1"), "p0"), (("p1", "p2"), "p1"),
                                (("k0a", "k0b"), "k0a"), (("k1a", "k1b"), "k1a")}
     assert by_role["siblings"] == {(("k0b", "k1b"), "p1")}
