@@ -208,3 +208,15 @@ def test_adding_a_dependent_probe_later_plans_and_runs_it(tmp_path):
     assert runner.plan(grown, store).nothing_to_do
     db = lsdb.open(store.root)
     assert db.sql("SELECT count(*) AS n FROM metric_series WHERE metric = 'kernel_velocity'")["n"][0] > 0
+
+
+def test_progress_bars_show_runs_and_jobs(tmp_path, capsys):
+    from lsdb.spec import parse_spec
+    from lsdb.store import Store
+    from tests.conftest import TINY_SPEC
+
+    spec = parse_spec(TINY_SPEC.replace("seeds = [0, 1]", "seeds = [0]"))
+    summary = runner.run(spec, Store.init(tmp_path / "s"), progress=True)
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert summary.trained == 3 and "training runs" in text and "probe jobs" in text
