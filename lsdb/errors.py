@@ -39,5 +39,9 @@ class ProbeSkipped(Exception):
     """
 
 
+class WorkerDied(LsdbError):
+    """A worker process vanished mid-task (killed, out of memory)."""
+
+
 class QueryError(LsdbError):
     """A query the store cannot answer (unknown metric, write attempt, bad SQL)."""

@@ -288,13 +288,15 @@ def _drain(store: Store, executor, fn, tasks: list[tuple], bars, bar):
     from lsdb.ingest.ingest import ingest
 
     last = time.monotonic()
-    for result in executor.map(fn, tasks):
-        yield result
-        bars.advance(bar)
-        if time.monotonic() - last > INGEST_EVERY_S:
-            ingest(store)
-            last = time.monotonic()
-    ingest(store)
+    try:
+        for result in executor.map(fn, tasks):
+            yield result
+            bars.advance(bar)
+            if time.monotonic() - last > INGEST_EVERY_S:
+                ingest(store)
+                last = time.monotonic()
+    finally:  # also when a worker died: keep everything that finished
+        ingest(store)
 
 
 class _Progress:

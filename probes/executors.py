@@ -42,9 +42,19 @@ class ProcessExecutor:
                                         initializer=_init_worker, initargs=(threads,))
 
     def map(self, fn: Callable, tasks: Iterable[tuple]) -> Iterator:
+        from concurrent.futures.process import BrokenProcessPool
+
+        from lsdb.errors import WorkerDied
+
         futures = [self.pool.submit(fn, *args) for args in tasks]
-        for f in as_completed(futures):
-            yield f.result()
+        try:
+            for f in as_completed(futures):
+                yield f.result()
+        except BrokenProcessPool:
+            done = sum(f.done() and not f.exception() for f in futures)
+            raise WorkerDied(f"a worker process died (killed, or out of memory) after {done} of {len(futures)} "
+                             f"tasks; finished work is kept: rerun the same command to resume "
+                             f"(fewer --workers if memory is short)") from None
 
     def close(self):
         self.pool.shutdown(cancel_futures=True)
