@@ -154,7 +154,7 @@ def run_ref(r: PlannedRun, status: str, checkpoints: tuple[CheckpointRef, ...]) 
                   parent_checkpoint_id=r.parent_checkpoint_id, spawn_epoch=r.spawn_epoch, child_index=r.child_index,
                   epochs=cfg.optim.epochs, lr=cfg.optim.lr * r.lr_factor, batch_size=cfg.optim.batch_size,
                   momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, data_seed=r.data_seed,
-                  checkpoints=checkpoints)
+                  checkpoints=checkpoints, steps_per_epoch=r.steps_per_epoch, total_steps=r.total_steps)
 
 
 def simulated_study(runs: list[PlannedRun], status: dict | None = None, stored: dict | None = None,

@@ -61,6 +61,8 @@ class RunRef:
     weight_decay: float
     data_seed: int
     checkpoints: tuple[CheckpointRef, ...]  # sorted by step
+    steps_per_epoch: int = 0  # 0 = unknown (hand-built refs in tests)
+    total_steps: int = 0
 
     @property
     def init(self) -> CheckpointRef:

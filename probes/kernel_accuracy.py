@@ -8,7 +8,8 @@ Two methods, one row each (``method`` column):
 
   trained from w = w_t on the training split with mean cross-entropy, SGD with the run's momentum,
   weight decay (on w) and batch size, minibatches in an order seeded from the job's seed, for
-  ``steps`` steps. J_t(x)(w − w_t) is a ``torch.func.jvp`` at w_t, so J is never materialised over
+  ``steps`` steps — or, with ``until_end``, for as many steps as a child spawned at t trains
+  (the run's total steps minus the checkpoint's step; the paper's protocol, at a constant rate). J_t(x)(w − w_t) is a ``torch.func.jvp`` at w_t, so J is never materialised over
   the training set. Learning rate (``lr_mode``): ``fixed`` = run lr × ``lr_factor``;
   ``kernel_scaled`` = ``kernel_lr`` / mean_i Θ^tr_t(x_i, x_i) over the probe set, because Θ_t
   grows by orders of magnitude during training and a fixed rate would make early expansions look
@@ -48,6 +49,7 @@ LR_MODES = ("fixed", "kernel_scaled")
 class Params:
     methods: tuple[str, ...] = METHODS
     steps: int = 300
+    until_end: bool = False  # train as long as a child spawned here would (overrides steps)
     lr_mode: str = "kernel_scaled"  # fixed | kernel_scaled
     lr_factor: float = 1.0  # fixed: lr = run lr × lr_factor
     kernel_lr: float = 10.0  # kernel_scaled: lr = kernel_lr / mean diagonal of Θ^tr on the probe set
@@ -145,14 +147,19 @@ def _linearised_row(ctx: ProbeContext, net: core.Network, params: Params, x_prob
             raise ProbeSkipped(f"trace NTK mean diagonal is {mean_diag}; cannot scale the learning rate")
         lr = params.kernel_lr / mean_diag
     data = ctx.data
-    delta = train_linearised(net, data.x_train, data.y_train, lr=lr, steps=params.steps,
+    steps = params.steps
+    if params.until_end:
+        if run.total_steps <= 0:
+            raise ProbeError("kernel_accuracy.until_end needs the run's total steps, which this job lacks")
+        steps = max(0, run.total_steps - ctx.checkpoints[0].step)
+    delta = train_linearised(net, data.x_train, data.y_train, lr=lr, steps=steps,
                              batch_size=run.batch_size, momentum=run.momentum,
                              weight_decay=run.weight_decay, loss="ce", seed=ctx.seed)
     m = params.train_eval_size or data.x_train.shape[0]
     f = lambda xb: linearised_logits(net, delta, xb)  # noqa: E731
     train_loss, train_error = _evaluate(f, data.x_train[:m], data.y_train[:m], params.chunk)
     test_loss, test_error = _evaluate(f, data.x_test, data.y_test, params.chunk)
-    return {"method": "linearised", "lr_mode": params.lr_mode, "lr": lr, "steps": params.steps,
+    return {"method": "linearised", "lr_mode": params.lr_mode, "lr": lr, "steps": steps,
             "kernel_variant": None, "n_train": m, "train_loss": train_loss, "train_error": train_error,
             "test_loss": test_loss, "test_error": test_error, "lambda": None}
 

@@ -286,3 +286,18 @@ def test_metric_names_are_the_agreed_ones():
     cols = set(kernel.KernelAccuracyResult.__table__.c.keys())
     assert {"method", "lr_mode", "lr", "steps", "train_loss", "train_error", "test_loss", "test_error",
             "lambda"} <= cols
+
+
+def test_until_end_trains_as_long_as_a_child(tmp_path):
+    """With until_end the linearised model trains total_steps − step steps, as a child would."""
+    import dataclasses
+
+    model, state, data = make_case("mlp")
+    ctx = make_ctx(model, state, data, tmp_path)
+    ctx.runs = [dataclasses.replace(RUN, total_steps=7, steps_per_epoch=2)]
+    ctx.checkpoints = [CheckpointRef("c0", "r", 3, 1.5, "")]
+    (row,) = ka.compute(ctx, ka.Params(methods=("linearised",), until_end=True))["kernel_accuracy"]
+    assert row["steps"] == 4
+    ctx.runs = [RUN]  # a run without its length cannot say where the end is
+    with pytest.raises(ProbeError, match="until_end"):
+        ka.compute(ctx, ka.Params(methods=("linearised",), until_end=True))
