@@ -28,6 +28,7 @@ class IngestReport:
     jobs: int = 0
     rows: dict[str, int] = field(default_factory=dict)
     skipped_known: int = 0
+    rejected: list[str] = field(default_factory=list)  # "shard: reason", moved to spool/rejected/
 
     @property
     def result_rows(self) -> int:
@@ -44,7 +45,17 @@ def ingest(store, batch: int = BATCH) -> IngestReport:
 
 
 def _ingest_batch(store, shards: list[Path], report: IngestReport) -> None:
-    metas = [(s, read_meta(s)) for s in shards]
+    metas = []
+    for s in shards:
+        try:
+            meta = read_meta(s)
+            if meta.get("kind") not in ("checkpoint", "run_status", "probe"):
+                raise ValueError(f"unknown kind {meta.get('kind')!r}")
+        except (OSError, ValueError) as e:  # a damaged shard must not block every other one
+            _reject(store, s, str(e), report)
+            continue
+        metas.append((s, meta))
+    shards = [s for s, _ in metas]
     with store.write() as conn:
         con = conn.connection.driver_connection
         ckpts = [m["row"] for _, m in metas if m["kind"] == "checkpoint"]
@@ -61,6 +72,20 @@ def _ingest_batch(store, shards: list[Path], report: IngestReport) -> None:
     for s in shards:
         retire(s, store.ingested)
     report.shards += len(shards)
+
+
+def _reject(store, shard: Path, reason: str, report: IngestReport) -> None:
+    import os
+
+    target = store.spool / "rejected"
+    target.mkdir(exist_ok=True)
+    if (target / shard.name).exists():
+        import shutil
+
+        shutil.rmtree(shard)
+    else:
+        os.replace(shard, target / shard.name)
+    report.rejected.append(f"{shard.name}: {reason}")
 
 
 def _insert_checkpoints(con, rows: list[dict]) -> int:

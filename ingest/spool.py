@@ -77,7 +77,7 @@ def pending_shards(spool: Path) -> list[Path]:
     if not spool.exists():
         return []
     return sorted(p for p in spool.iterdir() if p.is_dir() and not p.name.startswith(".")
-                  and p.name != "ingested" and (p / META).exists())
+                  and p.name not in ("ingested", "rejected") and (p / META).exists())
 
 
 def read_meta(shard: Path) -> dict:

@@ -133,6 +133,8 @@ def ingest(store: StoreOpt = None):
         r = do_ingest(st)
     typer.echo(f"ingested {r.shards} shards: {r.checkpoints} checkpoints, {r.jobs} probe jobs, "
                f"{r.result_rows} result rows ({r.skipped_known} already stored)")
+    for line in r.rejected:
+        typer.echo(f"rejected (moved to spool/rejected/): {line}", err=True)
 
 
 @app.command()

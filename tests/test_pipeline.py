@@ -220,3 +220,15 @@ def test_progress_bars_show_runs_and_jobs(tmp_path, capsys):
     err = capsys.readouterr()
     text = err.out + err.err
     assert summary.trained == 3 and "training runs" in text and "probe jobs" in text
+
+
+def test_a_damaged_shard_is_set_aside_not_blocking(finished, tmp_path):
+    from lsdb.ingest.spool import write_shard
+
+    _, store, _ = finished
+    bad = write_shard(store.spool, "job-damaged", {"kind": "probe", "job": {}})
+    (bad / "meta.json").write_text("{not json")
+    report = ingest(store)
+    assert report.rejected and report.rejected[0].startswith("job-damaged")
+    assert (store.spool / "rejected" / "job-damaged").exists() and not bad.exists()
+    assert ingest(store).rejected == []  # set aside once, not retried forever
