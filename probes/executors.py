@@ -46,12 +46,13 @@ class ProcessExecutor:
 
         from lsdb.errors import WorkerDied
 
-        futures = [self.pool.submit(fn, *args) for args in tasks]
-        try:
+        futures = []
+        try:  # a pool broken by a dead worker fails on submit as well as on result
+            futures = [self.pool.submit(fn, *args) for args in tasks]
             for f in as_completed(futures):
                 yield f.result()
         except BrokenProcessPool:
-            done = sum(f.done() and not f.exception() for f in futures)
+            done = sum(f.done() and not f.cancelled() and f.exception() is None for f in futures)
             raise WorkerDied(f"a worker process died (killed, or out of memory) after {done} of {len(futures)} "
                              f"tasks; finished work is kept: rerun the same command to resume "
                              f"(fewer --workers if memory is short)") from None
