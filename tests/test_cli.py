@@ -121,3 +121,15 @@ def test_plan_creates_nothing(tiny_spec_path, tmp_path, cli_env):
     r = lsdb("plan", str(tiny_spec_path), "--store", str(tmp_path / "new"), env=cli_env)
     assert r.returncode == 0 and "does not exist yet" in r.stdout and "runs to train:       6" in r.stdout
     assert not (tmp_path / "new").exists()
+
+
+def test_large_csv_export_streams_to_a_file(tmp_path):
+    s = str(tmp_path / "st")
+    runner.invoke(app, ["init", "--store", s])
+    out = tmp_path / "big.csv"
+    r = runner.invoke(app, ["sql", "SELECT range AS i, range * 0.5 AS x FROM range(300000)", "--store", s,
+                            "--format", "csv", "--out", str(out)])
+    assert r.exit_code == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == '"i","x"' or lines[0] == "i,x"
+    assert len(lines) == 300001
