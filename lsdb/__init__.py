@@ -13,3 +13,11 @@ def open(store=None):  # noqa: A001 - mirrors the builtin on purpose: lsdb.open(
     from lsdb.query.session import Session
 
     return Session.open(store)
+
+
+def __getattr__(name):  # lazy, so `import lsdb` stays light
+    if name == "Recorder":
+        from lsdb.ingest.recorder import Recorder
+
+        return Recorder
+    raise AttributeError(f"module 'lsdb' has no attribute {name!r}")

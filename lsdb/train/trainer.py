@@ -88,6 +88,23 @@ def load_optimizer_tensors(opt, model, tensors: dict[str, torch.Tensor]) -> None
             opt.state[p]["momentum_buffer"] = tensors[name].clone().to(p.dtype)
 
 
+def save_checkpoint(ckdir, cid: str, run_id: str, step: int, spe: int, total_steps: int, lr: float,
+                    model, opt, data) -> dict:
+    """Evaluate ``model`` on both splits, write its weights (named by their hash) and the optimiser
+    state beside them, and return the checkpoint row."""
+    from pathlib import Path
+
+    train_loss, train_error = evaluate(model, data.x_train, data.y_train)
+    test_loss, test_error = evaluate(model, data.x_test, data.y_test)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sha = save_weights(Path(ckdir), state)
+    moments = optimizer_tensors(opt, model) if opt is not None else {}
+    atomic_save(moments or {"_empty": torch.zeros(0)}, Path(ckdir) / f"{cid}.optim.safetensors")
+    return dict(id=cid, run_id=run_id, step=step, epoch=step / spe, frac=step / total_steps, sha256=sha,
+                has_optimizer=bool(moments), lr=lr, train_loss=train_loss, train_error=train_error,
+                test_loss=test_loss, test_error=test_error)
+
+
 def _adversary(model, cfg: RunConfig):
     from lsdb.train.adversarial import perturb
 
@@ -134,18 +151,10 @@ def _train(task: TrainTask, emit) -> dict:
     save = [s for s in task.save_steps if s >= task.start_step]
 
     def checkpoint(step):
-        train_loss, train_error = evaluate(model, data.x_train, data.y_train)
-        test_loss, test_error = evaluate(model, data.x_test, data.y_test)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        sha = save_weights(ckdir, state)
-        cid = task.checkpoint_ids[step]
-        opt_file = f"{cid}.optim.safetensors"
-        atomic_save(optimizer_tensors(opt, model) or {"_empty": torch.zeros(0)}, ckdir / opt_file)
-        row = dict(id=cid, run_id=task.run_id, step=step, epoch=step / spe, frac=step / task.total_steps,
-                   sha256=sha, has_optimizer=True, lr=lr_at(step, cfg, spe, task.lr_factor),
-                   train_loss=train_loss, train_error=train_error, test_loss=test_loss, test_error=test_error)
+        row = save_checkpoint(ckdir, task.checkpoint_ids[step], task.run_id, step, spe, task.total_steps,
+                              lr_at(step, cfg, spe, task.lr_factor), model, opt, data)
         emit("checkpoint", row)
-        return train_loss, train_error
+        return row["train_loss"], row["train_error"]
 
     status = {"run_id": task.run_id, "status": "finished", "diverged_step": None, "diverged_reason": None}
     step = task.start_step
