@@ -90,7 +90,7 @@ class Recorder:
         """Store ``model``'s weights at ``step`` (and ``optimizer``'s momentum, needed to spawn
         children from this step); returns the checkpoint id."""
         from lsdb.ingest.ingest import ingest
-        from lsdb.ingest.spool import write_shard
+        from lsdb.ingest.spool import write_checkpoint_shard
         from lsdb.plan import checkpoint_id
         from lsdb.train.trainer import save_checkpoint
 
@@ -110,23 +110,19 @@ class Recorder:
                                   self.total_steps, lr, model, optimizer, self.data)
         finally:
             model.train(was_training)
-        write_shard(self.store.spool, f"ckpt-{cid}", {"kind": "checkpoint", "row": row})
+        write_checkpoint_shard(self.store.spool, row)
         ingest(self.store)
         return cid
 
     def finish(self, status: str = "finished", reason: str | None = None) -> None:
         """Mark the run ended (``finished``, or ``diverged`` with a reason)."""
-        import time
-
         from lsdb.ingest.ingest import ingest
-        from lsdb.ingest.spool import write_shard
+        from lsdb.ingest.spool import write_status_shard
 
         self._check_open()
         if status not in ("finished", "diverged"):
             raise LsdbError(f"status must be 'finished' or 'diverged', got {status!r}")
-        write_shard(self.store.spool, f"status-{self.run.id}-{int(time.time() * 1e6)}",
-                    {"kind": "run_status", "run_id": self.run.id, "status": status, "diverged_step": None,
-                     "diverged_reason": reason})
+        write_status_shard(self.store.spool, self.run.id, status, reason=reason)
         ingest(self.store)
 
     def _check_open(self):

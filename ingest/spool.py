@@ -72,6 +72,21 @@ def write_shard(spool: Path, name: str, meta: dict, tables: dict[str, list[dict]
     return final
 
 
+def write_checkpoint_shard(spool: Path, row: dict) -> Path:
+    """The shard that records one checkpoint row (written by the trainer and by ``Recorder``)."""
+    return write_shard(spool, f"ckpt-{row['id']}", {"kind": "checkpoint", "row": row})
+
+
+def write_status_shard(spool: Path, run_id: str, status: str, diverged_step: int | None = None,
+                       reason: str | None = None) -> Path:
+    """The shard that ends a run: finished, or diverged at a step for a reason."""
+    import time
+
+    return write_shard(spool, f"status-{run_id}-{int(time.time() * 1e6)}",
+                       {"kind": "run_status", "run_id": run_id, "status": status,
+                        "diverged_step": diverged_step, "diverged_reason": reason})
+
+
 def pending_shards(spool: Path) -> list[Path]:
     spool = Path(spool)
     if not spool.exists():

@@ -47,6 +47,7 @@ def plan(spec: SpecArg, store: StoreOpt = None,
              help="Also write the probe jobs ready now as JSON lines, for `lsdb worker` on other machines.")] = None):
     """Print what `lsdb run SPEC` would do (runs to train, checkpoints and probe jobs missing)."""
     from lsdb import runner
+    from lsdb.plan import MAX_ATTEMPTS
     from lsdb.spec import load_spec
     from lsdb.store import Store, resolve_store_path
 
@@ -69,6 +70,8 @@ def plan(spec: SpecArg, store: StoreOpt = None,
     typer.echo(f"  checkpoints missing: {p.checkpoints_missing}")
     typer.echo(f"  probe jobs missing:  {p.jobs_missing}" + ("" if not p.jobs_by_probe else
                "  (" + ", ".join(f"{k}: {v}" for k, v in sorted(p.jobs_by_probe.items())) + ")"))
+    if p.jobs_given_up:
+        typer.echo(f"  probe jobs given up: {p.jobs_given_up} (failed {MAX_ATTEMPTS} times; see lsdb jobs --failed)")
     typer.echo("probes that need other probes' results (e.g. ntk_distance) are planned once those exist")
 
 

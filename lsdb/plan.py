@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -110,11 +110,11 @@ def run_row(r: PlannedRun, experiment_id: str, num_params: int) -> dict:
         adv_mix=cfg.train.adv_mix, steps_per_epoch=r.steps_per_epoch, total_steps=r.total_steps,
         parent_run_id=r.parent_id, parent_checkpoint_id=r.parent_checkpoint_id, spawn_step=r.spawn_step,
         spawn_epoch=r.spawn_epoch, child_index=r.child_index, status="planned", diverged_step=None,
-        diverged_reason=None, config_json=sha_free_json(cfg),
+        diverged_reason=None, config_json=config_json(cfg),
     )
 
 
-def sha_free_json(cfg: RunConfig) -> str:
+def config_json(cfg: RunConfig) -> str:
     import json
 
     return json.dumps(non_default(cfg), sort_keys=True)
@@ -197,12 +197,6 @@ def _results(con, table: str):
 
 # ------------------------------------------------------------------------------------ probes
 
-@dataclass
-class ProbeJobs:
-    ready: list = field(default_factory=list)  # JobSpec
-    given_up: list = field(default_factory=list)  # (job id, error) after MAX_ATTEMPTS
-
-
 def probe_requests(spec: Spec, study: Study) -> list[tuple[str, int, object, str, JobRequest]]:
     """(probe, version, params, params_hash, request) for every job the spec's probes ask for."""
     from lsdb.probes import probe_module
@@ -249,11 +243,11 @@ def _selector(study: Study, sel):
 
 
 def probe_jobs(spec: Spec, study: StoreStudy, runs: list[PlannedRun], probe_set_sha: str,
-               job_states: dict[str, tuple[str, int, str | None]]) -> ProbeJobs:
+               job_states: dict[str, tuple[str, int, str | None]]) -> list:
     from lsdb.probes.worker import JobSpec
 
     by_id = {r.id: r for r in runs}
-    result = ProbeJobs()
+    ready = []  # JobSpec
     seen = set()
     for name, version, params, phash, req in probe_requests(spec, study):
         jid = job_id(name, version, phash, req.checkpoint_ids, req.role)
@@ -264,17 +258,16 @@ def probe_jobs(spec: Spec, study: StoreStudy, runs: list[PlannedRun], probe_set_
         if state and state[0] in ("done", "skipped"):
             continue
         if state and state[0] == "failed" and state[1] >= MAX_ATTEMPTS:
-            result.given_up.append((jid, name, state[2]))
-            continue
+            continue  # given up: plan() counts these
         ckpts = tuple(study.checkpoint(c) for c in req.checkpoint_ids)
         run_refs = tuple(study.run(c.run_id) for c in ckpts)
         cfg = by_id[ckpts[0].run_id].config
-        result.ready.append(JobSpec(
+        ready.append(JobSpec(
             id=jid, probe=name, version=version, params=_params_dict(params), params_hash=phash, role=req.role,
             checkpoints=ckpts, runs=run_refs, anchor_checkpoint_id=req.anchor_checkpoint_id, inputs=req.inputs,
             model=cfg.model, data=cfg.data, probe_set_sha256=probe_set_sha,
             seed=int(jid[:8], 16)))
-    return result
+    return ready
 
 
 def _params_dict(params) -> dict:

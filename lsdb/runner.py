@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lsdb.errors import LsdbError
-from lsdb.plan import (PlannedRun, expand_runs, probe_jobs, run_row, simulated_study, stored_study,
-                       probe_requests)
+from lsdb.plan import (MAX_ATTEMPTS, PlannedRun, expand_runs, probe_jobs, probe_requests, run_row,
+                       simulated_study, stored_study)
 from lsdb.spec import Spec
 from lsdb.store import Store, utcnow
 
@@ -85,25 +85,30 @@ def plan(spec: Spec, store: Store) -> PlanSummary:
     else:
         requests = probe_requests(spec, simulated_study(runs))
     by_probe: dict[str, int] = {}
+    given_up = 0
     for name, version, _params, phash, req in requests:
-        jid = job_id(name, version, phash, req.checkpoint_ids, req.role)
-        if jobs.get(jid, ("",))[0] not in ("done", "skipped"):
+        state, attempts, _error = jobs.get(job_id(name, version, phash, req.checkpoint_ids, req.role), ("", 0, None))
+        if state == "failed" and attempts >= MAX_ATTEMPTS:
+            given_up += 1  # `lsdb jobs --failed` shows why; rerunning would only fail again
+        elif state not in ("done", "skipped"):
             by_probe[name] = by_probe.get(name, 0) + 1
-    return PlanSummary(spec.identity(), len(runs), to_train, missing_ckpts, sum(by_probe.values()), by_probe)
+    return PlanSummary(spec.identity(), len(runs), to_train, missing_ckpts, sum(by_probe.values()), by_probe,
+                       given_up)
 
 
-def ready_jobs(spec: Spec, store: Store) -> list:
-    """Probe jobs that can run now (their checkpoints and inputs exist), for a manifest."""
-    runs = expand_runs(spec, _n_train(spec))
-    probe_sha = experiment_probe_set(store, spec)
-    with store.read() as con:
+def ready_jobs(spec: Spec, store: Store, runs: list[PlannedRun] | None = None, probe_sha: str | None = None) -> list:
+    """Probe jobs that can run now (their checkpoints and inputs exist): for a manifest, and for
+    each pass of `lsdb run`."""
+    runs = runs if runs is not None else expand_runs(spec, _n_train(spec))
+    probe_sha = probe_sha or experiment_probe_set(store, spec)
+    with store.read() as con:  # the study reads stored results lazily, so plan inside the read
         study = stored_study(runs, con)
         states = {r[0]: (r[1], r[2], r[3]) for r in con.execute("SELECT id, state, attempts, error FROM probe_job").fetchall()}
-        return probe_jobs(spec, study, runs, probe_sha, states).ready
+        return probe_jobs(spec, study, runs, probe_sha, states)
 
 
 def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None, progress: bool = False,
-        log=print, probes: bool = True) -> RunSummary:
+        probes: bool = True) -> RunSummary:
     """Train and probe everything missing. Safe to interrupt at any point and rerun."""
     from lsdb.ingest.ingest import ingest
     from lsdb.probes.executors import make_executor
@@ -235,7 +240,7 @@ def _train_task(store: Store, r: PlannedRun, status: dict, steps: dict):
 
 
 def _train_entry(task) -> dict:
-    from lsdb.ingest.spool import write_shard
+    from lsdb.ingest.spool import write_checkpoint_shard, write_status_shard
     from lsdb.train.trainer import run_training
 
     spool = Path(task.store_root) / "spool"
@@ -244,9 +249,10 @@ def _train_entry(task) -> dict:
     def emit(kind, payload):
         if kind == "checkpoint":
             count["n"] += 1
-            write_shard(spool, f"ckpt-{payload['id']}", {"kind": "checkpoint", "row": payload})
+            write_checkpoint_shard(spool, payload)
         else:
-            write_shard(spool, f"status-{payload['run_id']}-{int(time.time() * 1e6)}", {"kind": "run_status", **payload})
+            write_status_shard(spool, payload["run_id"], payload["status"], payload["diverged_step"],
+                               payload["diverged_reason"])
 
     status = run_training(task, emit)
     return {**status, "checkpoints": count["n"]}
@@ -263,11 +269,8 @@ def _probe_all(spec, store, runs, executor, summary: RunSummary, bars, device) -
     job_bar = None
     attempted: set[str] = set()
     for _ in range(10):  # re-plan until no probe asks for more (dependent probes need a pass each)
-        with store.read() as con:
-            study = stored_study(runs, con)
-            states = {r[0]: (r[1], r[2], r[3]) for r in con.execute("SELECT id, state, attempts, error FROM probe_job").fetchall()}
-            jobs = probe_jobs(spec, study, runs, probe_sha, states)
-        ready = [j for j in jobs.ready if j.id not in attempted]  # one attempt per job per `lsdb run`
+        # one attempt per job per `lsdb run`
+        ready = [j for j in ready_jobs(spec, store, runs, probe_sha) if j.id not in attempted]
         if not ready:
             break
         attempted.update(j.id for j in ready)

@@ -167,6 +167,14 @@ def test_altered_checkpoint_fails_only_its_jobs(tiny_spec_path, tmp_path):
     assert any("does not match its hash" in f for f in summary.failures)
     failed = lsdb.open(store.root).sql("SELECT error FROM probe_job WHERE state = 'failed'")
     assert failed.height == summary.jobs_failed and "CheckpointCorrupt" in failed["error"][0]
+    # each `lsdb run` retries a failed job once; after MAX_ATTEMPTS it is given up, not "missing"
+    from lsdb.plan import MAX_ATTEMPTS
+
+    for _ in range(MAX_ATTEMPTS - 1):
+        assert not runner.plan(spec, store).nothing_to_do
+        runner.run(spec, store)
+    p = runner.plan(spec, store)
+    assert p.jobs_given_up == summary.jobs_failed and p.nothing_to_do
 
 
 @pytest.mark.parametrize("lr, reason", [(1e8, "non-finite"), (3.0, "collapsed to chance accuracy")])

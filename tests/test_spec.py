@@ -71,5 +71,7 @@ def test_variants_override_sections():
 def test_examples_parse():
     from tests.conftest import REPO
 
-    for path in (REPO / "examples").glob("*.toml"):
-        load_spec(path)
+    specs = {path.name: load_spec(path) for path in (REPO / "examples").glob("*.toml")}
+    assert {"quick.toml", "fort2020-mnist1d.toml", "fort2020-mnist1d-quick.toml"} <= set(specs)
+    assert all(s.probes for s in specs.values())  # every example measures something
+    assert len({s.identity() for s in specs.values()}) == len(specs)
