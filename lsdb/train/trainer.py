@@ -118,8 +118,8 @@ def run_training(task: TrainTask, emit) -> dict:
     """Train ``task`` from its start to ``total_steps``; call ``emit(kind, payload)`` for every
     checkpoint and once at the end with the run's status. Returns the final status payload."""
     threads = torch.get_num_threads()
-    # Small models train fastest on one thread (measured: 2 ms/step vs up to 50 ms/step with two
-    # threads on a busy 2-core machine); parallelism comes from running runs in separate workers.
+    # Small models: a second thread gains little when idle and is 4x slower beside another busy
+    # process (benchmarks/training.py); parallelism comes from running runs in separate workers.
     torch.set_num_threads(1)
     try:
         return _train(task, emit)
