@@ -1,6 +1,7 @@
 """A 21-point barrier and a 51×51 filter-normalised 2D slice of the default MNIST-1D CNN: lsdb's
-evaluator (many points per vmapped forward pass, or a functional loop) against a plain loop that
-builds each state dict, loads it with ``load_state_dict`` and evaluates. Same data, same process.
+evaluators (fused oneDNN kernels, the CPU default; many points per vmapped forward pass, the GPU
+default; a functional loop) against a plain loop that builds each state dict, loads it with
+``load_state_dict`` and evaluates. Same data, same process.
 
     /work/venv/bin/python benchmarks/barrier.py [--quick] [--threads N] [--device cpu|cuda]
 
@@ -101,6 +102,8 @@ def bench(name, model, basis, coeffs, splits, flops_per_example, peak, reps, dev
     methods = [("plain loop (load_state_dict)", lambda: plain_loop(model, basis, coeffs, splits)),
                ("plain loop, batches of 250", lambda: plain_loop(model, basis, coeffs, splits, 250)),
                ("lsdb loop (functional_call)", lambda: lsdb_eval(model, basis, coeffs, splits, "loop"))]
+    if device.type == "cpu":
+        methods.append(("lsdb fused (oneDNN; CPU default)", lambda: lsdb_eval(model, basis, coeffs, splits, "fused")))
     if with_vmap:
         methods.append(("lsdb vmap (many points per pass)", lambda: lsdb_eval(model, basis, coeffs, splits, "vmap")))
     times: dict[str, list[float]] = {label: [] for label, _ in methods}

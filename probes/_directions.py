@@ -9,7 +9,8 @@ Every point the geometry probes visit is a linear combination of a few whole sta
 
 so one evaluator, ``evaluate_combinations``, serves all three. It stacks a chunk of points along a
 new leading dimension and runs ``torch.func.functional_call`` under ``vmap`` (one grouped forward
-pass for many points), or loops over points where vmap does not apply (BatchNorm) or does not pay.
+pass for many points, for the GPU), or loops over points: with fused oneDNN kernels on the CPU
+(``_fused``) where the model allows, else with ``functional_call``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from lsdb.errors import ProbeError, ProbeSkipped
+
+from ._fused import fused_forward
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
                nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -139,26 +142,38 @@ def evaluate_combinations(model: nn.Module, basis: list[dict[str, torch.Tensor]]
     """Loss and error of the model at every point Σ_b coeffs[k, b]·basis[b], on (x, y).
 
     loss[k] = (1/N) Σ_i CE(f(x_i; w_k), y_i); error[k] = (1/N) Σ_i [argmax f(x_i; w_k) ≠ y_i].
-    ``mode`` "vmap" evaluates up to ``chunk_rows // batch`` points in one vmapped forward pass,
-    "loop" one point at a time; "auto" picks vmap on CUDA unless the model has BatchNorm (whose
-    batched running statistics vmap does not support), and loop on the CPU, where vmap's grouped
-    convolutions measured 2–5× slower than a loop (benchmarks/barrier.py). The model is evaluated
-    in eval mode.
+    ``mode``:
+
+    - "vmap": up to ``chunk_rows // batch`` points in one vmapped forward pass;
+    - "fused": one point at a time through fused oneDNN kernels (CPU, float32, models that list
+      their layers; see ``_fused``);
+    - "loop": one point at a time through ``functional_call``;
+    - "auto": vmap on CUDA unless the model has BatchNorm (whose batched running statistics vmap
+      does not support); on the CPU fused where it applies, else loop. On the CPU vmap's grouped
+      convolutions measured 2–5× slower than a loop and fused 1.8–3.6× faster
+      (benchmarks/barrier.py).
+
+    The model is evaluated in eval mode.
     """
     coeffs = torch.as_tensor(coeffs, device=x.device)
     if coeffs.dim() != 2 or coeffs.shape[1] != len(basis):
         raise ProbeError(f"coefficients must be (K, {len(basis)}), got {tuple(coeffs.shape)}")
+    fused = fused_forward(model, x.device, x.dtype) if mode in ("auto", "fused") else None
     if mode == "auto":
-        mode = "vmap" if x.device.type == "cuda" and not has_batchnorm(model) else "loop"
+        mode = "vmap" if x.device.type == "cuda" and not has_batchnorm(model) else "fused" if fused else "loop"
+    if mode == "fused" and fused is None:
+        raise ProbeError(f"evaluation mode 'fused' needs the CPU, float32, oneDNN and a model made of "
+                         f"convolutions, ReLU and linear layers; {type(model).__name__} on {x.device.type} in "
+                         f"{x.dtype} does not qualify (use mode 'auto' or 'loop')")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             if mode == "vmap":
                 return _evaluate_vmap(model, basis, coeffs, fixed, x, y, batch_size, chunk_rows, predictions)
-            if mode == "loop":
-                return _evaluate_loop(model, basis, coeffs, fixed, x, y, batch_size, predictions)
-            raise ProbeError(f"unknown evaluation mode '{mode}'; valid: auto, vmap, loop")
+            if mode in ("loop", "fused"):
+                return _evaluate_loop(model, basis, coeffs, fixed, x, y, batch_size, predictions, forward=fused)
+            raise ProbeError(f"unknown evaluation mode '{mode}'; valid: auto, vmap, fused, loop")
     finally:
         model.train(was_training)
 
@@ -201,7 +216,10 @@ def _evaluate_vmap(model, basis, coeffs, fixed, x, y, batch_size, chunk_rows, wa
     return Evaluation(torch.cat(losses), torch.cat(errors), torch.cat(preds) if want_pred else None)
 
 
-def _evaluate_loop(model, basis, coeffs, fixed, x, y, batch_size, want_pred, buffers_at=None):
+def _evaluate_loop(model, basis, coeffs, fixed, x, y, batch_size, want_pred, buffers_at=None, forward=None):
+    if forward is None:
+        def forward(point, xb):
+            return functional_call(model, (point, fixed), (xb,))
     n = x.shape[0]
     losses, errors, preds = [], [], []
     for k in range(coeffs.shape[0]):
@@ -212,8 +230,7 @@ def _evaluate_loop(model, basis, coeffs, fixed, x, y, batch_size, want_pred, buf
         err = torch.zeros((), dtype=torch.float64, device=x.device)
         pred_parts = []
         for i in range(0, n, batch_size):
-            logits = functional_call(model, (point, fixed), (x[i:i + batch_size],))
-            s_loss, s_err, pred = _batch_stats(logits, y[i:i + batch_size])
+            s_loss, s_err, pred = _batch_stats(forward(point, x[i:i + batch_size]), y[i:i + batch_size])
             loss += s_loss.double()
             err += s_err.double()
             pred_parts.append(pred)

@@ -51,7 +51,7 @@ class Params:
     subset_seed: int = 0
     bn_recompute: bool = True
     batch_size: int = 1000
-    mode: str = "auto"  # evaluation: "auto" | "vmap" (many α per forward pass) | "loop"
+    mode: str = "auto"  # evaluation: "auto" | "vmap" (many α per pass) | "fused" (oneDNN, CPU) | "loop"
     siblings: bool = True
     init_final: bool = True
     # extra pairs, each "RUN@STEP RUN@STEP" (STEP may be "init" or "final")

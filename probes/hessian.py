@@ -12,7 +12,7 @@ checkpoint). Only Hessian-vector products (HVPs) are used; P = number of paramet
   "gap" when min(r_i, r_i²/g_i) ≤ tol·s, g_i the distance to the nearest other Ritz value (the
   sharper gap bound, but g_i is only estimated from Ritz values, so it is not a guarantee). At most
   ``max_iter`` Lanczos steps (one HVP each). With ``verify`` the residuals are recomputed
-  explicitly (k more HVPs) and those decide ``converged``; a run that misses the tolerance is
+  explicitly from the stored products H q_j (no extra HVP) and those decide ``converged``; a run that misses the tolerance is
   stored with converged = false and its largest residual.
 - Trace by Hutch++ (Meyer, Musco, Musco, Woodruff 2021) or Hutchinson (Rademacher probes), with
   ``trace_hvps`` HVPs. Standard error: sample std of the stochastic part / √(#probes).
@@ -185,6 +185,14 @@ def _error_bounds(theta, S, beta, order, criterion):
     return r, torch.minimum(r, r * r / gap.clamp_min(torch.finfo(r.dtype).tiny))
 
 
+def _grow(buf: torch.Tensor, rows: int) -> torch.Tensor:
+    """``buf`` with at least ``rows`` rows (doubling, so a long run copies O(rows·P) in total)."""
+    if buf.shape[0] >= rows:
+        return buf
+    more = buf.new_zeros(max(rows, 2 * buf.shape[0]) - buf.shape[0], buf.shape[1])
+    return torch.cat([buf, more])
+
+
 def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, criterion: str = "residual",
                 verify: bool = True) -> TopEigen:
@@ -193,6 +201,9 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: torc
     Stops when every top-k Ritz pair meets the tolerance (see the module docstring), or after
     ``max_iter`` HVPs. On breakdown (an invariant Krylov subspace) it continues from a fresh random
     vector orthogonal to the basis, so eigenvalues outside the start vector's reach are still found.
+    Every product H q_j is kept, so with ``verify`` the explicit residuals ‖H y − θ y‖ of the Ritz
+    vectors y = Σ s_j q_j come from H y = Σ s_j (H q_j) (linearity) at no extra HVP, and do not
+    depend on the basis staying orthogonal.
     """
     if criterion not in ("residual", "gap"):
         raise SpecError(f"probes.hessian.criterion = '{criterion}' must be residual or gap")
@@ -205,7 +216,9 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: torc
         return torch.randn(P, generator=generator, dtype=torch.float64).to(device=dev, dtype=dt)
 
     q = rand_vec() if v0 is None else v0.to(device=dev, dtype=dt)
-    Q = torch.zeros(max_iter + 1, P, dtype=dt, device=dev)
+    first = min(max_iter + 1, max(2 * k + 2, 16))
+    Q = torch.zeros(first, P, dtype=dt, device=dev)  # the basis q_j
+    HQ = torch.zeros(first, P, dtype=dt, device=dev)  # the products H q_j
     Q[0] = q / q.norm()
     alpha = torch.zeros(max_iter, dtype=torch.float64)
     beta = torch.zeros(max_iter, dtype=torch.float64)
@@ -215,6 +228,8 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: torc
         w = op.matvec(Q[j])
         if not bool(torch.isfinite(w).all()):
             raise ProbeSkipped("non-finite Hessian-vector product")
+        HQ = _grow(HQ, j + 1)
+        HQ[j] = w
         alpha[j] = float(Q[j] @ w)
         w = _reorthogonalise(w, Q[: j + 1])
         beta[j] = float(w.norm())
@@ -230,6 +245,7 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: torc
                 break
         if j + 1 == max_iter:
             break
+        Q = _grow(Q, j + 2)
         if breakdown:
             beta[j] = 0.0  # T decouples; continue in the orthogonal complement
             w = _reorthogonalise(rand_vec(), Q[: j + 1])
@@ -241,11 +257,13 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: torc
     theta, S = torch.linalg.eigh(T)
     order = torch.argsort(theta, descending=True)[: min(k, m)]
     values = theta[order]
-    Y = S[:, order].T.to(device=dev, dtype=dt) @ Q[:m]  # T is small and lives on the CPU
-    Y = Y / Y.norm(dim=1, keepdim=True)
+    coef = S[:, order].T.to(device=dev, dtype=dt)  # T is small and lives on the CPU
+    Y, HY = coef @ Q[:m], coef @ HQ[:m]
+    norms = Y.norm(dim=1, keepdim=True)
+    Y, HY = Y / norms, HY / norms
     scale = float(theta.abs().max())
     if verify:
-        residuals = (op.matmat(Y) - values.to(device=dev, dtype=dt)[:, None] * Y).norm(dim=1).double().cpu()
+        residuals = (HY - values.to(device=dev, dtype=dt)[:, None] * Y).norm(dim=1).double().cpu()
         bound = residuals
         if criterion == "gap" and m > 1:
             diff = (values[:, None] - theta[None, :]).abs()

@@ -108,11 +108,8 @@ class Layer:
 def layer_chain(model: nn.Module) -> list[Layer]:
     """The layers of a supported model in forward order; hidden units are the outputs of all
     layers but the last."""
-    if isinstance(model, MLP):
-        mods = [(f"net.{i}", m) for i, m in enumerate(model.net) if isinstance(m, nn.Linear)]
-    elif isinstance(model, (CNN1d, CNN2d)):
-        mods = [(f"features.{i}", m) for i, m in enumerate(model.features) if isinstance(m, (nn.Conv1d, nn.Conv2d))]
-        mods.append(("readout", model.readout))
+    if isinstance(model, (MLP, CNN1d, CNN2d)):
+        mods = [(name, m) for name, m in model.steps() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     else:
         raise ProbeError(f"merge: weight matching supports models mlp, cnn1d and cnn2d, not "
                          f"{type(model).__name__}; drop [probes.merge] for this model")

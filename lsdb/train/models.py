@@ -13,6 +13,22 @@ from torch import nn
 from lsdb.errors import SpecError
 
 
+# Models that list their layers: ``prepare(x)`` reshapes the input, ``steps()`` names the modules the
+# forward pass applies in order (by their state-dict prefix). The forward pass is exactly that loop,
+# so code that needs the layer structure (weight matching, the probes' fused CPU evaluator) reads
+# it from ``steps()`` instead of guessing.
+
+def _named(prefix: str, seq: nn.Sequential) -> list[tuple[str, nn.Module]]:
+    return [(f"{prefix}.{i}", m) for i, m in enumerate(seq)]
+
+
+def _run_steps(self, x):
+    h = self.prepare(x)
+    for _, module in self.steps():
+        h = module(h)
+    return h
+
+
 class CNN1d(nn.Module):
     """Stride-2 Conv1d layers with ReLU, then a linear read-out (the MNIST-1D default: 3 layers of
     32 channels, kernels 5/3/3, about 8k parameters)."""
@@ -25,14 +41,18 @@ class CNN1d(nn.Module):
             layers += [nn.Conv1d(channels, width, k, stride=2, padding=k // 2), nn.ReLU()]
             channels, length = width, (length + 2 * (k // 2) - k) // 2 + 1
         self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
         self.readout = nn.Linear(channels * length, num_classes)
         self.input_shape = tuple(input_shape)
 
-    def forward(self, x):
+    def prepare(self, x):
         x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 2 else x
-        if x.dim() == 2:
-            x = x.unsqueeze(1)
-        return self.readout(self.features(x).flatten(1))
+        return x.unsqueeze(1) if x.dim() == 2 else x
+
+    def steps(self):
+        return [*_named("features", self.features), ("flatten", self.flatten), ("readout", self.readout)]
+
+    forward = _run_steps
 
 
 class CNN2d(nn.Module):
@@ -48,10 +68,16 @@ class CNN2d(nn.Module):
             layers += [nn.Conv2d(channels, width, 3, stride=2, padding=1), nn.ReLU()]
             channels, h, w = width, (h - 1) // 2 + 1, (w - 1) // 2 + 1
         self.features = nn.Sequential(*layers)
+        self.flatten = nn.Flatten()
         self.readout = nn.Linear(channels * h * w, num_classes)
 
-    def forward(self, x):
-        return self.readout(self.features(x).flatten(1))
+    def prepare(self, x):
+        return x
+
+    def steps(self):
+        return [*_named("features", self.features), ("flatten", self.flatten), ("readout", self.readout)]
+
+    forward = _run_steps
 
 
 class MLP(nn.Module):
@@ -67,8 +93,13 @@ class MLP(nn.Module):
         layers.append(nn.Linear(d, num_classes))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x):
-        return self.net(x.flatten(1))
+    def prepare(self, x):
+        return x.flatten(1)
+
+    def steps(self):
+        return _named("net", self.net)
+
+    forward = _run_steps
 
 
 class PatchNet(nn.Module):

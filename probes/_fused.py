@@ -1,0 +1,102 @@
+"""A faster CPU forward pass for the geometry probes' point-by-point evaluation.
+
+The barrier, slice and flatness probes evaluate the same small network at many parameter points.
+On the CPU a plain forward pass spends most of its time outside the arithmetic: every convolution
+converts its input to oneDNN's blocked layout and its output back, and every ReLU writes another
+full-size activation. This evaluator keeps activations in oneDNN's blocked layout from the first
+convolution to the flatten (``Tensor.to_mkldnn``) and runs each convolution with its ReLU as one
+fused oneDNN call (``torch.ops.mkldnn._convolution_pointwise``, the kernel TorchInductor emits for
+conv + ReLU on the CPU). The arithmetic is the same oneDNN convolution, so results agree with the
+plain forward pass to float32 rounding (bit for bit in our tests).
+
+It applies to models that list their layers (``prepare`` and ``steps``, see
+``lsdb.train.models``) made only of Conv1d/Conv2d (zero padding), ReLU, Flatten and Linear, on
+the CPU in float32 with oneDNN available. ``fused_forward`` returns None otherwise, and callers
+fall back to ``torch.func.functional_call``. ``benchmarks/barrier.py`` measures the gain.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def fused_forward(model: nn.Module, device, dtype) -> Forward | None:
+    """``forward(params, x) -> logits`` with fused oneDNN kernels, or None where it does not apply."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32 or not _onednn_available():
+        return None
+    if not (hasattr(model, "steps") and hasattr(model, "prepare")):
+        return None
+    plan = _plan(model.steps())
+    if plan is None:
+        return None
+
+    def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        h = model.prepare(x)
+        for op in plan:
+            h = op(params, h)
+        return h.to_dense() if h.is_mkldnn else h
+
+    return forward
+
+
+def _onednn_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _plan(steps: list[tuple[str, nn.Module]]) -> list | None:
+    """One callable per layer, a ReLU folded into the convolution before it; None if any step
+    is of a kind this evaluator does not know."""
+    plan, i = [], 0
+    while i < len(steps):
+        name, m = steps[i]
+        relu_next = i + 1 < len(steps) and type(steps[i + 1][1]) is nn.ReLU
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                return None
+            plan.append(_conv(name, m, "relu" if relu_next else "none"))
+            i += 2 if relu_next else 1
+        elif isinstance(m, nn.Linear):
+            plan.append(_linear(name, m, relu_next))
+            i += 2 if relu_next else 1
+        elif type(m) is nn.ReLU:
+            plan.append(lambda p, h: torch.relu(h.to_dense() if h.is_mkldnn else h))
+            i += 1
+        elif type(m) is nn.Flatten:
+            plan.append(lambda p, h, m=m: (h.to_dense() if h.is_mkldnn else h).flatten(m.start_dim, m.end_dim))
+            i += 1
+        else:
+            return None
+    return plan
+
+
+def _conv(name: str, m: nn.Module, attr: str):
+    padding, stride, dilation, groups = list(m.padding), list(m.stride), list(m.dilation), m.groups
+    weight, bias = f"{name}.weight", f"{name}.bias" if m.bias is not None else None
+
+    def conv(params, h):
+        if not h.is_mkldnn:
+            h = h.contiguous().to_mkldnn()
+        b = params[bias] if bias else None
+        return torch.ops.mkldnn._convolution_pointwise(h, params[weight], b, padding, stride, dilation, groups,
+                                                       attr, [None], "")
+
+    return conv
+
+
+def _linear(name: str, m: nn.Linear, relu: bool):
+    weight, bias = f"{name}.weight", f"{name}.bias" if m.bias is not None else None
+
+    def linear(params, h):
+        h = F.linear(h.to_dense() if h.is_mkldnn else h, params[weight], params[bias] if bias else None)
+        return h.relu_() if relu else h
+
+    return linear

@@ -1,0 +1,109 @@
+"""The fused oneDNN evaluator (probes/_fused.py) against the models' own forward pass (float32, CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lsdb.errors import ProbeError
+from lsdb.probes import _directions as D
+from lsdb.probes import barrier
+from lsdb.probes._fused import fused_forward
+from lsdb.probes.base import Artifacts, CheckpointRef, ProbeContext
+from lsdb.train.data import Data
+from lsdb.train.models import CNN1d, CNN2d, MLP, PatchNet
+
+pytestmark = pytest.mark.skipif(fused_forward(MLP((4,), 2), "cpu", torch.float32) is None,
+                                reason="this torch build has no oneDNN")
+
+CASES = [
+    ("cnn1d", lambda: CNN1d((1, 40), 10, width=8, kernels=(5, 3, 3)), (37, 40)),
+    ("cnn1d, two input channels", lambda: CNN1d((2, 16), 3, width=4, kernels=(3,)), (9, 2, 16)),
+    ("cnn2d", lambda: CNN2d((3, 9, 9), 5, width=6, depth=2), (11, 3, 9, 9)),
+    ("mlp", lambda: MLP((40,), 10, width=16, depth=2), (13, 40)),
+]
+
+
+@pytest.mark.parametrize("name,make,shape", CASES, ids=[c[0] for c in CASES])
+def test_fused_forward_equals_model(name, make, shape):
+    torch.manual_seed(0)
+    model = make().eval()
+    fwd = fused_forward(model, "cpu", torch.float32)
+    assert fwd is not None
+    x = torch.randn(*shape)
+    params = {k: v.detach() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(params, x), model(x), rtol=1e-5, atol=1e-6)
+        # other parameters than the module's own: the point's tensors are used, not the module's
+        other = {k: v + 0.1 * torch.randn_like(v) for k, v in params.items()}
+        moved = copy.deepcopy(model)
+        moved.load_state_dict(other)
+        torch.testing.assert_close(fwd(other, x), moved(x), rtol=1e-5, atol=1e-6)
+
+
+def test_not_applicable_falls_back():
+    cnn = CNN1d((1, 12), 4, width=4, kernels=(3,))
+    assert fused_forward(cnn, "cpu", torch.float64) is None  # oneDNN convolutions: float32 here
+    assert fused_forward(cnn, "cuda", torch.float32) is None  # the GPU takes vmap instead
+    assert fused_forward(PatchNet((1, 12), 4), "cpu", torch.float32) is None  # lists no layers
+    bn = CNN1d((1, 12), 4, width=4, kernels=(3,))
+    bn.features[1] = nn.BatchNorm1d(4)  # a layer kind the evaluator does not know
+    assert fused_forward(bn, "cpu", torch.float32) is None
+
+
+def test_explicit_fused_mode_names_the_reason():
+    model = PatchNet((1, 12), 4)
+    basis = [{k: v.detach() for k, v in model.state_dict().items()}]
+    x, y = torch.randn(5, 1, 12), torch.randint(0, 4, (5,))
+    with pytest.raises(ProbeError, match="PatchNet"):
+        D.evaluate_combinations(model, basis, torch.ones(1, 1), {}, x, y, mode="fused")
+    # auto falls back to the functional loop and agrees with it
+    auto = D.evaluate_combinations(model, basis, torch.ones(1, 1), {}, x, y, mode="auto")
+    loop = D.evaluate_combinations(model, basis, torch.ones(1, 1), {}, x, y, mode="loop")
+    assert torch.equal(auto.loss, loop.loss)
+
+
+def test_barrier_fused_matches_plain_loop(tmp_path):
+    """The barrier probe in float32 (auto = fused on the CPU) against load_state_dict at each α."""
+    g = torch.Generator().manual_seed(0)
+    data = Data("toy", torch.randn(80, 1, 40, generator=g), torch.randint(0, 10, (80,), generator=g),
+                torch.randn(50, 1, 40, generator=g), torch.randint(0, 10, (50,), generator=g), 10)
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append({k: v.clone() for k, v in CNN1d((1, 40), 10, width=8).state_dict().items()})
+    model = CNN1d((1, 40), 10, width=8)
+    ctx = ProbeContext(model=model, states=states, checkpoints=[CheckpointRef(f"c{i}", "r", i, float(i), "0" * 64)
+                                                                for i in range(2)],
+                       runs=[], data=data, probe_indices=torch.arange(8), device=torch.device("cpu"),
+                       dtype=torch.float32, artifacts=Artifacts(tmp_path), role="siblings")
+    curve = barrier.compute(ctx, barrier.Params(points=6, train_subset=0, batch_size=32))["barrier_curve"]
+    m = copy.deepcopy(model).eval()
+    for row in curve:
+        a = row["alpha"]
+        m.load_state_dict({k: (1 - a) * states[0][k] + a * states[1][k] for k in states[0]})
+        with torch.no_grad():
+            logits = m(data.x_test)
+        assert row["test_loss"] == pytest.approx(float(F.cross_entropy(logits, data.y_test)), rel=1e-5)
+        assert row["test_error"] == pytest.approx(float((logits.argmax(1) != data.y_test).float().mean()))
+
+
+def test_auto_takes_the_fused_path_on_the_cpu(monkeypatch):
+    calls = []
+    real = D._evaluate_loop
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("forward"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(D, "_evaluate_loop", spy)
+    model = CNN1d((1, 12), 4, width=4, kernels=(3,))
+    basis = [{k: v.detach() for k, v in model.state_dict().items()}]
+    x, y = torch.randn(5, 1, 12), torch.randint(0, 4, (5,))
+    D.evaluate_combinations(model, basis, torch.ones(1, 1), {}, x, y)
+    D.evaluate_combinations(model, basis, torch.ones(1, 1), {}, x, y, mode="loop")
+    assert calls[0] is not None and calls[1] is None
