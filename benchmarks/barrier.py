@@ -96,37 +96,48 @@ def lsdb_eval(model, basis, coeffs, splits, mode):
     return [D.evaluate_combinations(model, basis, coeffs, {}, x, y, batch_size=BATCH, mode=mode) for x, y in splits]
 
 
-def bench(name, model, basis, coeffs, splits, flops_per_example, peak, reps, device, with_vmap=True):
+def bench(name, model, basis, coeffs, splits, flops_per_example, peak, reps, device, with_vmap=True, block=None):
+    """Times every method on the same points. The box is shared and its speed drifts, so the
+    methods are interleaved: each repeat runs every method on one block of ``block`` points (all
+    points when None) before the next repeat, and a method's time is its best repeat per block,
+    summed over the blocks."""
     n_examples = sum(x.shape[0] for x, _ in splits)
     total_flops = flops_per_example * n_examples * coeffs.shape[0]
-    methods = [("plain loop (load_state_dict)", lambda: plain_loop(model, basis, coeffs, splits)),
-               ("plain loop, batches of 250", lambda: plain_loop(model, basis, coeffs, splits, 250)),
-               ("lsdb loop (functional_call)", lambda: lsdb_eval(model, basis, coeffs, splits, "loop"))]
+    methods = [("plain loop (load_state_dict)", lambda c: plain_loop(model, basis, c, splits)),
+               ("plain loop, batches of 250", lambda c: plain_loop(model, basis, c, splits, 250)),
+               ("lsdb loop (functional_call)", lambda c: lsdb_eval(model, basis, c, splits, "loop"))]
     if device.type == "cpu":
-        methods.append(("lsdb fused (oneDNN; CPU default)", lambda: lsdb_eval(model, basis, coeffs, splits, "fused")))
+        methods.append(("lsdb fused (oneDNN; CPU default)", lambda c: lsdb_eval(model, basis, c, splits, "fused")))
     if with_vmap:
-        methods.append(("lsdb vmap (many points per pass)", lambda: lsdb_eval(model, basis, coeffs, splits, "vmap")))
-    times: dict[str, list[float]] = {label: [] for label, _ in methods}
-    outs = {}
-    for _ in range(reps):  # interleaved, best of reps: the box is shared and timings are noisy
-        for label, fn in methods:
-            _sync(device)
-            t = time.perf_counter()
-            outs[label] = fn()
-            _sync(device)
-            times[label].append(time.perf_counter() - t)
-    results = {label: (min(times[label]), outs[label]) for label, _ in methods}
-    base = results["plain loop (load_state_dict)"][0]
+        methods.append(("lsdb vmap (many points per pass)", lambda c: lsdb_eval(model, basis, c, splits, "vmap")))
+    times = {label: 0.0 for label, _ in methods}
+    outs: dict[str, list] = {label: [] for label, _ in methods}
+    step = block or coeffs.shape[0]
+    for start in range(0, coeffs.shape[0], step):
+        c = coeffs[start:start + step]
+        best = {label: float("inf") for label, _ in methods}
+        for _ in range(reps):
+            for label, fn in methods:
+                _sync(device)
+                t = time.perf_counter()
+                out = fn(c)
+                _sync(device)
+                best[label] = min(best[label], time.perf_counter() - t)
+                if len(outs[label]) * step <= start:
+                    outs[label].append(out)
+        for label in best:
+            times[label] += best[label]
+    base = times["plain loop (load_state_dict)"]
     print(f"\n{name}: {coeffs.shape[0]} points × {n_examples} examples, {total_flops / 1e9:.1f} GFLOP")
-    for label, (t, _) in results.items():
+    for label, t in times.items():
         rate = total_flops / t
         print(f"  {label:36s} {t:8.3f} s  {base / t:5.2f}x  {rate / 1e9:7.1f} GFLOP/s = {rate / peak:.2f} of matmul")
-    # the three agree
-    ref = torch.tensor([[r[0] for r in row] for row in results["plain loop (load_state_dict)"][1]])
-    for label in list(results)[1:]:
+    # they agree
+    ref = torch.tensor([[r[0] for r in row] for out in outs["plain loop (load_state_dict)"] for row in out])
+    for label in times:
         if label.startswith("plain"):
             continue
-        got = torch.stack([e.loss for e in results[label][1]], dim=1).float().cpu()
+        got = torch.cat([torch.stack([e.loss for e in out], dim=1).float().cpu() for out in outs[label]])
         print(f"  max |loss difference|, {label.split(' (')[0]} vs plain loop: {float((ref - got).abs().max()):.2e}")
 
 
@@ -166,7 +177,7 @@ def main():
     # vmap's grouped convolutions are 2-5x slower than a loop on the CPU (see the 21-point barrier):
     # on the CPU the full 51×51 slice leaves it out unless asked, to stay within ~3 minutes
     with_vmap = dev.type == "cuda" or args.quick or args.vmap_slice
-    bench(f"2D slice, {n}×{n}", model, [s1, d1, d2], coeffs, splits, flops, peak, 1, dev, with_vmap)
+    bench(f"2D slice, {n}×{n}", model, [s1, d1, d2], coeffs, splits, flops, peak, 1, dev, with_vmap, block=n)
 
 
 if __name__ == "__main__":

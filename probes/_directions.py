@@ -222,8 +222,13 @@ def _evaluate_loop(model, basis, coeffs, fixed, x, y, batch_size, want_pred, buf
             return functional_call(model, (point, fixed), (xb,))
     n = x.shape[0]
     losses, errors, preds = [], [], []
+    # combine a block of points at a time (one op per tensor for the block, ≤ 4 MB in float32)
+    per_block = max(1, (1 << 20) // max(1, sum(t.numel() for t in basis[0].values())))
+    block = {}
     for k in range(coeffs.shape[0]):
-        point = {name: t[0] for name, t in combine(basis, coeffs[k:k + 1]).items()}
+        if k % per_block == 0:
+            block = combine(basis, coeffs[k:k + per_block])
+        point = {name: t[k % per_block] for name, t in block.items()}
         if buffers_at is not None:
             point.update(buffers_at(k, point))
         loss = torch.zeros((), dtype=torch.float64, device=x.device)
