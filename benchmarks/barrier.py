@@ -141,11 +141,57 @@ def bench(name, model, basis, coeffs, splits, flops_per_example, peak, reps, dev
         print(f"  max |loss difference|, {label.split(' (')[0]} vs plain loop: {float((ref - got).abs().max()):.2e}")
 
 
+def layouts(model, x, reps: int = 7, passes: int = 42):
+    """Forward pass only, in four layouts: where the fused evaluator's gain comes from."""
+    convs = [m for m in model.features if isinstance(m, nn.Conv1d)]
+    fuse = torch.ops.mkldnn._convolution_pointwise
+    x = model.prepare(x).contiguous()
+
+    def head(h):
+        return F.linear((h.to_dense() if h.is_mkldnn else h).flatten(1), model.readout.weight, model.readout.bias)
+
+    def plain_fused(h=None):
+        h = x
+        for c in convs:
+            h = fuse(h, c.weight, c.bias, c.padding, c.stride, c.dilation, 1, "relu", [None], "")
+        return head(h)
+
+    def blocked_separate_relu():
+        h = x.to_mkldnn()
+        for c in convs:
+            h = torch.relu_(torch.mkldnn_convolution(h, c.weight.to_mkldnn(), c.bias, c.padding, c.stride,
+                                                     c.dilation, 1))
+        return head(h)
+
+    def blocked_fused():
+        h = x.to_mkldnn()
+        for c in convs:
+            h = fuse(h, c.weight, c.bias, c.padding, c.stride, c.dilation, 1, "relu", [None], "")
+        return head(h)
+
+    fns = [("plain (model(x))", lambda: model(x)), ("conv+ReLU fused, plain layout", plain_fused),
+           ("blocked layout, separate ReLU", blocked_separate_relu), ("blocked layout, fused (lsdb)", blocked_fused)]
+    best = {name: float("inf") for name, _ in fns}
+    with torch.no_grad():
+        ref = model(x)
+        for _ in range(reps):
+            for name, fn in fns:
+                t = time.perf_counter()
+                for _ in range(passes):
+                    out = fn()
+                best[name] = min(best[name], time.perf_counter() - t)
+                assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6), name
+    print(f"\nforward only, {passes} passes of {x.shape[0]} examples (best of {reps}):")
+    for name, t in best.items():
+        print(f"  {name:32s} {t * 1e3:7.1f} ms  {best['plain (model(x))'] / t:5.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a 21×21 slice and one repeat")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--vmap-slice", action="store_true", help="also time vmap on the full CPU slice (slow)")
+    ap.add_argument("--layouts", action="store_true", help="only time the forward pass in four CPU layouts")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -163,6 +209,8 @@ def main():
     print(f"device {dev}, threads {torch.get_num_threads()}, float32 matmul {peak / 1e9:.1f} GFLOP/s, "
           f"{flops / 1e3:.0f} kFLOP per example forward")
     reps = 1 if args.quick else 3
+    if args.layouts:
+        return layouts(model, splits[0][0])
 
     alphas = torch.linspace(0, 1, 21, dtype=torch.float64)
     bench("barrier, 21 points", model, [s1, s2], torch.stack([1 - alphas, alphas], 1), splits, flops, peak, reps, dev)
