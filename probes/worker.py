@@ -43,9 +43,13 @@ class JobSpec:
 def pick_device(requested: str | None = None):
     import torch
 
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(requested) if requested else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        # measurements in true float32: cuDNN would otherwise run convolutions in TF32 (10-bit
+        # mantissa), ~1e-3 relative error, the size of the Hessian and NTK tolerances
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return dev
 
 
 _CACHE: dict[tuple, Any] = {}
