@@ -150,7 +150,7 @@ def layouts(model, x, reps: int = 7, passes: int = 42):
     def head(h):
         return F.linear((h.to_dense() if h.is_mkldnn else h).flatten(1), model.readout.weight, model.readout.bias)
 
-    def plain_fused(h=None):
+    def plain_fused():
         h = x
         for c in convs:
             h = fuse(h, c.weight, c.bias, c.padding, c.stride, c.dilation, 1, "relu", [None], "")

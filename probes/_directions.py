@@ -158,7 +158,10 @@ def evaluate_combinations(model: nn.Module, basis: list[dict[str, torch.Tensor]]
     coeffs = torch.as_tensor(coeffs, device=x.device)
     if coeffs.dim() != 2 or coeffs.shape[1] != len(basis):
         raise ProbeError(f"coefficients must be (K, {len(basis)}), got {tuple(coeffs.shape)}")
-    fused = fused_forward(model, x.device, x.dtype) if mode in ("auto", "fused") else None
+    fused = None
+    if mode in ("auto", "fused") and x.shape[0] > 0:
+        first = {name: t[0] for name, t in combine(basis, coeffs[:1]).items()}
+        fused = fused_forward(model, {**first, **fixed}, x)
     if mode == "auto":
         mode = "vmap" if x.device.type == "cuda" and not has_batchnorm(model) else "fused" if fused else "loop"
     if mode == "fused" and fused is None:

@@ -11,8 +11,8 @@ plain forward pass to float32 rounding (bit for bit in our tests).
 
 It applies to models that list their layers (``prepare`` and ``steps``, see
 ``lsdb.train.models``) made only of Conv1d/Conv2d (zero padding), ReLU, Flatten and Linear, on
-the CPU in float32 with oneDNN available. ``fused_forward`` returns None otherwise, and callers
-fall back to ``torch.func.functional_call``. ``benchmarks/barrier.py`` measures the gain.
+the CPU in float32 with oneDNN available, and that pass a self-check against ``functional_call``.
+``fused_forward`` returns None otherwise, and callers fall back to ``torch.func.functional_call``. ``benchmarks/barrier.py`` measures the gain.
 """
 
 from __future__ import annotations
@@ -22,13 +22,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
-def fused_forward(model: nn.Module, device, dtype) -> Forward | None:
-    """``forward(params, x) -> logits`` with fused oneDNN kernels, or None where it does not apply."""
-    if torch.device(device).type != "cpu" or dtype != torch.float32 or not _onednn_available():
+def fused_forward(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> Forward | None:
+    """``forward(params, x) -> logits`` with fused oneDNN kernels, or None where it does not apply.
+
+    ``params`` (a full state, e.g. the first point to evaluate) and ``x`` (inputs of the right
+    shape) serve a self-check: the fused pass on two examples must run and match
+    ``functional_call`` to float32 rounding, so a torch build whose oneDNN lacks a kernel falls
+    back instead of failing the job."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_available():
         return None
     if not (hasattr(model, "steps") and hasattr(model, "prepare")):
         return None
@@ -42,7 +48,12 @@ def fused_forward(model: nn.Module, device, dtype) -> Forward | None:
             h = op(params, h)
         return h.to_dense() if h.is_mkldnn else h
 
-    return forward
+    try:
+        with torch.no_grad():
+            got, want = forward(params, x[:2]), functional_call(model, params, (x[:2],))
+    except RuntimeError:
+        return None
+    return forward if torch.allclose(got, want, rtol=1e-4, atol=1e-5) else None
 
 
 def _onednn_available() -> bool:

@@ -17,7 +17,12 @@ from lsdb.probes.base import Artifacts, CheckpointRef, ProbeContext
 from lsdb.train.data import Data
 from lsdb.train.models import CNN1d, CNN2d, MLP, PatchNet
 
-pytestmark = pytest.mark.skipif(fused_forward(MLP((4,), 2), "cpu", torch.float32) is None,
+def _state(model):
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+_mlp = MLP((4,), 2)
+pytestmark = pytest.mark.skipif(fused_forward(_mlp, _state(_mlp), torch.randn(3, 4)) is None,
                                 reason="this torch build has no oneDNN")
 
 CASES = [
@@ -32,10 +37,10 @@ CASES = [
 def test_fused_forward_equals_model(name, make, shape):
     torch.manual_seed(0)
     model = make().eval()
-    fwd = fused_forward(model, "cpu", torch.float32)
-    assert fwd is not None
     x = torch.randn(*shape)
-    params = {k: v.detach() for k, v in model.state_dict().items()}
+    params = _state(model)
+    fwd = fused_forward(model, params, x)
+    assert fwd is not None
     with torch.no_grad():
         torch.testing.assert_close(fwd(params, x), model(x), rtol=1e-5, atol=1e-6)
         # other parameters than the module's own: the point's tensors are used, not the module's
@@ -47,12 +52,32 @@ def test_fused_forward_equals_model(name, make, shape):
 
 def test_not_applicable_falls_back():
     cnn = CNN1d((1, 12), 4, width=4, kernels=(3,))
-    assert fused_forward(cnn, "cpu", torch.float64) is None  # oneDNN convolutions: float32 here
-    assert fused_forward(cnn, "cuda", torch.float32) is None  # the GPU takes vmap instead
-    assert fused_forward(PatchNet((1, 12), 4), "cpu", torch.float32) is None  # lists no layers
+    x = torch.randn(3, 1, 12)
+    assert fused_forward(cnn.double(), _state(cnn.double()), x.double()) is None  # float32 only
+    cnn = cnn.float()
+    assert fused_forward(cnn, _state(cnn), x.to("meta")) is None  # CPU only (the GPU takes vmap)
+    patch = PatchNet((1, 12), 4)
+    assert fused_forward(patch, _state(patch), x) is None  # lists no layers
     bn = CNN1d((1, 12), 4, width=4, kernels=(3,))
     bn.features[1] = nn.BatchNorm1d(4)  # a layer kind the evaluator does not know
-    assert fused_forward(bn, "cpu", torch.float32) is None
+    assert fused_forward(bn, _state(bn), x) is None
+
+
+def test_self_check_rejects_a_wrong_kernel(monkeypatch):
+    """A fused pass that runs but disagrees with functional_call is not used."""
+    import lsdb.probes._fused as fused_mod
+
+    cnn = CNN1d((1, 12), 4, width=4, kernels=(3,))
+    x = torch.randn(3, 1, 12)
+    assert fused_forward(cnn, _state(cnn), x) is not None
+    real = fused_mod._conv
+
+    def off_by_one(name, m, attr):
+        conv = real(name, m, attr)
+        return lambda p, h: conv(p, h).to_dense() + 1.0
+
+    monkeypatch.setattr(fused_mod, "_conv", off_by_one)
+    assert fused_forward(cnn, _state(cnn), x) is None
 
 
 def test_explicit_fused_mode_names_the_reason():
