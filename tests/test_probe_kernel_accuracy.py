@@ -104,6 +104,43 @@ def test_tangent_kernel_of_linearised_model_is_the_network_ntk(case):
     assert float((theta_lin - theta_net).norm() / theta_net.norm()) < 1e-10
 
 
+def test_cached_linearisation_equals_the_jvp(case):
+    """The layer-wise tangent with cached activations gives f_lin and its gradient as the jvp does."""
+    model, state, data = case
+    net = core.bind(model, state, "cpu", torch.float64)
+    cached = ka.CachedLinearisation.build(model, net.params, data.x_train, budget_mb=16)
+    assert cached is not None
+    delta = random_delta(net)
+    idx = torch.tensor([4, 0, 7, 7, 2])
+    torch.testing.assert_close(cached(delta, idx), ka.linearised_logits(net, delta, data.x_train[idx]),
+                               rtol=1e-12, atol=1e-12)
+    d1 = {k: v.clone().requires_grad_(True) for k, v in delta.items()}
+    d2 = {k: v.clone().requires_grad_(True) for k, v in delta.items()}
+    y = data.y_train[idx]
+    g1 = torch.autograd.grad(torch.nn.functional.cross_entropy(cached(d1, idx), y), list(d1.values()))
+    g2 = torch.autograd.grad(torch.nn.functional.cross_entropy(ka.linearised_logits(net, d2, data.x_train[idx]), y),
+                             list(d2.values()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # and whole training runs agree
+    kw = dict(lr=0.3, steps=9, batch_size=4, momentum=0.9, weight_decay=0.01, seed=3)
+    fast = ka.train_linearised(net, data.x_train, data.y_train, cached=cached, **kw)
+    slow = ka.train_linearised(net, data.x_train, data.y_train, **kw)
+    for k in fast:
+        torch.testing.assert_close(fast[k], slow[k], rtol=1e-10, atol=1e-12)
+
+
+def test_cached_linearisation_only_where_it_applies():
+    model, state, data = make_case("cnn")
+    net = core.bind(model, state, "cpu", torch.float64)
+    assert ka.CachedLinearisation.build(model, net.params, data.x_train, budget_mb=0) is None  # over budget
+    from lsdb.train.models import PatchNet
+
+    patch = PatchNet((1, 12), C).double()
+    pnet = core.bind(patch, patch.state_dict(), "cpu", torch.float64)
+    assert ka.CachedLinearisation.build(patch, pnet.params, data.x_train, budget_mb=16) is None  # lists no layers
+
+
 def test_sgd_matches_a_materialised_linear_model():
     """train_linearised (jvp, momentum, weight decay, seeded minibatches) against torch.optim.SGD on
     the explicit linear model f0 + J δ with J materialised."""
