@@ -14,10 +14,11 @@ Two methods, one row each (``method`` column):
   linear layers, ReLU, flatten) J_t(x)(w − w_t) is propagated through the layers with the
   checkpoint's activations and ReLU masks cached for every training input (``CachedLinearisation``,
   up to ``cache_mb``; ~1.7× faster per step on the default CNN); otherwise it is a
-  ``torch.func.jvp`` at w_t. Both give the same numbers to rounding. Learning rate (``lr_mode``): ``fixed`` = run lr × ``lr_factor``;
-  ``kernel_scaled`` = ``kernel_lr`` / mean_i Θ^tr_t(x_i, x_i) over the probe set, because Θ_t
-  grows by orders of magnitude during training and a fixed rate would make early expansions look
-  bad only by training slowly (../shared/PAPERS.md, "Practical lessons"). Train loss/error are on
+  ``torch.func.jvp`` at w_t. Both give the same numbers to rounding.
+  Learning rate (``lr_mode``): ``fixed`` = run lr × ``lr_factor``; ``kernel_scaled`` =
+  ``kernel_lr`` / mean_i Θ^tr_t(x_i, x_i) over the probe set, because Θ_t grows by orders of
+  magnitude during training and a fixed rate would make early expansions look bad only by
+  training slowly (../shared/PAPERS.md, "Practical lessons"). Train loss/error are on
   the first ``train_eval_size`` training inputs (0 = all), test loss/error on the test split.
 - ``kernel_regression``: with X the probe set (n inputs), Y its one-hot labels (n×C),
 
