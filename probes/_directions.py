@@ -150,7 +150,7 @@ def evaluate_combinations(model: nn.Module, basis: list[dict[str, torch.Tensor]]
     - "loop": one point at a time through ``functional_call``;
     - "auto": vmap on CUDA unless the model has BatchNorm (whose batched running statistics vmap
       does not support); on the CPU fused where it applies, else loop. On the CPU vmap's grouped
-      convolutions measured 2–5× slower than a loop and fused 1.3–1.7× faster
+      convolutions measured 2–5× slower than a loop and fused 1.6–1.9× faster
       (benchmarks/barrier.py).
 
     The model is evaluated in eval mode.
