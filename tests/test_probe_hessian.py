@@ -93,7 +93,7 @@ def test_top5_and_trace_match_dense(dense, tmp_path):
     assert row["max_residual"] <= 1e-9 * float(dense["eig"].abs().max())
     assert row["top_eigenvalue"] == pytest.approx(float(dense["eig"][0]), rel=1e-6)
     true_trace = float(torch.trace(dense["H"]))
-    assert row["trace_method"] == "hutch++" and row["trace_hvps"] == 150
+    assert row["trace_method"] == "deflated" and row["trace_hvps"] == 150
     assert abs(row["trace"] - true_trace) <= 3 * row["trace_stderr"]
     assert row["density_hvps"] == 3 * 40
     assert row["hvps"] == row["lanczos_iters"] + 150 + 120  # residuals from stored products: no extra HVP
@@ -128,6 +128,34 @@ def test_hutchinson_and_hutchpp_within_three_se(dense):
         est, se = fn(op, 150, torch.Generator().manual_seed(3))
         assert op.hvps == 150
         assert abs(est - true_trace) <= 3 * se, fn.__name__
+
+
+def test_deflated_trace_within_three_se_and_sharper_than_hutchpp(dense):
+    """Deflation by the Lanczos basis of a top-5 run: unbiased (within 3 SE of the dense trace) and,
+    at the same number of extra HVPs, a smaller standard error than Hutch++ on this spectrum."""
+    true = float(torch.trace(dense["H"]))
+    op = _operator(dense)
+    top = H.lanczos_top(op, 5, 1e-6, 200, generator=torch.Generator().manual_seed(0))
+    before = op.hvps
+    est, se = H.deflated_hutchinson(op, top.basis, top.products, 30, torch.Generator().manual_seed(1))
+    assert op.hvps - before == 30
+    assert abs(est - true) <= 3 * se
+    _, se_pp = H.hutch_pp(_operator(dense), 30, torch.Generator().manual_seed(1))
+    assert se < se_pp
+
+
+def test_deflated_trace_exact_when_basis_spans_space():
+    """A Lanczos run to the full dimension leaves nothing to sample: the estimate is exact."""
+    torch.manual_seed(0)
+    A = torch.randn(40, 40, dtype=DT)
+    A = A + A.T
+    w = torch.zeros(40, dtype=DT)
+    op = H.HessianOperator(lambda p: 0.5 * p["w"] @ A @ p["w"], {"w": w}, "double_backward")
+    top = H.lanczos_top(op, 3, 1e-12, 40, generator=torch.Generator().manual_seed(0))
+    assert top.basis.shape[0] == 40
+    est, se = H.deflated_hutchinson(op, top.basis, top.products, 4, torch.Generator().manual_seed(1))
+    assert est == pytest.approx(float(torch.trace(A)), abs=1e-9)
+    assert se == pytest.approx(0.0, abs=1e-9)
 
 
 def test_hutchpp_exact_when_sketch_spans_space():
