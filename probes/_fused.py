@@ -9,10 +9,10 @@ fused oneDNN call (``torch.ops.mkldnn._convolution_pointwise``, the kernel Torch
 conv + ReLU on the CPU). The arithmetic is the same oneDNN convolution, so results agree with the
 plain forward pass to float32 rounding (bit for bit in our tests).
 
-It applies to models that list their layers (``prepare`` and ``steps``, see
-``lsdb.train.models``) made only of Conv1d/Conv2d (zero padding), ReLU, Flatten and Linear, on
-the CPU in float32 with oneDNN available, and that pass a self-check against ``functional_call``.
-``fused_forward`` returns None otherwise, and callers fall back to ``torch.func.functional_call``. ``benchmarks/barrier.py`` measures the gain.
+It applies to models whose layers ``lsdb.train.models.plain_layers`` lists (convolutions with zero
+padding, ReLU, flatten, linear layers), on the CPU in float32 with oneDNN available, and that pass
+a self-check against ``functional_call``. ``fused_forward`` returns None otherwise, and callers
+fall back to ``torch.func.functional_call``. ``benchmarks/barrier.py`` measures the gain.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from lsdb.train.models import plain_layers
 
 Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
@@ -36,11 +38,10 @@ def fused_forward(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Te
     back instead of failing the job."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or not _onednn_available():
         return None
-    if not (hasattr(model, "steps") and hasattr(model, "prepare")):
+    steps = plain_layers(model)
+    if steps is None:
         return None
-    plan = _plan(model.steps())
-    if plan is None:
-        return None
+    plan = _plan(steps)
 
     def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         h = model.prepare(x)
@@ -63,29 +64,24 @@ def _onednn_available() -> bool:
         return False
 
 
-def _plan(steps: list[tuple[str, nn.Module]]) -> list | None:
-    """One callable per layer, a ReLU folded into the convolution before it; None if any step
-    is of a kind this evaluator does not know."""
+def _plan(steps: list[tuple[str, nn.Module]]) -> list:
+    """One callable per layer of ``plain_layers``, a ReLU folded into the layer before it."""
     plan, i = [], 0
     while i < len(steps):
         name, m = steps[i]
         relu_next = i + 1 < len(steps) and type(steps[i + 1][1]) is nn.ReLU
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            if m.padding_mode != "zeros" or isinstance(m.padding, str):
-                return None
             plan.append(_conv(name, m, "relu" if relu_next else "none"))
             i += 2 if relu_next else 1
         elif isinstance(m, nn.Linear):
             plan.append(_linear(name, m, relu_next))
             i += 2 if relu_next else 1
-        elif type(m) is nn.ReLU:
+        elif isinstance(m, nn.ReLU):
             plan.append(lambda p, h: torch.relu(h.to_dense() if h.is_mkldnn else h))
             i += 1
-        elif type(m) is nn.Flatten:
+        else:  # nn.Flatten
             plan.append(lambda p, h, m=m: (h.to_dense() if h.is_mkldnn else h).flatten(m.start_dim, m.end_dim))
             i += 1
-        else:
-            return None
     return plan
 
 

@@ -169,8 +169,8 @@ class TopEigen:
     iters: int
     hvps: int
     converged: bool
-    basis: torch.Tensor | None = None  # (m, P) orthonormal Lanczos vectors q_j
-    products: torch.Tensor | None = None  # (m, P) their products H q_j
+    basis: torch.Tensor  # (m, P) orthonormal Lanczos vectors q_j
+    products: torch.Tensor  # (m, P) their products H q_j
 
 
 def _reorthogonalise(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -318,8 +318,7 @@ def deflated_hutchinson(op: HessianOperator, Q: torch.Tensor, HQ: torch.Tensor, 
     the estimate is unbiased). The standard error is that of the second term."""
     exact = float((Q.double() * HQ.double()).sum())
     G = _rademacher(m, op.P, generator, op.dtype, op.device)
-    G = G - (G @ Q.T) @ Q
-    G = G - (G @ Q.T) @ Q  # twice, as in the Lanczos reorthogonalisation
+    G = _reorthogonalise(G.T, Q).T  # columns projected off Q, twice as in Lanczos
     samples = (G * op.matmat(G)).sum(1).double()
     se = float(samples.std() / math.sqrt(m)) if m > 1 else float("inf")
     return exact + float(samples.mean()), se

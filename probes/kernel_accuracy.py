@@ -42,6 +42,7 @@ from torch import nn
 from torch.func import jvp
 
 from lsdb.errors import ProbeError, ProbeSkipped
+from lsdb.train.models import plain_layers
 
 from . import _ntk_core as core
 from .base import ProbeContext, each_checkpoint
@@ -111,8 +112,6 @@ class CachedLinearisation:
     layer applications forward and their backward.
     """
 
-    _KINDS = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ReLU, nn.Flatten)
-
     def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int = 1024):
         self.steps, self.params = model.steps(), params
         blocks = [_primal(model, self.steps, params, x[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
@@ -124,13 +123,8 @@ class CachedLinearisation:
               budget_mb: float) -> "CachedLinearisation | None":
         """The cached linearisation, or None when the model does not list supported layers or the
         cache would exceed ``budget_mb``."""
-        if not (hasattr(model, "steps") and hasattr(model, "prepare")) or x.shape[0] == 0:
-            return None
-        steps = model.steps()
-        if not all(type(m) in cls._KINDS for _, m in steps):
-            return None
-        if any(isinstance(m, (nn.Conv1d, nn.Conv2d)) and (m.padding_mode != "zeros" or isinstance(m.padding, str))
-               for _, m in steps):
+        steps = plain_layers(model)
+        if steps is None or x.shape[0] == 0:
             return None
         one, _ = _primal(model, steps, params, x[:1])
         per_input = sum(t.numel() * t.element_size() for t in one if t is not None)

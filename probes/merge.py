@@ -54,7 +54,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from lsdb.errors import ProbeError, ProbeSkipped
-from lsdb.train.models import CNN1d, CNN2d, MLP
+from lsdb.train.models import plain_layers
 
 from . import _directions as D
 from .barrier import barrier_stats
@@ -108,11 +108,11 @@ class Layer:
 def layer_chain(model: nn.Module) -> list[Layer]:
     """The layers of a supported model in forward order; hidden units are the outputs of all
     layers but the last."""
-    if isinstance(model, (MLP, CNN1d, CNN2d)):
-        mods = [(name, m) for name, m in model.steps() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
-    else:
+    steps = plain_layers(model)
+    if steps is None:
         raise ProbeError(f"merge: weight matching supports models mlp, cnn1d and cnn2d, not "
                          f"{type(model).__name__}; drop [probes.merge] for this model")
+    mods = [(name, m) for name, m in steps if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     chain = []
     prev_out = None
     for name, m in mods:

@@ -29,6 +29,24 @@ def _run_steps(self, x):
     return h
 
 
+PLAIN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ReLU, nn.Flatten)
+
+
+def plain_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """``model.steps()`` when the model lists its layers and every one is a plain convolution (zero
+    padding), linear layer, ReLU or flatten, so code can apply them from the weights alone (the
+    probes' fused CPU evaluator, the cached linearisation, weight matching); else None."""
+    if not (hasattr(model, "steps") and hasattr(model, "prepare")):
+        return None
+    steps = model.steps()
+    for _, m in steps:
+        if type(m) not in PLAIN_LAYERS:
+            return None
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+            return None
+    return steps
+
+
 class CNN1d(nn.Module):
     """Stride-2 Conv1d layers with ReLU, then a linear read-out (the MNIST-1D default: 3 layers of
     32 channels, kernels 5/3/3, about 8k parameters)."""
