@@ -19,9 +19,10 @@ import numpy as np
 import sqlalchemy as sa
 
 from lsdb.ingest.ingest import ingest
-from lsdb.ingest.spool import write_shard
+from lsdb.spool import write_shard
 from lsdb.schema.probes import EvalResult
-from lsdb.store import Store, utcnow
+from lsdb.ids import utcnow
+from lsdb.store import Store
 
 METRICS_PER_ROW = 4  # train/test loss/error
 

@@ -22,16 +22,20 @@ The recorder holds the store's lock while it is open and ingests each checkpoint
 from __future__ import annotations
 
 from lsdb.errors import LsdbError
+from lsdb.ids import checkpoint_id
+from lsdb.ingest.ingest import ingest
+from lsdb.ingest.record import record_experiment
+from lsdb.plan import expand_runs, load_spec
+from lsdb.spec import Spec
+from lsdb.spool import write_checkpoint_shard, write_status_shard
+from lsdb.store import Store, resolve_store_path
 
 
 class Recorder:
     def __init__(self, store, spec, seed: int = 0, variant: str = "base"):
-        from lsdb.plan import expand_runs
-        from lsdb.spec import Spec, load_spec
-        from lsdb.store import Store
         from lsdb.train.data import load_data
 
-        self.store = store if isinstance(store, Store) else Store.init(store)
+        self.store = store if isinstance(store, Store) else Store(resolve_store_path(store))
         self.spec = spec if isinstance(spec, Spec) else load_spec(spec)
         self.data = load_data(self.spec.data)
         self._runs = expand_runs(self.spec, self.data.x_train.shape[0])
@@ -45,11 +49,15 @@ class Recorder:
 
     # --------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> "Recorder":
-        from lsdb.runner import _record_experiment
-
         self._lock = self.store.lock("lsdb Recorder")
         self._lock.__enter__()
-        _record_experiment(self.spec, self.store, self._runs)
+        try:
+            self.store.create()
+            record_experiment(self.spec, self.store, self._runs)
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -89,9 +97,6 @@ class Recorder:
     def checkpoint(self, model, step: int, optimizer=None, lr: float | None = None) -> str:
         """Store ``model``'s weights at ``step`` (and ``optimizer``'s momentum, needed to spawn
         children from this step); returns the checkpoint id."""
-        from lsdb.ingest.ingest import ingest
-        from lsdb.ingest.spool import write_checkpoint_shard
-        from lsdb.plan import checkpoint_id
         from lsdb.train.trainer import save_checkpoint
 
         self._check_open()
@@ -116,9 +121,6 @@ class Recorder:
 
     def finish(self, status: str = "finished", reason: str | None = None) -> None:
         """Mark the run ended (``finished``, or ``diverged`` with a reason)."""
-        from lsdb.ingest.ingest import ingest
-        from lsdb.ingest.spool import write_status_shard
-
         self._check_open()
         if status not in ("finished", "diverged"):
             raise LsdbError(f"status must be 'finished' or 'diverged', got {status!r}")

@@ -5,7 +5,7 @@
     db.sql("SELECT metric, count(*) FROM metric_series GROUP BY metric")
 """
 
-__version__ = "0.1.0"
+from lsdb._version import __version__  # noqa: F401
 
 
 def open(store=None):  # noqa: A001 - mirrors the builtin on purpose: lsdb.open(path)

@@ -6,12 +6,14 @@ torch is never imported at module level, so ``lsdb --help`` starts fast.
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from lsdb import cli_query
 from lsdb.cli_common import Format, FormatOpt, OutOpt, StoreOpt, emit
 from lsdb.errors import LsdbError
 
@@ -47,8 +49,7 @@ def plan(spec: SpecArg, store: StoreOpt = None,
              help="Also write the probe jobs ready now as JSON lines, for `lsdb worker` on other machines.")] = None):
     """Print what `lsdb run SPEC` would do (runs to train, checkpoints and probe jobs missing)."""
     from lsdb import runner
-    from lsdb.plan import MAX_ATTEMPTS
-    from lsdb.spec import load_spec
+    from lsdb.plan import MAX_ATTEMPTS, load_spec
     from lsdb.store import Store, resolve_store_path
 
     sp = load_spec(spec)
@@ -67,7 +68,8 @@ def plan(spec: SpecArg, store: StoreOpt = None,
         return
     parents = sum(r.kind == "parent" for r in p.runs_to_train)
     typer.echo(f"  runs to train:       {len(p.runs_to_train)} ({parents} parents, {len(p.runs_to_train) - parents} children)")
-    typer.echo(f"  checkpoints missing: {p.checkpoints_missing}")
+    typer.echo(f"  checkpoints missing: {p.checkpoints_missing}"
+               + (f" ({p.checkpoints_damaged} stored but damaged, to retrain)" if p.checkpoints_damaged else ""))
     typer.echo(f"  probe jobs missing:  {p.jobs_missing}" + ("" if not p.jobs_by_probe else
                "  (" + ", ".join(f"{k}: {v}" for k, v in sorted(p.jobs_by_probe.items())) + ")"))
     if p.jobs_given_up:
@@ -80,23 +82,44 @@ def run(spec: SpecArg, store: StoreOpt = None, workers: WorkersOpt = 1, device: 
         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
         probes: Annotated[bool, typer.Option(help="Run probe jobs (--no-probes: train only, e.g. to probe "
                                                   "elsewhere with `lsdb plan --manifest` and `lsdb worker`).")] = True):
-    """Train and probe everything SPEC declares that the store lacks. Safe to interrupt and rerun."""
+    """Train and probe everything SPEC declares that the store lacks. Safe to interrupt and rerun.
+
+    Checkpoint files that were lost or altered are retrained first. Exits 1 when a probe job
+    failed or was given up (failed 3 times), naming the jobs."""
     from lsdb import runner
-    from lsdb.spec import load_spec
-    from lsdb.store import Store
+    from lsdb.plan import load_spec
+    from lsdb.store import Store, resolve_store_path
 
     sp = load_spec(spec)
-    st = Store.init(store)
+    st = Store(resolve_store_path(store))  # created under the store's lock, by runner.run
     s = runner.run(sp, st, workers=workers, device=device, progress=progress and sys.stderr.isatty(), probes=probes)
+    _report_run(s)
+
+
+def _report_run(s) -> None:
+    """Print a run's summary; exit 1 when anything failed."""
     if s.nothing_to_do:
         typer.echo("nothing to do: the store holds everything this spec declares")
-        return
-    typer.echo(f"trained {s.trained} runs ({s.checkpoints} checkpoints); probe jobs: {s.jobs_done} done, "
-               f"{s.jobs_skipped} skipped, {s.jobs_failed} failed; {s.seconds:.1f} s")
+    else:
+        typer.echo(f"trained {s.trained} runs ({s.checkpoints} checkpoints"
+                   + (f", {s.repaired} damaged ones restored" if s.repaired else "")
+                   + f"); probe jobs: {s.jobs_done} done, {s.jobs_skipped} skipped, {s.jobs_failed} failed; "
+                   f"{s.seconds:.1f} s")
     for d in s.diverged:
         typer.echo(f"diverged: {d}")
     for f in s.failures[:20]:
         typer.echo(f"failed: {f}", err=True)
+    for p in s.problems[:20]:
+        typer.echo(f"not restored: {p}", err=True)
+    for r in s.rejected[:20]:
+        typer.echo(f"rejected (moved to spool/rejected/): {r}", err=True)
+    if s.given_up:
+        typer.echo(f"given up: {len(s.given_up)} probe jobs failed 3 times and are not retried "
+                   f"(lsdb jobs --failed shows them whole):", err=True)
+        for g in s.given_up[:20]:
+            typer.echo(f"  {g}", err=True)
+    if not s.ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -107,9 +130,9 @@ def demo(quick: Annotated[bool, typer.Option("--quick", help="The reduced study 
     """Run the embedded Fort et al. (2020) style study on MNIST-1D and print the findings table."""
     from lsdb.demo import demo_spec, run_demo
     from lsdb.query.findings import as_text
-    from lsdb.store import Store
+    from lsdb.store import Store, resolve_store_path
 
-    st = Store.init(store)
+    st = Store(resolve_store_path(store))
     sp = demo_spec(quick)
     typer.echo(f"running {sp.name} into {st.root} (rerun to resume; nothing is redone)")
     s, results = run_demo(st, quick=quick, workers=workers, device=device, progress=progress and sys.stderr.isatty())
@@ -129,15 +152,59 @@ def demo(quick: Annotated[bool, typer.Option("--quick", help="The reduced study 
 def ingest(store: StoreOpt = None):
     """Ingest result shards waiting in the store's spool/ (e.g. written by `lsdb worker` elsewhere)."""
     from lsdb.ingest.ingest import ingest as do_ingest
-    from lsdb.store import Store
+    from lsdb.store import Store, resolve_store_path
 
-    st = Store.open(store)
+    st = Store(resolve_store_path(store))
     with st.lock("lsdb ingest"):
+        Store.open(st.root)
         r = do_ingest(st)
     typer.echo(f"ingested {r.shards} shards: {r.checkpoints} checkpoints, {r.jobs} probe jobs, "
                f"{r.result_rows} result rows ({r.skipped_known} already stored)")
     for line in r.rejected:
         typer.echo(f"rejected (moved to spool/rejected/): {line}", err=True)
+    if r.rejected:
+        raise typer.Exit(1)
+
+
+@app.command()
+def check(store: StoreOpt = None):
+    """Verify the store; print what is wrong and exit 1 if anything is.
+
+    Checks every checkpoint file (present, matching its hash), orphan rows, each job's identity and
+    state, and that every shard of the ingested log is in the database."""
+    from lsdb.integrity import check as do_check
+    from lsdb.store import Store
+
+    r = do_check(Store.open(store))
+    for note in r.notes:
+        typer.echo(f"note: {note}")
+    for p in r.problems:
+        typer.echo(f"problem: {p}")
+    typer.echo(f"checked {r.checkpoints} checkpoints, {r.jobs} probe jobs, {r.log_shards} log shards: "
+               + ("all consistent" if r.ok else f"{len(r.problems)} problems"))
+    if not r.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def rebuild(store: StoreOpt = None):
+    """Recreate the database from the ingested log, e.g. when lsdb.duckdb will not open.
+
+    Replays every shard of spool/ingested/ into a new database; the old file is kept as
+    lsdb.duckdb.broken-<time>."""
+    from lsdb.integrity import rebuild as do_rebuild
+    from lsdb.store import Store, resolve_store_path
+
+    st = Store(resolve_store_path(store))
+    with st.lock("lsdb rebuild"):
+        r = do_rebuild(st)
+    if r.moved_to:
+        typer.echo(f"old database kept as {r.moved_to}")
+    typer.echo(f"rebuilt {st.db_path} from {r.ingest.shards} shards: {r.ingest.experiments} experiments, "
+               f"{r.ingest.runs} run rows and statuses, {r.ingest.checkpoints} checkpoints, {r.ingest.jobs} "
+               f"probe jobs, {r.ingest.result_rows} result rows; verify with: lsdb check --store {st.root}")
+    for line in r.ingest.rejected:
+        typer.echo(f"not ingested: {line}", err=True)
 
 
 @app.command()
@@ -234,23 +301,33 @@ def jobs(store: StoreOpt = None, failed: Annotated[bool, typer.Option(help="Only
                     "GROUP BY ALL ORDER BY probe, state"), format)
 
 
-def _register_query_commands() -> None:
-    import lsdb.cli_query as cli_query
-
-    cli_query.register(app)
+cli_query.register(app)
 
 
-try:
-    _register_query_commands()
-except ModuleNotFoundError as e:  # only while lsdb/cli_query.py does not exist yet
-    if e.name != "lsdb.cli_query":
-        raise
+def environment_error(e: BaseException) -> str | None:
+    """One line for a failure of the machine rather than of lsdb or its input: a full disk, a
+    read-only or unwritable store, a database file the OS will not give us. None for anything else
+    (a bug keeps its traceback). Nothing stored is lost in these cases: rerun after fixing them."""
+    orig = getattr(e, "orig", None) or e  # SQLAlchemy wraps the driver's error
+    text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    if isinstance(orig, OSError):
+        where = f" ({orig.filename})" if orig.filename else ""
+        what = orig.strerror or text
+        if orig.errno == errno.ENOSPC:
+            return f"disk full{where}: free some space and rerun; nothing stored was lost"
+        return f"{what}{where}: fix it and rerun; nothing stored was lost"
+    if type(orig).__module__.split(".")[0] in ("duckdb", "_duckdb") and type(orig).__name__ in (
+            "IOException", "PermissionException", "OutOfMemoryException"):
+        if "No space left" in text:
+            return f"disk full while writing the database ({text}): free some space and rerun; nothing stored was lost"
+        return f"the database could not be written ({text}): fix it and rerun; nothing stored was lost"
+    return None
 
 
 def main() -> None:
     """Console entry point: user errors → one line on stderr, exit code 1."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except LsdbError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -260,12 +337,18 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to finish the work", err=True)
         sys.exit(130)
-    except Exception as e:  # usage errors and exits from Typer's (vendored) click
+    except Exception as e:
         code = getattr(e, "exit_code", None)
-        if code is None:
+        if code is not None:  # usage errors and exits from Typer's (vendored) click
+            if hasattr(e, "show"):
+                e.show()
+            sys.exit(code)
+        message = environment_error(e)  # the machine failed lsdb: full disk, read-only store …
+        if message is None:
             raise
-        if hasattr(e, "show"):
-            e.show()
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(1)
+    if isinstance(code, int) and code:  # typer.Exit(n) from a command, e.g. `lsdb check` finding problems
         sys.exit(code)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from importlib import resources
 
-from lsdb.spec import Spec, parse_spec
+from lsdb.plan import parse_spec
+from lsdb.spec import Spec
 
 FULL = "fort2020-mnist1d.toml"
 QUICK = "fort2020-mnist1d-quick.toml"

@@ -2,26 +2,54 @@
 
 Runs, checkpoints and probe jobs all have content-derived ids, so the plan can name every
 checkpoint a finished study will hold before any training happens, and rerunning a finished spec
-plans nothing.
+plans nothing. This module also loads specs with every registry lsdb knows (``load_spec``), and
+refuses specs that ask for more work than could ever finish.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from lsdb.probes.base import CheckpointRef, JobRequest, RunRef, Study, job_id, params_hash
-from lsdb.spec import RunConfig, Spec, non_default, sha256_json
+from lsdb import spec as specmod
+from lsdb.errors import SpecError
+from lsdb.ids import checkpoint_id, child_data_seed, child_run_id, job_id, non_default, params_hash, parent_run_id
+from lsdb.probes import PARAMS, probe_module
+from lsdb.probes.base import CheckpointRef, JobRequest, RunRef, Study, dataclass_from_dict
+from lsdb.spec import ProbeSelection, RunConfig, Spec
 
 MAX_ATTEMPTS = 3
 
+# Limits on the work one spec may plan (a spec beyond them is refused with the number it needs).
+MAX_STEPS_PER_RUN = 100_000_000
+MAX_CHECKPOINTS_PER_RUN = 100_000
+MAX_RUNS = 100_000
 
-def checkpoint_id(run_id: str, step: int) -> str:
-    return hashlib.sha256(f"{run_id}:{step}".encode()).hexdigest()[:16]
+#: The [data] keys that shape a run's weights (part of its id); the probe set and ``root`` do not.
+TRAINING_DATA_KEYS = ("name", "train_subset")
+
+
+def catalog() -> specmod.Catalog:
+    """Every data set, model and probe a spec may name."""
+    from lsdb.train.data import LOADERS
+    from lsdb.train.models import MODELS
+
+    return specmod.Catalog(datasets=tuple(LOADERS), models=tuple(MODELS), probes=PARAMS)
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read a spec file and check every key and value, probe params included (``SpecError``)."""
+    return specmod.load_spec(path, catalog())
+
+
+def parse_spec(text: str, source: str = "<spec>") -> Spec:
+    """``load_spec`` for TOML text."""
+    return specmod.parse_spec(text, source, catalog=catalog())
 
 
 @dataclass(frozen=True)
@@ -54,6 +82,8 @@ class PlannedRun:
 
 
 def schedule(cfg: RunConfig, spe: int, total: int) -> list[int]:
+    """Steps a run saves: step 0, the end, log-spaced early steps, every k epochs/steps, listed
+    epochs and spawn times. Call ``check_work`` first: it bounds the size of this list."""
     c = cfg.checkpoints
     steps = {0, total}
     if c.log_points and c.log_until > 0:
@@ -71,17 +101,48 @@ def schedule(cfg: RunConfig, spe: int, total: int) -> list[int]:
     return sorted(s for s in steps if 0 <= s <= total)
 
 
+def check_work(cfg: RunConfig, spe: int, where: str) -> int:
+    """Refuse a configuration whose training or checkpoint schedule could never finish; returns
+    its total steps."""
+    total = cfg.optim.epochs * spe
+    if total > MAX_STEPS_PER_RUN:
+        raise SpecError(f"{where}: optim.epochs = {cfg.optim.epochs:g} at {spe} steps per epoch needs "
+                        f"{total:.3g} training steps per run; lsdb plans at most {MAX_STEPS_PER_RUN:,}")
+    if int(round(total)) < 1:
+        raise SpecError(f"{where}: optim.epochs = {cfg.optim.epochs:g} at {spe} steps per epoch is {total:.3g} "
+                        f"training steps, which rounds to none; train for at least one step")
+    total = int(round(total))
+    c = cfg.checkpoints
+    bound = 2 + c.log_points + len(c.epochs) + len(cfg.spawn.times)
+    if c.every_epochs > 0:
+        bound += total / max(c.every_epochs * spe, 1e-300)
+    if c.every_steps > 0:
+        bound += total / c.every_steps
+    if bound > MAX_CHECKPOINTS_PER_RUN:
+        raise SpecError(f"{where}: the [checkpoints] schedule asks for up to {bound:.3g} checkpoints per run "
+                        f"({total:,} steps); lsdb plans at most {MAX_CHECKPOINTS_PER_RUN:,}: raise "
+                        f"checkpoints.every_epochs / every_steps")
+    return total
+
+
 def expand_runs(spec: Spec, n_train: int) -> list[PlannedRun]:
-    """Every run the spec declares: parents per (variant, seed), then their children."""
+    """Every run the spec declares: parents per (variant, seed), then their children.
+
+    A run's id hashes what shapes its weights (data, model, optimiser, training options, seed;
+    for a child also its parent, spawn step and index), never the checkpoint schedule, so adding
+    checkpoints or spawn times trains only what is new."""
     runs = []
     for cfg in spec.run_configs():
+        where = spec.source if cfg.variant == "base" else f"{spec.source} (variant {cfg.variant})"
         spe = math.ceil(n_train / cfg.optim.batch_size)
-        total = int(round(cfg.optim.epochs * spe))
+        total = check_work(cfg, spe, where)
         steps = tuple(schedule(cfg, spe, total))
+        training = {k: non_default(getattr(cfg, k)) for k in ("data", "model", "optim", "train")}
+        # the probe set and where the files live do not shape the weights
+        training["data"] = {k: v for k, v in training["data"].items() if k in TRAINING_DATA_KEYS}
         for seed in spec.experiment.seeds:
-            ident = {"variant": cfg.variant, "seed": seed, "steps": list(steps),
-                     **{k: non_default(getattr(cfg, k)) for k in ("data", "model", "optim", "train")}}
-            parent = PlannedRun(sha256_json(ident)[:16], "parent", cfg.variant, seed, seed, cfg, spe, total, steps)
+            parent = PlannedRun(parent_run_id(cfg.variant, seed, training), "parent", cfg.variant, seed, seed, cfg,
+                                spe, total, steps)
             runs.append(parent)
             for t in sorted(set(cfg.spawn.times)):
                 s = int(round(t * spe))
@@ -89,11 +150,12 @@ def expand_runs(spec: Spec, n_train: int) -> list[PlannedRun]:
                 kinds = [("child", i, 1.0) for i in range(cfg.spawn.children)]
                 kinds += [("lowlr_child", i, cfg.spawn.lowlr_factor) for i in range(cfg.spawn.lowlr_children)]
                 for kind, i, factor in kinds:
-                    cid = sha256_json({"parent": parent.id, "spawn_step": s, "kind": kind, "child": i,
-                                       "lr_factor": factor})[:16]
-                    data_seed = int(hashlib.sha256(cid.encode()).hexdigest()[:7], 16)
-                    runs.append(PlannedRun(cid, kind, cfg.variant, seed, data_seed, cfg, spe, total, later,
-                                           parent.id, s, i, factor))
+                    cid = child_run_id(parent.id, s, kind, i, factor)
+                    runs.append(PlannedRun(cid, kind, cfg.variant, seed, child_data_seed(cid), cfg, spe, total,
+                                           later, parent.id, s, i, factor))
+        if len(runs) > MAX_RUNS:
+            raise SpecError(f"{spec.source}: the spec declares more than {MAX_RUNS:,} runs (seeds × variants × "
+                            f"spawn times × children); lsdb plans at most {MAX_RUNS:,}")
     return runs
 
 
@@ -115,8 +177,6 @@ def run_row(r: PlannedRun, experiment_id: str, num_params: int) -> dict:
 
 
 def config_json(cfg: RunConfig) -> str:
-    import json
-
     return json.dumps(non_default(cfg), sort_keys=True)
 
 
@@ -158,14 +218,16 @@ def run_ref(r: PlannedRun, status: str, checkpoints: tuple[CheckpointRef, ...]) 
 
 
 def simulated_study(runs: list[PlannedRun], status: dict | None = None, stored: dict | None = None,
-                    con=None) -> StoreStudy:
+                    con=None, filled: dict | None = None) -> StoreStudy:
     """The study as it will be once every run has trained (for `lsdb plan`). Runs that already
-    ended (finished, diverged, skipped) keep the checkpoints they actually have."""
-    status, stored = status or {}, stored or {}
+    ended (finished, diverged, skipped) keep the checkpoints they actually have, plus the steps
+    ``filled`` names (run id -> steps `lsdb run` will fill in)."""
+    status, stored, filled = status or {}, stored or {}, filled or {}
     refs = []
     for r in runs:
         st = status.get(r.id, "planned")
-        steps = sorted(stored.get(r.id, {})) if st in ("finished", "diverged", "skipped") else r.save_steps
+        ended = st in ("finished", "diverged", "skipped")
+        steps = sorted(set(stored.get(r.id, {})) | set(filled.get(r.id, ()))) if ended else r.save_steps
         cps = tuple(CheckpointRef(checkpoint_id(r.id, s), r.id, s, s / r.steps_per_epoch, "") for s in steps)
         refs.append(run_ref(r, "finished" if st not in ("diverged", "skipped") else st, cps))
     return StoreStudy(refs, results_fn=None if con is None else (lambda table: _results(con, table)))
@@ -199,11 +261,6 @@ def _results(con, table: str):
 
 def probe_requests(spec: Spec, study: Study) -> list[tuple[str, int, object, str, JobRequest]]:
     """(probe, version, params, params_hash, request) for every job the spec's probes ask for."""
-    from lsdb.probes import probe_module
-    from lsdb.probes.base import dataclass_from_dict
-
-    from lsdb.spec import ProbeSelection
-
     out = []
     for name, raw in spec.probe_params().items():
         module = probe_module(name)

@@ -1,10 +1,12 @@
 """``lsdb plan`` and ``lsdb run``: make the store hold everything a spec declares.
 
-Order of work: ingest whatever an interrupted run left in the spool; record the experiment and
-its runs; train parents, then children from the parents' spawn checkpoints (resuming any run
-from its last stored checkpoint); then probe jobs, re-planning until no probe asks for more
-(so a probe that needs another's results runs once those exist). The database is opened
-read-write only for short ingest transactions.
+Order of work: take the store's lock (before the database is opened for writing); clean what
+killed processes left half-written; ingest whatever an interrupted run left in the spool; record
+the experiment and its runs (as a shard, so the ingested log can rebuild the database); verify
+every stored checkpoint of the spec's runs against its hash; train what is missing or damaged
+(parents, then children from the parents' spawn checkpoints; a run resumes from its nearest
+intact checkpoint, which gives bit-identical weights); then probe jobs, re-planning until no
+probe asks for more. The database is opened read-write only for short ingest transactions.
 """
 
 from __future__ import annotations
@@ -13,13 +15,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lsdb import faults
 from lsdb.errors import LsdbError
-from lsdb.plan import (MAX_ATTEMPTS, PlannedRun, expand_runs, probe_jobs, probe_requests, run_row,
-                       simulated_study, stored_study)
+from lsdb.ingest.ingest import REASON_FILE, REJECTED, ingest
+from lsdb.ingest.record import record_experiment
+from lsdb.spool import clean_temporaries, write_checkpoint_shard, write_status_shard
+from lsdb.plan import MAX_ATTEMPTS, PlannedRun, expand_runs, probe_jobs, probe_requests, simulated_study, stored_study
+from lsdb.probes.executors import make_executor
+from lsdb.probes.worker import run_probe_job
 from lsdb.spec import Spec
-from lsdb.store import Store, utcnow
+from lsdb.store import Store
+from lsdb.integrity import damaged_checkpoints
 
 INGEST_EVERY_S = 2.0
+ENDED = ("finished", "diverged", "skipped")
 
 
 @dataclass
@@ -31,6 +40,7 @@ class PlanSummary:
     jobs_missing: int
     jobs_by_probe: dict[str, int]
     jobs_given_up: int = 0
+    checkpoints_damaged: int = 0
 
     @property
     def nothing_to_do(self) -> bool:
@@ -44,10 +54,19 @@ class RunSummary:
     jobs_done: int = 0
     jobs_failed: int = 0
     jobs_skipped: int = 0
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # probe jobs that failed in this run
+    given_up: list[str] = field(default_factory=list)  # jobs that failed MAX_ATTEMPTS times, not retried
+    problems: list[str] = field(default_factory=list)  # checkpoints that could not be restored
+    rejected: list[str] = field(default_factory=list)  # shards set aside in spool/rejected/, with the reason
     diverged: list[str] = field(default_factory=list)
+    repaired: int = 0  # stored checkpoints whose damaged or lost files were retrained
     seconds: float = 0.0
     nothing_to_do: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """False when any job failed or was given up, or a checkpoint could not be restored."""
+        return not (self.failures or self.given_up or self.problems or self.rejected)
 
 
 def _n_train(spec: Spec) -> int:
@@ -56,44 +75,89 @@ def _n_train(spec: Spec) -> int:
     return load_data(spec.data).x_train.shape[0]
 
 
-def _state(store: Store, runs: list[PlannedRun]):
-    """(run statuses, stored steps per run, job states) read in one short read."""
+@dataclass
+class _State:
+    """What the store holds for a spec's runs, read in one short read."""
+
+    status: dict[str, str]
+    steps: dict[str, dict[int, tuple[str, str, str]]]  # run -> step -> (checkpoint id, sha, optimiser sha)
+    jobs: dict[str, tuple[str, int, str | None]]  # job id -> (state, attempts, error)
+
+
+def _state(store: Store, runs: list[PlannedRun]) -> _State:
     ids = [r.id for r in runs]
     with store.read() as con:
         status = dict(con.execute("SELECT id, status FROM run WHERE id IN (SELECT unnest(?::VARCHAR[]))", [ids]).fetchall())
-        steps: dict[str, dict[int, tuple[str, str]]] = {}
-        for rid, step, cid, sha in con.execute(
-            "SELECT run_id, step, id, sha256 FROM checkpoint WHERE run_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
+        steps: dict[str, dict[int, tuple[str, str, str]]] = {}
+        for rid, step, cid, sha, opt in con.execute(
+            "SELECT run_id, step, id, sha256, optimizer_sha256 FROM checkpoint "
+            "WHERE run_id IN (SELECT unnest(?::VARCHAR[]))", [ids]
         ).fetchall():
-            steps.setdefault(rid, {})[step] = (cid, sha)
+            steps.setdefault(rid, {})[step] = (cid, sha, opt)
         jobs = {r[0]: (r[1], r[2], r[3]) for r in con.execute("SELECT id, state, attempts, error FROM probe_job").fetchall()}
-    return status, steps, jobs
+    return _State(status, steps, jobs)
 
 
-def plan(spec: Spec, store: Store) -> PlanSummary:
+def needed_steps(r: PlannedRun, state: _State, damaged: dict[str, str]) -> list[int]:
+    """Steps of ``r``'s schedule the store lacks or holds damaged. A diverged run can only fill in
+    steps before it diverged; a skipped one none."""
+    st = state.status.get(r.id, "planned")
+    stored = state.steps.get(r.id, {})
+    usable = {s for s, (cid, _, _) in stored.items() if cid not in damaged}
+    need = [s for s in r.save_steps if s not in usable]
+    if st == "skipped":
+        return []
+    if st == "diverged":
+        last = max(stored, default=-1)
+        need = [s for s in need if s <= last]
+    return need
+
+
+def plan(spec: Spec, store: Store, damaged: dict[str, str] | None = None) -> PlanSummary:
     """What `lsdb run` would do now, without doing it (a store that does not exist yet is empty)."""
-    from lsdb.probes.base import job_id
+    from lsdb.ids import job_id
 
     runs = expand_runs(spec, _n_train(spec))
     exists = store.db_path.exists()
-    status, steps, jobs = _state(store, runs) if exists else ({}, {}, {})
-    to_train = [r for r in runs if status.get(r.id) not in ("finished", "diverged", "skipped")]
-    missing_ckpts = sum(len(set(r.save_steps) - set(steps.get(r.id, {}))) for r in to_train)
+    state = _state(store, runs) if exists else _State({}, {}, {})
+    if damaged is None:
+        damaged = damaged_checkpoints(store, [r.id for r in runs]) if exists else {}
+    needs = {r.id: needed_steps(r, state, damaged) for r in runs}
+    to_train = [r for r in runs if needs[r.id] or state.status.get(r.id) not in ENDED]
+    missing_ckpts = sum(len(n) for n in needs.values())
+    steps = {rid: {s: v[0] for s, v in by.items()} for rid, by in state.steps.items()}
     if exists:
         with store.read() as con:  # stored results let dependent probes (kernel distances) plan too
-            requests = probe_requests(spec, simulated_study(runs, status, steps, con))
+            requests = probe_requests(spec, simulated_study(runs, state.status, steps, con, needs))
     else:
         requests = probe_requests(spec, simulated_study(runs))
     by_probe: dict[str, int] = {}
     given_up = 0
     for name, version, _params, phash, req in requests:
-        state, attempts, _error = jobs.get(job_id(name, version, phash, req.checkpoint_ids, req.role), ("", 0, None))
-        if state == "failed" and attempts >= MAX_ATTEMPTS:
+        st, attempts, _error = state.jobs.get(job_id(name, version, phash, req.checkpoint_ids, req.role), ("", 0, None))
+        if st == "failed" and attempts >= MAX_ATTEMPTS:
             given_up += 1  # `lsdb jobs --failed` shows why; rerunning would only fail again
-        elif state not in ("done", "skipped"):
+        elif st not in ("done", "skipped"):
             by_probe[name] = by_probe.get(name, 0) + 1
     return PlanSummary(spec.identity(), len(runs), to_train, missing_ckpts, sum(by_probe.values()), by_probe,
-                       given_up)
+                       given_up, len(damaged))
+
+
+def given_up_jobs(spec: Spec, store: Store, runs: list[PlannedRun]) -> list[str]:
+    """"probe job <id>: <first line of its error>" for each of the spec's jobs that failed
+    MAX_ATTEMPTS times (they are not retried; `lsdb jobs --failed` shows them whole)."""
+    from lsdb.ids import job_id
+
+    state = _state(store, runs)
+    out = []
+    with store.read() as con:
+        study = stored_study(runs, con)
+        for name, version, _params, phash, req in probe_requests(spec, study):
+            jid = job_id(name, version, phash, req.checkpoint_ids, req.role)
+            st, attempts, error = state.jobs.get(jid, ("", 0, None))
+            if st == "failed" and attempts >= MAX_ATTEMPTS:
+                out.append(f"{name} job {jid[:12]}: {(error or '').splitlines()[0] if error else 'failed'}")
+    return out
 
 
 def ready_jobs(spec: Spec, store: Store, runs: list[PlannedRun] | None = None, probe_sha: str | None = None) -> list:
@@ -109,74 +173,57 @@ def ready_jobs(spec: Spec, store: Store, runs: list[PlannedRun] | None = None, p
 
 def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None, progress: bool = False,
         probes: bool = True) -> RunSummary:
-    """Train and probe everything missing. Safe to interrupt at any point and rerun."""
-    from lsdb.ingest.ingest import ingest
-    from lsdb.probes.executors import make_executor
+    """Train and probe everything missing. Safe to interrupt at any point and rerun.
 
+    Check ``summary.ok``: failed, given-up jobs and unrestorable checkpoints are listed in the
+    summary, not raised."""
     t0 = time.perf_counter()
     summary = RunSummary()
-    from lsdb.ingest.spool import clean_temporaries
-
-    with store.lock():
-        clean_temporaries(store.spool)
+    with store.lock():  # before the database is opened for writing: a second run fails at once
+        store.create()
+        rejected_before = _rejected(store)
+        clean_temporaries(store)
         ingest(store)
-        if plan(spec, store).nothing_to_do:
-            summary.nothing_to_do = True
-            return summary
         runs = expand_runs(spec, _n_train(spec))
-        _record_experiment(spec, store, runs)
+        record_experiment(spec, store, runs)
+        faults.point("recorded")
+        damaged = damaged_checkpoints(store, [r.id for r in runs])
+        if plan(spec, store, damaged).nothing_to_do:
+            summary.nothing_to_do = True
+            summary.given_up = given_up_jobs(spec, store, runs)
+            summary.rejected = _rejected(store, rejected_before)
+            summary.seconds = time.perf_counter() - t0
+            return summary
         executor = make_executor(workers)
         bars = _Progress(progress)
         try:
             with bars:
-                _train_all(store, runs, executor, summary, bars)
+                _train_all(store, runs, executor, summary, bars, damaged)
                 if probes:
                     _probe_all(spec, store, runs, executor, summary, bars, device)
         finally:
             executor.close()
         ingest(store)
+        if probes:
+            summary.given_up = given_up_jobs(spec, store, runs)
+        summary.rejected = _rejected(store, rejected_before)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-# --------------------------------------------------------------------------------- recording
-
-def _record_experiment(spec: Spec, store: Store, runs: list[PlannedRun]) -> None:
-    import sqlalchemy as sa
-
-    from lsdb.schema import Run
-    from lsdb.train.data import load_data, probe_indices
-    from lsdb.train.models import build_model, num_params
-
-    data = load_data(spec.data)
-    indices = probe_indices(data, spec.data.probe_set_size, spec.data.probe_set_seed)
-    probe_sha = store.artifacts().put(indices.numpy())
-    sizes = {}
-    for r in runs:
-        key = r.config.model
-        if key not in sizes:
-            sizes[key] = num_params(build_model(key, data.input_shape, data.num_classes))
-    with store.write() as conn:
-        conn.execute(sa.text("INSERT INTO experiment BY NAME SELECT * FROM (SELECT :id AS id, :name AS name, "
-                             ":toml AS spec_toml, :ds AS dataset, :n AS probe_set_size, :seed AS probe_set_seed, "
-                             ":sha AS probe_set_sha256, :at AS created_at) ON CONFLICT DO NOTHING"),
-                     dict(id=spec.identity(), name=spec.name, toml=_spec_text(spec), ds=spec.data.name,
-                          n=spec.data.probe_set_size, seed=spec.data.probe_set_seed, sha=probe_sha, at=utcnow()))
-        existing = {r[0] for r in conn.execute(sa.select(Run.id)).all()}
-        new = [run_row(r, spec.identity(), sizes[r.config.model]) for r in runs if r.id not in existing]
-        for kind_is_parent in (True, False):  # parents first: children reference them
-            rows = [r for r in new if (r["parent_run_id"] is None) == kind_is_parent]
-            if rows:
-                conn.execute(sa.insert(Run), rows)
-
-
-def _spec_text(spec: Spec) -> str:
-    src = Path(spec.source) if spec.source and not spec.source.startswith("<") else None
-    if src and src.exists():
-        return src.read_text()
-    import json
-
-    return json.dumps(spec.canonical(), sort_keys=True)
+def _rejected(store: Store, before: dict[str, str] | None = None) -> dict[str, str] | list[str]:
+    """Shards in spool/rejected/ with their reasons; given ``before``, "shard: reason" for the new ones."""
+    folder = store.spool / REJECTED
+    now = {}
+    if folder.exists():
+        for p in folder.iterdir():
+            try:
+                now[p.name] = (p / REASON_FILE).read_text().strip()
+            except OSError:
+                now[p.name] = "no reason recorded"
+    if before is None:
+        return now
+    return [f"{name}: {why}" for name, why in sorted(now.items()) if name not in before]
 
 
 def experiment_probe_set(store: Store, spec: Spec) -> str:
@@ -189,80 +236,104 @@ def experiment_probe_set(store: Store, spec: Spec) -> str:
 
 # ---------------------------------------------------------------------------------- training
 
-def _train_all(store: Store, runs: list[PlannedRun], executor, summary: RunSummary, bars) -> None:
+def _train_all(store: Store, runs: list[PlannedRun], executor, summary: RunSummary, bars,
+               damaged: dict[str, str]) -> None:
+    damaged = dict(damaged)
     task_bar = None
-    for wave in range(3):  # parents, then children (whose spawn checkpoints now exist)
-        status, steps, _ = _state(store, runs)
-        tasks = [t for t in (_train_task(store, r, status, steps) for r in runs) if t is not None]
+    for _wave in range(3):  # parents, then children (whose spawn checkpoints now exist)
+        state = _state(store, runs)
+        tasks = [t for t in (_train_task(store, r, state, damaged) for r in runs) if t is not None]
         if not tasks:
             break
         task_bar = bars.add_or_extend(task_bar, "training runs", len(tasks))
         for result in _drain(store, executor, _train_entry, [(t,) for t in tasks], bars, task_bar):
             summary.trained += 1
-            summary.checkpoints += result["checkpoints"]
-            if result["status"] == "diverged":
+            summary.checkpoints += len(result["saved"])
+            summary.problems += result["problems"]
+            summary.repaired += sum(damaged.pop(cid, None) is not None for cid in result["saved"])
+            if result["status"] == "diverged" and result["emitted"]:
                 summary.diverged.append(f"{result['run_id']}: {result['diverged_reason']} at step {result['diverged_step']}")
     _skip_orphans(store, runs)
 
 
 def _skip_orphans(store: Store, runs: list[PlannedRun]) -> None:
     """Children whose parent diverged before their spawn time can never start: say so once."""
-    status, steps, _ = _state(store, runs)
-    orphans = [r.id for r in runs if r.parent_id and status.get(r.id) == "planned"
-               and status.get(r.parent_id) == "diverged" and r.spawn_step not in steps.get(r.parent_id, {})]
+    state = _state(store, runs)
+    orphans = [r.id for r in runs if r.parent_id and state.status.get(r.id) == "planned"
+               and state.status.get(r.parent_id) == "diverged" and r.spawn_step not in state.steps.get(r.parent_id, {})]
+    for rid in orphans:
+        write_status_shard(store.spool, rid, "skipped", reason="parent diverged before the spawn time")
     if orphans:
-        with store.write() as conn:
-            conn.connection.driver_connection.execute(
-                "UPDATE run SET status = 'skipped', diverged_reason = 'parent diverged before the spawn time' "
-                "WHERE id IN (SELECT unnest(?::VARCHAR[]))", [orphans])
+        ingest(store)
 
 
-def _train_task(store: Store, r: PlannedRun, status: dict, steps: dict):
+def _train_task(store: Store, r: PlannedRun, state: _State, damaged: dict[str, str]):
+    """The training that brings ``r`` up to its schedule, or None (nothing to do, or waiting for
+    its parent's spawn checkpoint)."""
     from lsdb.train.trainer import TrainTask
 
-    if r.id not in status or status[r.id] in ("finished", "diverged", "skipped"):
+    st = state.status.get(r.id)
+    if st is None:
         return None
-    stored = steps.get(r.id, {})
-    common = dict(store_root=str(store.root), run_id=r.id, config=r.config, seed=r.seed, data_seed=r.data_seed,
-                  steps_per_epoch=r.steps_per_epoch, total_steps=r.total_steps, save_steps=r.save_steps,
-                  lr_factor=r.lr_factor, checkpoint_ids=r.checkpoint_ids)
-    if stored:  # resume from the last stored checkpoint
-        last = max(stored)
-        cid, sha = stored[last]
-        return TrainTask(**common, start_step=last, start_weights=sha, start_optimizer=f"{cid}.optim.safetensors")
-    if r.parent_id is None:
-        return TrainTask(**common)
-    parent_steps = steps.get(r.parent_id, {})
-    if r.spawn_step not in parent_steps:
+    need = needed_steps(r, state, damaged)
+    ended = st in ENDED
+    if ended and not need:
+        return None
+    first = min(need) if need else r.total_steps
+    start = _resume_point(r, state, damaged, first)
+    if start is None:
         return None  # the parent has not reached the spawn time (yet, or it diverged before)
-    cid, sha = parent_steps[r.spawn_step]
-    return TrainTask(**common, start_step=r.spawn_step, start_weights=sha, start_optimizer=f"{cid}.optim.safetensors")
+    stored = state.steps.get(r.id, {})
+    expected = {s: (stored[s][1], stored[s][2]) for s in need if s in stored}
+    step, weights, opt_id, opt_sha = start
+    return TrainTask(store_root=str(store.root), run_id=r.id, config=r.config, seed=r.seed, data_seed=r.data_seed,
+                     steps_per_epoch=r.steps_per_epoch, total_steps=r.total_steps, save_steps=tuple(need),
+                     lr_factor=r.lr_factor, checkpoint_ids=r.checkpoint_ids, start_step=step, start_weights=weights,
+                     start_optimizer=opt_id, start_optimizer_sha=opt_sha,
+                     stop_step=max(need) if ended else None, expected=expected)
+
+
+def _resume_point(r: PlannedRun, state: _State, damaged: dict[str, str], first_needed: int):
+    """The latest intact point at or before ``first_needed`` to train from: (step, weights sha,
+    optimiser checkpoint id, optimiser sha); weights None = a fresh initialisation at step 0."""
+    candidates = [(s, sha, cid, opt) for s, (cid, sha, opt) in state.steps.get(r.id, {}).items()
+                  if cid not in damaged and s <= first_needed]
+    if r.parent_id is None:
+        candidates.append((0, None, None, None))
+    else:
+        spawn = state.steps.get(r.parent_id, {}).get(r.spawn_step)
+        if spawn is not None and spawn[0] not in damaged:
+            candidates.append((r.spawn_step, spawn[1], spawn[0], spawn[2]))
+    candidates = [c for c in candidates if c[0] <= first_needed]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: (c[0], c[1] is not None))
 
 
 def _train_entry(task) -> dict:
-    from lsdb.ingest.spool import write_checkpoint_shard, write_status_shard
     from lsdb.train.trainer import run_training
 
     spool = Path(task.store_root) / "spool"
-    count = {"n": 0}
+    saved: list[str] = []
+    emitted = []
 
     def emit(kind, payload):
         if kind == "checkpoint":
-            count["n"] += 1
+            saved.append(payload["id"])
             write_checkpoint_shard(spool, payload)
+            faults.point("checkpoint_shard")
         else:
+            emitted.append(payload["status"])
             write_status_shard(spool, payload["run_id"], payload["status"], payload["diverged_step"],
                                payload["diverged_reason"])
 
     status = run_training(task, emit)
-    return {**status, "checkpoints": count["n"]}
+    return {**status, "saved": saved, "emitted": bool(emitted)}
 
 
 # ------------------------------------------------------------------------------------ probes
 
 def _probe_all(spec, store, runs, executor, summary: RunSummary, bars, device) -> None:
-    from lsdb.probes.worker import run_probe_job
-
     if not spec.probes:
         return
     probe_sha = experiment_probe_set(store, spec)
@@ -288,11 +359,10 @@ def _probe_all(spec, store, runs, executor, summary: RunSummary, bars, device) -
 def _drain(store: Store, executor, fn, tasks: list[tuple], bars, bar):
     """Yield each task's result as it completes, ingesting the spool every few seconds (short
     write transactions, so readers get in between) and once at the end."""
-    from lsdb.ingest.ingest import ingest
-
     last = time.monotonic()
     try:
         for result in executor.map(fn, tasks):
+            faults.point("task_done")
             yield result
             bars.advance(bar)
             if time.monotonic() - last > INGEST_EVERY_S:

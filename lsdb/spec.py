@@ -4,25 +4,96 @@ A spec names the data, model, optimiser, seeds, checkpoint schedule, spawns and 
 experiment. Unknown keys are errors that suggest the nearest valid key; bad values are errors that
 name the key and its line. Identity is the sha256 of the canonical JSON with defaults left out, so
 adding a default-valued key never changes an experiment's identity (pinned in tests/test_spec.py).
+
+Every input ends in a ``Spec`` or in one ``SpecError`` whose message is a single line (keys and
+values are escaped and shortened), never in another exception (fuzzed in tests/test_spec_fuzz.py).
+
+How a probe's ``[probes.NAME]`` table is checked (its module's ``Params`` dataclass):
+
+- each key must be a field of ``Params`` (or a ``ProbeSelection`` key), with the field's type;
+- per-field rules are the field's metadata, built with ``check``, ``one_of``, ``between`` and
+  ``positive`` below, e.g. ``points: int = field(default=21, metadata=between(2, MAX_POINTS))``;
+  the error names ``probes.NAME.KEY``, its line and the valid values;
+- rules across fields go in an optional hook on the class,
+  ``Params.cross_check(values: dict) -> tuple[str, str] | None`` (a staticmethod or classmethod):
+  it gets every field's value (the table's, defaults for the rest) and returns ``None`` when they
+  fit together, else ``(key, message)``, reported as ``probes.NAME.KEY = VALUE MESSAGE`` at the
+  key's line (the table's line when the key was left at its default). It must not raise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from lsdb.errors import SpecError
+from lsdb.ids import non_default, sha256_json
 
-DATASETS = ("mnist1d", "digits", "cifar10")
-MODELS = ("cnn1d", "cnn2d", "mlp", "patchnet")
+# Limits on what one spec may ask for, checked at load (values beyond them overflow the
+# arithmetic or could never finish). The planner adds limits on total work (lsdb.plan).
+MAX_SEED = 2**31 - 1  # seeds are DuckDB INTEGER columns and torch generator seeds
+MAX_EPOCHS = 1e6
+MAX_WIDTH = 65536
+MAX_DEPTH = 1000
+MAX_COUNT = 10_000  # log-spaced checkpoints, spawn times, children per spawn time, PGD steps, seeds
+MAX_EXAMPLES = 10**9  # subset sizes (beyond any data set lsdb loads; 0 usually means all)
+MAX_BATCH = 10_000_000  # examples per mini-batch
+MAX_STEPS = 10**9  # a step count or interval (the planner allows far fewer steps per run)
+MAX_RUNS = 100_000  # runs one spec declares: variants × seeds × (1 + spawn times × children)
+
+
+def _num(x) -> str:
+    """A bound as written in a message: integers in full, floats compactly."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def check(predicate, message: str) -> dict:
+    """Field metadata: ``predicate(value)`` must hold, else the error says ``key = value {message}``."""
+    return {"check": predicate, "message": message}
+
+
+def one_of(*values) -> dict:
+    """Field metadata: the value (each item, for a tuple field) is one of ``values``."""
+    allowed = ", ".join(map(str, values))
+
+    def ok(v):
+        return all(x in values for x in v) if isinstance(v, tuple) else v in values
+
+    return check(ok, f"must be one of {allowed}")
+
+
+def between(lo, hi, note: str = "") -> dict:
+    """Field metadata: ``lo <= value <= hi`` (each item, for a tuple field)."""
+
+    def ok(v):
+        return all(lo <= x <= hi for x in v) if isinstance(v, tuple) else lo <= v <= hi
+
+    return check(ok, f"must be in [{_num(lo)}, {_num(hi)}]{note}")
+
+
+def positive(hi=None, note: str = "") -> dict:
+    """Field metadata: ``0 < value`` (and ``<= hi`` when given)."""
+    if hi is None:
+        return check(lambda v: all(x > 0 for x in v) if isinstance(v, tuple) else v > 0, f"must be > 0{note}")
+
+    def ok(v):
+        return all(0 < x <= hi for x in v) if isinstance(v, tuple) else 0 < v <= hi
+
+    return check(ok, f"must be in (0, {_num(hi)}]{note}")
+
+
+def non_negative(hi=None, note: str = "") -> dict:
+    """Field metadata: ``0 <= value`` (and ``<= hi`` when given)."""
+    if hi is None:
+        return check(lambda v: all(x >= 0 for x in v) if isinstance(v, tuple) else v >= 0, f"must be >= 0{note}")
+    return between(0, hi, note)
 
 
 def _positive(v):
@@ -33,18 +104,14 @@ def _non_negative(v):
     return v >= 0
 
 
-def _check(predicate, message):
-    return {"check": predicate, "message": message}
-
-
 @dataclass(frozen=True)
 class DataSpec:
     """Which data set, and the fixed probe set drawn from its training split."""
 
-    name: str = field(default="mnist1d", metadata=_check(lambda v: v in DATASETS, f"must be one of {', '.join(DATASETS)}"))
-    probe_set_size: int = field(default=256, metadata=_check(_positive, "must be a positive integer"))
-    probe_set_seed: int = 0
-    train_subset: int = field(default=0, metadata=_check(_non_negative, "must be >= 0 (0 = all)"))
+    name: str = "mnist1d"  # checked against the catalog of data sets at load
+    probe_set_size: int = field(default=256, metadata=positive(1_000_000))
+    probe_set_seed: int = field(default=0, metadata=between(0, MAX_SEED))
+    train_subset: int = field(default=0, metadata=between(0, MAX_EXAMPLES, " (0 = all)"))
     root: str = ""  # user-owned data on disk (cifar10)
 
 
@@ -52,35 +119,35 @@ class DataSpec:
 class ModelSpec:
     """Architecture. ``width`` is channels (CNN) or hidden units (MLP); ``depth`` counts hidden layers."""
 
-    name: str = field(default="cnn1d", metadata=_check(lambda v: v in MODELS, f"must be one of {', '.join(MODELS)}"))
-    width: int = field(default=32, metadata=_check(_positive, "must be a positive integer"))
-    depth: int = field(default=3, metadata=_check(_positive, "must be a positive integer"))
-    kernels: tuple[int, ...] = (5, 3, 3)
-    patches: int = field(default=1, metadata=_check(_positive, "must be a positive integer"))
+    name: str = "cnn1d"  # checked against the catalog of models at load
+    width: int = field(default=32, metadata=positive(MAX_WIDTH))
+    depth: int = field(default=3, metadata=positive(MAX_DEPTH))
+    kernels: tuple[int, ...] = field(default=(5, 3, 3), metadata=between(1, 1024))
+    patches: int = field(default=1, metadata=positive(MAX_WIDTH))
 
 
 @dataclass(frozen=True)
 class OptimSpec:
     """SGD with momentum and a step learning-rate schedule (times in epochs)."""
 
-    lr: float = field(default=0.1, metadata=_check(_positive, "must be > 0"))
-    momentum: float = field(default=0.9, metadata=_check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
-    weight_decay: float = field(default=0.0, metadata=_check(_non_negative, "must be >= 0"))
-    batch_size: int = field(default=64, metadata=_check(_positive, "must be a positive integer"))
-    epochs: float = field(default=40.0, metadata=_check(_positive, "must be > 0"))
+    lr: float = field(default=0.1, metadata=check(_positive, "must be > 0"))
+    momentum: float = field(default=0.9, metadata=check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    weight_decay: float = field(default=0.0, metadata=check(_non_negative, "must be >= 0"))
+    batch_size: int = field(default=64, metadata=positive(MAX_BATCH))
+    epochs: float = field(default=40.0, metadata=positive(MAX_EPOCHS))
     lr_drops: tuple[float, ...] = (30.0,)
-    lr_drop_factor: float = field(default=0.1, metadata=_check(_positive, "must be > 0"))
+    lr_drop_factor: float = field(default=0.1, metadata=check(_positive, "must be > 0"))
 
 
 @dataclass(frozen=True)
 class TrainSpec:
     """Training options beyond the optimiser: adversarial augmentation and divergence detection."""
 
-    adversarial: str = field(default="none", metadata=_check(lambda v: v in ("none", "fgsm", "pgd"), "must be none, fgsm or pgd"))
-    adv_epsilon: float = field(default=0.1, metadata=_check(_non_negative, "must be >= 0"))
-    adv_steps: int = field(default=5, metadata=_check(_positive, "must be a positive integer"))
-    adv_mix: float = field(default=0.5, metadata=_check(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
-    chance_after_epochs: float = field(default=2.0, metadata=_check(_non_negative, "must be >= 0"))
+    adversarial: str = field(default="none", metadata=check(lambda v: v in ("none", "fgsm", "pgd"), "must be none, fgsm or pgd"))
+    adv_epsilon: float = field(default=0.1, metadata=check(_non_negative, "must be >= 0"))
+    adv_steps: int = field(default=5, metadata=positive(MAX_COUNT))
+    adv_mix: float = field(default=0.5, metadata=check(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    chance_after_epochs: float = field(default=2.0, metadata=check(_non_negative, "must be >= 0"))
 
 
 @dataclass(frozen=True)
@@ -89,11 +156,11 @@ class CheckpointSpec:
     then every ``every_epochs`` epochs and/or ``every_steps`` steps, plus any listed ``epochs``.
     Step 0, the final step and every spawn time are always saved."""
 
-    log_points: int = field(default=8, metadata=_check(_non_negative, "must be >= 0"))
-    log_until: float = field(default=1.0, metadata=_check(_non_negative, "must be >= 0"))
-    every_epochs: float = field(default=1.0, metadata=_check(_non_negative, "must be >= 0 (0 = off)"))
-    every_steps: int = field(default=0, metadata=_check(_non_negative, "must be >= 0 (0 = off)"))
-    epochs: tuple[float, ...] = ()
+    log_points: int = field(default=8, metadata=between(0, MAX_COUNT))
+    log_until: float = field(default=1.0, metadata=between(0, MAX_EPOCHS))
+    every_epochs: float = field(default=1.0, metadata=check(_non_negative, "must be >= 0 (0 = off)"))
+    every_steps: int = field(default=0, metadata=between(0, MAX_STEPS, " (0 = off)"))
+    epochs: tuple[float, ...] = field(default=(), metadata=between(0, MAX_EPOCHS))
 
 
 @dataclass(frozen=True)
@@ -102,10 +169,10 @@ class SpawnSpec:
     parent continue with different data order; ``lowlr_children`` continue at ``lr × lowlr_factor``."""
 
     times: tuple[float, ...] = ()
-    children: int = field(default=2, metadata=_check(_non_negative, "must be >= 0"))
-    lowlr_children: int = field(default=0, metadata=_check(_non_negative, "must be >= 0"))
-    lowlr_factor: float = field(default=0.1, metadata=_check(_positive, "must be > 0"))
-    child_checkpoints: str = field(default="schedule", metadata=_check(
+    children: int = field(default=2, metadata=between(0, MAX_COUNT))
+    lowlr_children: int = field(default=0, metadata=between(0, MAX_COUNT))
+    lowlr_factor: float = field(default=0.1, metadata=check(_positive, "must be > 0"))
+    child_checkpoints: str = field(default="schedule", metadata=check(
         lambda v: v in ("schedule", "final"), "must be 'schedule' (the parent's schedule after the spawn) or 'final'"))
 
 
@@ -118,9 +185,9 @@ class ProbeSelection:
     """Keys every ``[probes.NAME]`` table accepts besides the probe's own params: which runs and
     checkpoints the probe measures. A pair job is kept when all its checkpoints qualify."""
 
-    on_runs: str = field(default="all", metadata=_check(lambda v: v in RUN_SELECTIONS,
+    on_runs: str = field(default="all", metadata=check(lambda v: v in RUN_SELECTIONS,
                                                         f"must be one of {', '.join(RUN_SELECTIONS)}"))
-    on_checkpoints: str = field(default="all", metadata=_check(lambda v: v in CHECKPOINT_SELECTIONS,
+    on_checkpoints: str = field(default="all", metadata=check(lambda v: v in CHECKPOINT_SELECTIONS,
                                                                f"must be one of {', '.join(CHECKPOINT_SELECTIONS)}"))
     on_variants: tuple[str, ...] = ()  # empty = every variant
 
@@ -131,7 +198,7 @@ SELECTOR_KEYS = tuple(f.name for f in fields(ProbeSelection))
 @dataclass(frozen=True)
 class ExperimentSpec:
     name: str = "experiment"
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = field(default=(0,), metadata=between(0, MAX_SEED))
 
 
 @dataclass(frozen=True)
@@ -209,47 +276,85 @@ class Spec:
         return sha256_json(self.canonical())
 
 
-def non_default(obj) -> dict[str, Any]:
-    out = {}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            value = non_default(value)
-            if value:
-                out[f.name] = value
-        elif value != f.default:
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def sha256_json(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _json_default(o):
-    if isinstance(o, tuple):
-        return list(o)
-    if dataclasses.is_dataclass(o):
-        return non_default(o)
-    raise TypeError(f"not serialisable: {o!r}")
-
-
 # ----------------------------------------------------------------------------------- parsing
 
-def load_spec(path: str | Path) -> Spec:
+@dataclass(frozen=True)
+class Catalog:
+    """What a spec may name: data sets, models, and probes with their ``Params`` dataclasses.
+
+    The registries live above this module (``lsdb.train``, ``lsdb.probes``); ``lsdb.plan.load_spec``
+    passes them in, so the spec module imports no part of lsdb that imports it back."""
+
+    datasets: tuple[str, ...]
+    models: tuple[str, ...]
+    probes: Mapping[str, type]
+
+
+MAX_SPEC_BYTES = 16 * 2**20  # a spec is a page of TOML; a file beyond this is not one
+MAX_NAME = 200  # characters of an experiment or variant name
+
+
+def _show(text: str, limit: int = 80) -> str:
+    """``text`` fit for a one-line message: control and line-breaking characters escaped, and
+    shortened to ``limit`` characters."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _value(value: Any, limit: int = 120) -> str:
+    """A value as a message shows it: its repr (one line: repr escapes line breaks), shortened."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        text = f"<{type(value).__name__}>"
+    return _show(text, limit)
+
+
+def _label(path: tuple[str, ...], key: str) -> str:
+    return _show(".".join(path + (key,)), 120)
+
+
+def load_spec(path: str | Path, catalog: Catalog | None) -> Spec:
+    """Read and validate a spec file. ``catalog=None`` checks structure only (names of data sets,
+    models and probe keys unchecked); ``lsdb.plan.load_spec`` checks everything."""
     path = Path(path)
-    if not path.exists():
-        raise SpecError(f"{path}: no such spec file")
-    return parse_spec(path.read_text(), source=str(path))
+    shown = _show(str(path), 200)
+    try:
+        if not path.exists():
+            raise SpecError(f"{shown}: no such spec file")
+        if path.is_dir():
+            raise SpecError(f"{shown}: is a directory; give the spec's .toml file")
+        with path.open("rb") as f:  # bounded: a device or pipe that never ends is refused, not read
+            data = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as e:
+        raise SpecError(f"{shown}: cannot read the spec ({_show(e.strerror or str(e))})") from None
+    except ValueError as e:  # a path the OS cannot take (e.g. a NUL character)
+        raise SpecError(f"{shown}: not a usable path ({_show(str(e))})") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{shown}: larger than {MAX_SPEC_BYTES // 2**20} MiB; a spec is a short TOML text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{shown}: not a UTF-8 text file (byte {e.start}); save the spec as UTF-8 TOML") from None
+    return parse_spec(text, source=str(path), catalog=catalog)
 
 
-def parse_spec(text: str, source: str = "<spec>") -> Spec:
+def parse_spec(text: str, source: str = "<spec>", *, catalog: Catalog | None) -> Spec:
+    """Validate TOML ``text`` into a ``Spec`` (see ``load_spec`` for ``catalog``)."""
+    shown = _show(str(source), 200)
+    if not isinstance(text, str):
+        raise SpecError(f"{shown}: a spec is TOML text, not {type(text).__name__}")
+    if "\x00" in text:
+        raise SpecError(f"{shown}: not a text file (it contains NUL bytes)")
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark, as some editors write
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise SpecError(f"{source}: malformed TOML: {e}") from None
-    where = _Locator(text, source)
+    except RecursionError:
+        raise SpecError(f"{shown}: malformed TOML: nested too deeply") from None
+    except ValueError as e:  # TOMLDecodeError, or an integer literal of more than 4300 digits
+        raise SpecError(f"{shown}: malformed TOML: {_show(str(e), 200)}") from None
+    where = _Locator(text, shown)
     _reject_unknown(raw, list(SECTIONS) + ["probes", "variants"], where, ())
     kwargs: dict[str, Any] = {"source": source}
     for section, cls in SECTIONS.items():
@@ -257,10 +362,10 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
         if not isinstance(table, dict):
             raise SpecError(f"{where.at((), section)}: [{section}] must be a table")
         kwargs[section] = build_dataclass(cls, table, where, (section,))
-    kwargs["probes"] = _parse_probes(raw.get("probes", {}), where)
+    kwargs["probes"] = _parse_probes(raw.get("probes", {}), where, catalog)
     kwargs["variants"] = _parse_variants(raw.get("variants", {}), kwargs, where)
     spec = Spec(**kwargs)
-    _check_cross_fields(spec, where)
+    _check_cross_fields(spec, where, catalog)
     return spec
 
 
@@ -271,21 +376,23 @@ def build_dataclass(cls, table: dict, where: "_Locator", path: tuple[str, ...], 
     _reject_unknown(table, list(known) + list(extra_valid), where, path)
     values = {}
     for key, value in table.items():
+        if key not in known:  # one of extra_valid: checked by the caller
+            continue
         f = known[key]
         values[key] = _coerce(value, f, where, path)
         check = f.metadata.get("check")
         if check and not check(values[key]):
-            raise SpecError(f"{where.at(path, key)}: {'.'.join(path + (key,))} = {value!r} {f.metadata['message']}")
+            raise SpecError(f"{where.at(path, key)}: {_label(path, key)} = {_value(value)} {f.metadata['message']}")
     return values if partial else cls(**values)
 
 
 def _coerce(value, f, where, path):
     default = f.default
-    name = ".".join(path + (f.name,))
+    name = _label(path, f.name)
     want = type(default)
     if isinstance(default, tuple):
         if not isinstance(value, list):
-            raise SpecError(f"{where.at(path, f.name)}: {name} must be a list, got {value!r}")
+            raise SpecError(f"{where.at(path, f.name)}: {name} must be a list, got {_value(value)}")
         hint = str(f.type)
         item = float if "float" in hint else int if "int" in hint else str
         return tuple(_coerce_scalar(v, item, name, where, path, f.name) for v in value)
@@ -294,83 +401,168 @@ def _coerce(value, f, where, path):
 
 def _coerce_scalar(value, want, name, where, path, key):
     if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise SpecError(f"{where.at(path, key)}: {name} = {_value(value)} is too large") from None
     if want is bool or isinstance(value, bool):
         if not isinstance(value, bool) or want is not bool:
-            raise SpecError(f"{where.at(path, key)}: {name} must be {want.__name__}, got {value!r}")
+            raise SpecError(f"{where.at(path, key)}: {name} must be {want.__name__}, got {_value(value)}")
     if not isinstance(value, want):
-        raise SpecError(f"{where.at(path, key)}: {name} must be {want.__name__}, got {value!r}")
+        raise SpecError(f"{where.at(path, key)}: {name} must be {want.__name__}, got {_value(value)}")
     if want is float and not math.isfinite(value):
-        raise SpecError(f"{where.at(path, key)}: {name} must be finite, got {value!r}")
+        raise SpecError(f"{where.at(path, key)}: {name} must be finite, got {_value(value)}")
     return value
 
 
 def _reject_unknown(table: dict, valid: list[str], where, path):
     for key in table:
         if key not in valid:
-            near = difflib.get_close_matches(key, valid, n=1)
+            near = difflib.get_close_matches(key, valid, n=1) if len(key) <= 4 * MAX_NAME else []
             hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
-            label = ".".join(path + (key,))
-            raise SpecError(f"{where.at(path, key)}: unknown key '{label}'{hint}")
+            raise SpecError(f"{where.at(path, key)}: unknown key '{_label(path, key)}'{hint}")
 
 
-def _parse_probes(table, where) -> tuple:
-    from lsdb.probes import PROBES, probe_params_class
-
+def _parse_probes(table, where, catalog: Catalog | None) -> tuple:
+    """Each probe's table, checked against its Params and kept with defaults left out (so writing a
+    default never changes the experiment's identity)."""
     if not isinstance(table, dict):
-        raise SpecError(f"{where.source}: [probes] must be a table of probe names")
+        raise SpecError(f"{where.at((), 'probes')}: [probes] must be a table of probe names")
     out = []
     for name, params in table.items():
-        if name not in PROBES:
-            near = difflib.get_close_matches(name, list(PROBES), n=1)
-            hint = f"did you mean '{near[0]}'?" if near else f"valid probes: {', '.join(PROBES)}"
-            raise SpecError(f"{where.at(('probes',), name)}: unknown probe '{name}'; {hint}")
+        if catalog is not None and name not in catalog.probes:
+            known = list(catalog.probes)
+            near = difflib.get_close_matches(name, known, n=1) if len(name) <= 4 * MAX_NAME else []
+            hint = f"did you mean '{near[0]}'?" if near else f"valid probes: {', '.join(known)}"
+            raise SpecError(f"{where.at(('probes',), name)}: unknown probe '{_show(name)}'; {hint}")
         if not isinstance(params, dict):
-            raise SpecError(f"{where.at(('probes',), name)}: [probes.{name}] must be a table")
+            raise SpecError(f"{where.at(('probes',), name)}: [probes.{_show(name)}] must be a table")
+        path = ("probes", name)
         selection = {k: v for k, v in params.items() if k in SELECTOR_KEYS}
-        build_dataclass(ProbeSelection, selection, where, ("probes", name))
+        kept = _without_defaults(ProbeSelection, build_dataclass(ProbeSelection, selection, where, path,
+                                                                 partial=True))
         rest = {k: v for k, v in params.items() if k not in SELECTOR_KEYS}
-        build_dataclass(probe_params_class(name), rest, where, ("probes", name), extra_valid=SELECTOR_KEYS)
-        out.append((name, tuple(sorted(params.items(), key=lambda kv: kv[0]))))
+        if catalog is not None:
+            cls = catalog.probes[name]
+            values = build_dataclass(cls, rest, where, path, partial=True, extra_valid=SELECTOR_KEYS)
+            _cross_check(cls, values, where, path)
+            kept.update(_without_defaults(cls, values))
+        else:
+            kept.update(rest)
+        out.append((name, tuple(sorted(kept.items(), key=lambda kv: kv[0]))))
     return tuple(out)
+
+
+def _cross_check(cls, values: dict[str, Any], where, path: tuple[str, ...]) -> None:
+    """Run ``cls.cross_check`` (module docstring) on the table's values, defaults filled in."""
+    hook = getattr(cls, "cross_check", None)
+    if hook is None:
+        return
+    full = {f.name: f.default for f in fields(cls) if f.default is not dataclasses.MISSING}
+    full.update(values)
+    found = hook(full)
+    if found is None:
+        return
+    key, message = found
+    at = where.at(path, key) if key in values else where.at(path[:-1], path[-1])
+    raise SpecError(f"{at}: {_label(path, key)} = {_value(full.get(key))} {message}")
+
+
+def _without_defaults(cls, values: dict[str, Any]) -> dict[str, Any]:
+    defaults = {f.name: f.default for f in fields(cls)}
+    return {k: v for k, v in values.items() if v != defaults.get(k, dataclasses.MISSING)}
+
+
+def _check_name(name: str, what: str, at: str) -> None:
+    """Experiment and variant names end up in tables, charts and messages: one printable line."""
+    if not name or not name.isprintable() or len(name) > MAX_NAME:
+        raise SpecError(f"{at}: {what} {_value(name)} must be 1 to {MAX_NAME} printable characters "
+                        f"(no control characters or line breaks)")
 
 
 def _parse_variants(table, sections, where) -> tuple:
+    """Each variant's overrides, kept only where they differ from the base configuration."""
+    if not isinstance(table, dict):
+        raise SpecError(f"{where.at((), 'variants')}: [variants] must be a table of variant names")
     out = []
     for vname, body in table.items():
+        at = where.at(("variants",), vname)
         if vname == "base":
-            raise SpecError(f"{where.at(('variants',), vname)}: 'base' is reserved for the unmodified configuration")
+            raise SpecError(f"{at}: 'base' is reserved for the unmodified configuration")
+        _check_name(vname, "variant name", at)
+        if not isinstance(body, dict):
+            raise SpecError(f"{at}: [variants.{vname}] must be a table of sections, e.g. [variants.{vname}.optim]")
         _reject_unknown(body, list(VARIANT_SECTIONS), where, ("variants", vname))
         items = []
         for section, overrides in body.items():
+            if not isinstance(overrides, dict):
+                raise SpecError(f"{where.at(('variants', vname), section)}: [variants.{vname}.{section}] must be a table")
             values = build_dataclass(SECTIONS[section], overrides, where, ("variants", vname, section), partial=True)
-            items.append((section, tuple(sorted(values.items()))))
-        out.append((vname, tuple(items)))
+            base = sections[section]
+            values = {k: v for k, v in values.items() if v != getattr(base, k)}
+            if values:
+                items.append((section, tuple(sorted(values.items()))))
+        out.append((vname, tuple(sorted(items))))
     return tuple(out)
 
 
-def _check_cross_fields(spec: Spec, where):
+def _check_cross_fields(spec: Spec, where, catalog: Catalog | None):
+    _check_name(spec.experiment.name, "experiment.name", where.at(("experiment",), "name"))
+    if catalog is not None and spec.data.name not in catalog.datasets:
+        raise SpecError(f"{where.at(('data',), 'name')}: data.name = {_value(spec.data.name)} must be one of "
+                        f"{', '.join(catalog.datasets)}")
+    seeds = spec.experiment.seeds
+    if not seeds:
+        raise SpecError(f"{where.at(('experiment',), 'seeds')}: experiment.seeds must list at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise SpecError(f"{where.at(('experiment',), 'seeds')}: experiment.seeds lists a seed twice")
+    if len(seeds) > MAX_COUNT:
+        raise SpecError(f"{where.at(('experiment',), 'seeds')}: experiment.seeds lists {len(seeds)} seeds; "
+                        f"at most {MAX_COUNT}")
+    runs = 0
     for cfg in spec.run_configs():
         prefix = () if cfg.variant == "base" else ("variants", cfg.variant)
+        if catalog is not None and cfg.model.name not in catalog.models:
+            raise SpecError(f"{where.at(prefix + ('model',), 'name')}: model.name = {_value(cfg.model.name)} must be "
+                            f"one of {', '.join(catalog.models)}")
         for t in cfg.spawn.times:
             if t < 0 or t >= cfg.optim.epochs:
-                raise SpecError(
-                    f"{where.at(prefix + ('spawn',), 'times')}: spawn time {t} must be in [0, epochs = {cfg.optim.epochs})"
-                )
+                raise SpecError(f"{where.at(prefix + ('spawn',), 'times')}: spawn time {t} must be in "
+                                f"[0, epochs = {cfg.optim.epochs})")
+        times = len(set(cfg.spawn.times))
+        if times > MAX_COUNT:
+            raise SpecError(f"{where.at(prefix + ('spawn',), 'times')}: {times} spawn times; at most {MAX_COUNT}")
         for t in cfg.optim.lr_drops:
             if t <= 0 or t >= cfg.optim.epochs:
-                raise SpecError(f"{where.at(prefix + ('optim',), 'lr_drops')}: lr drop at {t} must be in (0, epochs)")
+                raise SpecError(f"{where.at(prefix + ('optim',), 'lr_drops')}: lr drop at {t} must be in "
+                                f"(0, epochs = {cfg.optim.epochs})")
         if cfg.model.name == "cnn1d" and len(cfg.model.kernels) != cfg.model.depth:
             raise SpecError(
                 f"{where.at(prefix + ('model',), 'kernels')}: model.kernels has {len(cfg.model.kernels)} entries "
                 f"but model.depth = {cfg.model.depth}; give one kernel size per conv layer"
             )
-    if not spec.experiment.seeds:
-        raise SpecError(f"{where.at(('experiment',), 'seeds')}: experiment.seeds must list at least one seed")
+        # a spawn time without children still costs the planner a pass, so it counts as one
+        runs += len(seeds) * (1 + times * max(1, cfg.spawn.children + cfg.spawn.lowlr_children))
+    if runs > MAX_RUNS:
+        raise SpecError(f"{where.source}: the spec declares {runs:,} runs (variants × seeds × (1 + spawn times × "
+                        f"children)); lsdb plans at most {MAX_RUNS:,}")
+    variants = ["base"] + [v for v, _ in spec.variants]
+    for name, params in spec.probes:
+        chosen = dict(params).get("on_variants", ())
+        unknown = [v for v in chosen if v not in variants]
+        if unknown:
+            near = difflib.get_close_matches(unknown[0], variants, n=1) if len(unknown[0]) <= MAX_NAME else []
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise SpecError(f"{where.at(('probes', name), 'on_variants')}: probes.{_show(name)}.on_variants names "
+                            f"{_value(unknown[0])}, not a variant of this spec{hint} (variants: {', '.join(variants)})")
 
 
 class _Locator:
     """Finds the line of ``key`` inside table ``path`` of the TOML text, for error messages."""
+
+    # a table header, [a.b] or [[a.b]]; written so that matching is linear in the line's length
+    # (lines inside multi-line strings are scanned too)
+    _HEADER = re.compile(r"\s*\[\[?([^\[\]]*)\]")
 
     def __init__(self, text: str, source: str):
         self.lines = text.splitlines()
@@ -378,10 +570,9 @@ class _Locator:
 
     def at(self, path: tuple[str, ...], key: str) -> str:
         table: tuple[str, ...] = ()
-        header = re.compile(r"^\s*\[+\s*([^\]]+?)\s*\]+")
         assign = re.compile(r"^\s*(" + re.escape(key) + r'|"' + re.escape(key) + r'")\s*=')
         for number, line in enumerate(self.lines, 1):
-            m = header.match(line)
+            m = self._HEADER.match(line)
             if m:
                 table = tuple(p.strip().strip('"') for p in m.group(1).split("."))
                 if table == path + (key,):

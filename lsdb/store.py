@@ -13,10 +13,11 @@ import fcntl
 import os
 import re
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+from lsdb.artifacts import Artifacts
 from lsdb.errors import StoreError, StoreLocked
+from lsdb.ids import utcnow
 
 DB_NAME = "lsdb.duckdb"
 SUBDIRS = ("checkpoints", "spool", "spool/ingested", "artifacts", "exports")
@@ -26,10 +27,6 @@ DEFAULT_STORE = "lsdb-store"
 def resolve_store_path(store: str | os.PathLike | None) -> Path:
     """``--store DIR``, else ``$LSDB_STORE``, else ``./lsdb-store``."""
     return Path(store or os.environ.get("LSDB_STORE") or DEFAULT_STORE)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 class Store:
@@ -49,11 +46,19 @@ class Store:
     @classmethod
     def init(cls, root=None) -> "Store":
         """Create (or upgrade) a store; idempotent."""
-        store = cls(resolve_store_path(root))
-        for sub in SUBDIRS:
-            (store.root / sub).mkdir(parents=True, exist_ok=True)
-        store.migrate()
-        return store
+        return cls(resolve_store_path(root)).create()
+
+    def create(self) -> "Store":
+        """Create this store's folders and database, or check and upgrade an existing one."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store path {self.root} is a file, not a directory; choose another --store")
+        try:
+            for sub in SUBDIRS:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create store {self.root}: {e.strerror}") from None
+        self.migrate()
+        return self
 
     @classmethod
     def open(cls, root=None) -> "Store":
@@ -67,13 +72,15 @@ class Store:
         """Create missing tables, apply ordered upgrades, (re)create views."""
         import sqlalchemy as sa
 
-        from lsdb import __version__
-        from lsdb.schema import SCHEMA_VERSION, UPGRADES, Base, SchemaVersion, metric_series_sql
+        from lsdb._version import __version__
+        from lsdb.schema import MIN_SCHEMA_VERSION, SCHEMA_VERSION, UPGRADES, Base, SchemaVersion, metric_series_sql
 
         with self.write() as conn:
             current = self._stored_version(conn)
             if current is not None and current > SCHEMA_VERSION:
                 raise StoreError(self._newer_message(current))
+            if current is not None and current < MIN_SCHEMA_VERSION:
+                raise StoreError(self._older_message(current))
             Base.metadata.create_all(conn)
             start = current if current is not None else SCHEMA_VERSION
             for v in range(start + 1, SCHEMA_VERSION + 1):
@@ -85,13 +92,15 @@ class Store:
             conn.execute(sa.text(metric_series_sql()))
 
     def check_version(self) -> None:
-        from lsdb.schema import SCHEMA_VERSION
+        from lsdb.schema import MIN_SCHEMA_VERSION, SCHEMA_VERSION
 
         with self.read() as con:
             rows = con.execute("SELECT max(version) FROM schema_version").fetchall()
         stored = rows[0][0] if rows else None
         if stored is not None and stored > SCHEMA_VERSION:
             raise StoreError(self._newer_message(stored))
+        if stored is not None and stored < MIN_SCHEMA_VERSION:
+            raise StoreError(self._older_message(stored))
         if stored is None or stored < SCHEMA_VERSION:
             self.migrate()
 
@@ -101,6 +110,11 @@ class Store:
         if not sa.inspect(conn).has_table("schema_version"):
             return None
         return conn.execute(sa.text("SELECT max(version) FROM schema_version")).scalar()
+
+    def _older_message(self, stored: int) -> str:
+        return (f"store {self.root} has schema {stored}, from lsdb 0.1, whose run ids hashed the checkpoint "
+                f"schedule; this lsdb cannot reuse its runs: start a new store (--store NEW) and rerun the spec, "
+                f"or open this one with lsdb 0.1")
 
     def _newer_message(self, stored: int) -> str:
         from lsdb.schema import SCHEMA_VERSION
@@ -163,12 +177,7 @@ class Store:
     def checkpoint_path(self, sha: str) -> Path:
         return self.checkpoints / f"{sha}.safetensors"
 
-    def optimizer_path(self, sha: str) -> Path:
-        return self.checkpoints / f"{sha}.optim.safetensors"
-
-    def artifacts(self):
-        from lsdb.probes.base import Artifacts
-
+    def artifacts(self) -> Artifacts:
         return Artifacts(self.artifacts_dir)
 
 
@@ -192,7 +201,9 @@ def _retry(connect, store: Store, timeout: float):
         except Exception as e:  # duckdb.IOException, or wrapped by SQLAlchemy
             text = str(e)
             if not _LOCK_HINT.search(text):
-                raise
+                first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+                raise StoreError(f"store {store.root}: cannot open {store.db_path.name} ({first}); if the file is "
+                                 f"damaged, rebuild it from the log: lsdb rebuild --store {store.root}") from None
             if time.monotonic() >= deadline:
                 pid = _PID.search(text)
                 who = f"process {pid.group(1)}" if pid else "another process"

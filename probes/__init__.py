@@ -1,14 +1,16 @@
 """Probe registry: a plain dict from probe name to the module that implements it.
 
-Modules are imported on first use so that ``lsdb --help`` never imports torch.
+Modules are imported on first use so that ``lsdb --help`` never imports torch. ``PARAMS`` is the
+same registry seen as name → ``Params`` dataclass, for validating a spec's ``[probes.NAME]`` tables.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator, Mapping
 from types import ModuleType
 
-from lsdb.errors import SpecError
+from lsdb.errors import ProbeError
 
 PROBES: dict[str, str] = {
     "eval": "lsdb.probes.eval",
@@ -26,9 +28,28 @@ PROBES: dict[str, str] = {
 
 def probe_module(name: str) -> ModuleType:
     if name not in PROBES:
-        raise SpecError(f"unknown probe '{name}'; valid probes: {', '.join(PROBES)}")
+        raise ProbeError(f"unknown probe '{name}'; valid probes: {', '.join(PROBES)}")
     return importlib.import_module(PROBES[name])
 
 
-def probe_params_class(name: str):
-    return probe_module(name).Params
+class _Params(Mapping):
+    """Probe name → its ``Params`` dataclass, importing the module only when asked."""
+
+    def __getitem__(self, name: str) -> type:
+        if name not in PROBES:
+            raise KeyError(name)
+        return probe_module(name).Params
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(PROBES)
+
+    def __len__(self) -> int:
+        return len(PROBES)
+
+
+PARAMS: Mapping[str, type] = _Params()
+
+
+def tables_of(name: str) -> tuple[str, ...]:
+    """The result tables probe ``name`` may write (its ``TABLES``); ingest accepts no others."""
+    return tuple(probe_module(name).TABLES)

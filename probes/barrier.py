@@ -30,11 +30,12 @@ anchored at the init), and any pair named in ``pairs`` (role "pair", anchored at
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lsdb.errors import ProbeError, SpecError
+from lsdb.spec import MAX_BATCH, MAX_EXAMPLES, MAX_SEED, between, check, one_of, positive
 
 from . import _directions as D
 from .base import JobRequest, ProbeContext, Study, sibling_final_pairs
@@ -43,19 +44,35 @@ VERSION = 1
 TABLES = ("barrier", "barrier_curve")
 
 
+MAX_POINTS = 10_001  # α values on one path (a grid step of 1e-4)
+MODES = ("auto", "vmap", "fused", "loop")  # _directions.evaluate_combinations
+
+
+def _pair_ok(text: str) -> bool:
+    """'RUN@STEP RUN@STEP' (or comma-separated), STEP an integer, 'init' or 'final'."""
+    parts = text.replace(",", " ").split()
+    return len(parts) == 2 and all(
+        "@" in p and p.rsplit("@", 1)[0] != "" and (p.rsplit("@", 1)[1] in ("init", "final")
+                                                    or p.rsplit("@", 1)[1].lstrip("-").isdigit())
+        for p in parts)
+
+
 @dataclass(frozen=True)
 class Params:
-    points: int = 21
-    train_subset: int = 1000
-    test_subset: int = 0
-    subset_seed: int = 0
+    points: int = field(default=21, metadata=between(2, MAX_POINTS))
+    train_subset: int = field(default=1000, metadata=between(0, MAX_EXAMPLES, " (0 = the whole split)"))
+    test_subset: int = field(default=0, metadata=between(0, MAX_EXAMPLES, " (0 = the whole split)"))
+    subset_seed: int = field(default=0, metadata=between(0, MAX_SEED))
     bn_recompute: bool = True
-    batch_size: int = 1000
-    mode: str = "auto"  # evaluation: "auto" | "vmap" (many α per pass) | "fused" (oneDNN, CPU) | "loop"
+    batch_size: int = field(default=1000, metadata=positive(MAX_BATCH))
+    # evaluation: "auto" | "vmap" (many α per pass) | "fused" (oneDNN, CPU) | "loop"
+    mode: str = field(default="auto", metadata=one_of(*MODES))
     siblings: bool = True
     init_final: bool = True
     # extra pairs, each "RUN@STEP RUN@STEP" (STEP may be "init" or "final")
-    pairs: tuple[str, ...] = ()
+    pairs: tuple[str, ...] = field(default=(), metadata=check(
+        lambda v: all(_pair_ok(p) for p in v),
+        "must list pairs of checkpoints 'RUN@STEP RUN@STEP' (STEP an integer, 'init' or 'final')"))
 
 
 # --------------------------------------------------------------------------------------- plan

@@ -18,11 +18,11 @@ A probe module (``lsdb/probes/<name>.py``) holds only maths. It defines:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+from lsdb.artifacts import Artifacts
+from lsdb.ids import job_id, params_hash  # noqa: F401  (probe modules and tests import them from here)
 
 if TYPE_CHECKING:  # torch is imported lazily so `lsdb --help` stays fast
     import torch
@@ -107,73 +107,6 @@ class ProbeContext:
     role: str = "self"
     inputs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0  # deterministic per job; seed every random draw from it
-
-
-class Artifacts:
-    """Large arrays (kernel matrices …) stored by content hash under ``artifacts/``.
-
-    ``put`` writes ``<sha256>.npy`` atomically and returns the hash; ``get`` verifies it and
-    raises ``ArtifactCorrupt`` naming the file when it is missing or altered.
-    """
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-
-    def path(self, sha: str) -> Path:
-        return self.root / f"{sha}.npy"
-
-    def put(self, array) -> str:
-        import os
-
-        import numpy as np
-
-        array = np.ascontiguousarray(array)
-        sha = _array_sha256(array)
-        target = self.path(sha)
-        if not target.exists():
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(f".tmp{os.getpid()}")
-            with open(tmp, "wb") as fh:
-                np.save(fh, array, allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        return sha
-
-    def get(self, sha: str):
-        import numpy as np
-
-        from lsdb.errors import ArtifactCorrupt
-
-        target = self.path(sha)
-        if not target.exists():
-            raise ArtifactCorrupt(f"artifact {target} is missing; rerun the probe that wrote it (lsdb run)")
-        try:
-            array = np.load(target, allow_pickle=False)
-        except Exception as e:  # truncated or garbled file
-            raise ArtifactCorrupt(f"artifact {target} is unreadable ({e}); delete it and rerun") from None
-        if _array_sha256(array) != sha:
-            raise ArtifactCorrupt(f"artifact {target} does not match its hash {sha[:12]}…; delete it and rerun")
-        return array
-
-
-def _array_sha256(array) -> str:
-    h = hashlib.sha256()
-    h.update(f"{array.dtype.str}{array.shape}".encode())
-    h.update(memoryview(array).cast("B"))
-    return h.hexdigest()
-
-
-def params_hash(params) -> str:
-    """Identity of a params dataclass: sha256 of canonical JSON with defaults left out."""
-    from lsdb.spec import non_default, sha256_json
-
-    return sha256_json(non_default(params))[:16]
-
-
-def job_id(probe: str, version: int, phash: str, checkpoint_ids: tuple[str, ...], role: str) -> str:
-    key = json.dumps([probe, version, phash, list(checkpoint_ids), role])
-    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 # ------------------------------------------------------------------------- planning helpers

@@ -7,13 +7,14 @@ error = fraction of examples whose arg-max logit differs from the label.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from lsdb.probes.base import each_checkpoint
+from lsdb.spec import MAX_BATCH, MAX_EXAMPLES, between, positive
 
 VERSION = 1
 TABLES = ("eval",)
@@ -21,9 +22,9 @@ TABLES = ("eval",)
 
 @dataclass(frozen=True)
 class Params:
-    max_train: int = 0
-    max_test: int = 0
-    batch_size: int = 2048
+    max_train: int = field(default=0, metadata=between(0, MAX_EXAMPLES, " (0 = all)"))
+    max_test: int = field(default=0, metadata=between(0, MAX_EXAMPLES, " (0 = all)"))
+    batch_size: int = field(default=2048, metadata=positive(MAX_BATCH))
 
 
 def plan(study, params: Params):

@@ -61,8 +61,6 @@ class ProcessExecutor:
         self.pool.shutdown(cancel_futures=True)
 
 
-EXECUTORS = {"inline": InlineExecutor, "process": ProcessExecutor}
-
 
 def make_executor(workers: int = 1):
     return InlineExecutor() if workers <= 1 else ProcessExecutor(workers)

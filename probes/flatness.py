@@ -23,12 +23,13 @@ Gaussian directions (``_directions.filter_normalised_direction``, drawn with ``d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.func import functional_call, grad
 
 from lsdb.errors import ProbeError
+from lsdb.spec import MAX_BATCH, MAX_COUNT, MAX_EXAMPLES, MAX_SEED, between, non_negative, positive
 from lsdb.train.adversarial import perturb
 
 from . import _directions as D
@@ -38,21 +39,29 @@ VERSION = 1
 TABLES = ("flatness",)
 
 
+MAX_DIRECTIONS = 10_000  # random directions per checkpoint
+MAX_POINTS = 10_001  # α values along one direction
+MAX_RESTARTS = 1_000  # starts of the worst-case ascent
+MAX_ASCENT_STEPS = 100_000
+MODES = D.MODES
+
+
 @dataclass(frozen=True)
 class Params:
-    train_subset: int = 1000
-    subset_seed: int = 0
-    directions: int = 10
-    direction_seed: int = 0
-    points: int = 21
-    curvature_points: int = 9
-    rho: float = 0.05
-    restarts: int = 3
-    ascent_steps: int = 10
-    epsilon: float = 0.1
-    pgd_steps: int = 10
-    batch_size: int = 1000
-    mode: str = "auto"
+    train_subset: int = field(default=1000, metadata=between(0, MAX_EXAMPLES, " (0 = the whole split)"))
+    subset_seed: int = field(default=0, metadata=between(0, MAX_SEED))
+    directions: int = field(default=10, metadata=between(1, MAX_DIRECTIONS))
+    direction_seed: int = field(default=0, metadata=between(0, MAX_SEED))
+    points: int = field(default=21, metadata=between(2, MAX_POINTS))
+    # three values at least: a quadratic is fitted to them
+    curvature_points: int = field(default=9, metadata=between(3, MAX_POINTS, " (a quadratic fit needs 3)"))
+    rho: float = field(default=0.05, metadata=positive())
+    restarts: int = field(default=3, metadata=between(0, MAX_RESTARTS, " (0 = no worst-case search)"))
+    ascent_steps: int = field(default=10, metadata=between(0, MAX_ASCENT_STEPS))
+    epsilon: float = field(default=0.1, metadata=non_negative())
+    pgd_steps: int = field(default=10, metadata=between(1, MAX_COUNT))
+    batch_size: int = field(default=1000, metadata=positive(MAX_BATCH))
+    mode: str = field(default="auto", metadata=one_of(*MODES))
 
 
 def plan(study: Study, params: Params) -> list[JobRequest]:

@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 
 from lsdb.errors import LsdbError
-from lsdb.probes.base import CheckpointRef, RunRef
+from lsdb.probes.base import CheckpointRef, RunRef, dataclass_from_dict
 from lsdb.probes.worker import JobSpec, run_probe_job
+from lsdb.spec import DataSpec, ModelSpec
+from lsdb.spool import read_meta
 
 
 def job_to_dict(job: JobSpec) -> dict:
@@ -19,9 +21,6 @@ def job_to_dict(job: JobSpec) -> dict:
 
 
 def job_from_dict(d: dict) -> JobSpec:
-    from lsdb.spec import DataSpec, ModelSpec
-    from lsdb.probes.base import dataclass_from_dict
-
     d = dict(d)
     d["checkpoints"] = tuple(CheckpointRef(**c) for c in d["checkpoints"])
     d["runs"] = tuple(RunRef(**{**r, "checkpoints": tuple(CheckpointRef(**c) for c in r["checkpoints"])})
@@ -53,14 +52,29 @@ def read_manifest(path: Path) -> list[JobSpec]:
     return jobs
 
 
+def _finished_jobs(spool: Path) -> set[str]:
+    """Jobs with a done or skipped shard in the spool or its log (a failed one is retried)."""
+    out = set()
+    for folder in (spool, spool / "ingested"):
+        if not folder.exists():
+            continue
+        for s in folder.iterdir():
+            if s.name.startswith("job-") and not s.name.startswith("."):
+                try:
+                    if read_meta(s)["job"]["state"] in ("done", "skipped"):
+                        out.add(s.name[len("job-"):].split(".", 1)[0])
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # ingest judges a damaged shard; here it just does not count
+    return out
+
+
 def run_manifest(store_root: Path, path: Path, shard: tuple[int, int] = (0, 1), device: str | None = None,
                  on_done=None) -> dict[str, int]:
     """Run this worker's share of the manifest (every n-th job from i); returns counts by state."""
     i, n = shard
     if not 0 <= i < n:
         raise LsdbError(f"--shard {i}/{n}: need 0 <= i < n")
-    done = {s.name[len("job-"):] for d in (Path(store_root) / "spool", Path(store_root) / "spool" / "ingested")
-            if d.exists() for s in d.iterdir() if s.name.startswith("job-")}
+    done = _finished_jobs(Path(store_root) / "spool")
     counts: dict[str, int] = {}
     for k, job in enumerate(read_manifest(path)):
         if k % n != i or job.id in done:

@@ -7,7 +7,6 @@ as a batch job over a manifest (``lsdb worker``) on any machine that sees the st
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lsdb import faults
 from lsdb.probes.base import CheckpointRef, RunRef
 
 
@@ -66,10 +66,10 @@ def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> d
     import torch
 
     from lsdb.errors import LsdbError, ProbeSkipped
-    from lsdb.ingest.spool import write_shard
+    from lsdb.ids import utcnow
     from lsdb.probes import probe_module
     from lsdb.probes.base import Artifacts, ProbeContext, dataclass_from_dict
-    from lsdb.store import utcnow
+    from lsdb.spool import write_shard
     from lsdb.train.checkpoints import load_weights
     from lsdb.train.data import load_data
     from lsdb.train.models import build_model
@@ -99,6 +99,7 @@ def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> d
         ctx = ProbeContext(model=model, states=states, checkpoints=list(job.checkpoints), runs=list(job.runs),
                            data=data, probe_indices=indices, device=dev, dtype=torch.float32,
                            artifacts=artifacts, role=job.role, inputs=dict(job.inputs), seed=job.seed)
+        faults.point("probe_compute")
         out = module.compute(ctx, params)
         keys = dict(job_id=job.id, checkpoint_id=meta["checkpoint_id"],
                     other_checkpoint_id=meta["other_checkpoint_id"], anchor_checkpoint_id=job.anchor_checkpoint_id)
@@ -117,6 +118,7 @@ def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> d
         tables = {}
     meta["seconds"] = time.perf_counter() - t0
     write_shard(root / "spool", f"job-{job.id}", {"kind": "probe", "job": meta}, tables)
+    faults.point("probe_shard")
     return meta
 
 
@@ -128,7 +130,3 @@ def _plain(row: dict) -> dict:
             v = v.item()
         out[k] = v
     return out
-
-
-def job_to_json(job: JobSpec) -> dict:
-    return dataclasses.asdict(job)

@@ -99,7 +99,7 @@ def _findings_table(results) -> str:
 
 
 def _page(session, results, charts, skipped) -> str:
-    from lsdb import __version__
+    from lsdb._version import __version__
 
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     blocks = "".join(

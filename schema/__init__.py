@@ -10,7 +10,11 @@ from .core import Checkpoint, Experiment, ProbeJob, Run, SchemaVersion
 from .views import metric_names, metric_series_sql
 
 # Bump with every change to a table; add an entry to UPGRADES that brings the previous version up.
-SCHEMA_VERSION = 1
+# 2: run ids no longer hash the checkpoint schedule; checkpoints record their optimiser state's
+#    hash. Stores of schema 1 cannot be upgraded (their children's data order derives from the old
+#    ids), so they are refused with a message (lsdb.store).
+SCHEMA_VERSION = 2
+MIN_SCHEMA_VERSION = 2
 
 # version -> SQL statements that upgrade a store from version-1 to version (new tables need none:
 # ``create_all`` adds them).
@@ -18,7 +22,7 @@ UPGRADES: dict[int, list[str]] = {}
 
 __all__ = [
     "Base", "Metric", "ProbeRow", "KEY_COLUMNS", "metrics_of", "Checkpoint", "Experiment", "ProbeJob",
-    "Run", "SchemaVersion", "SCHEMA_VERSION", "UPGRADES", "metric_series_sql", "metric_names",
+    "Run", "SchemaVersion", "SCHEMA_VERSION", "MIN_SCHEMA_VERSION", "UPGRADES", "metric_series_sql", "metric_names",
     "result_tables",
 ]
 

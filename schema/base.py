@@ -33,7 +33,7 @@ class ProbeRow:
     constraint is not declared: DuckDB checks a foreign key row by row, which made bulk ingest
     3–4× slower (benchmarks/ingest.py). The single writer inserts a job and its rows in one
     transaction, ``probe_job`` keeps its own foreign keys to ``checkpoint``, and
-    ``lsdb.ingest.ingest.check_integrity`` (run by the tests) finds any orphan row.
+    ``lsdb.integrity.orphan_rows`` (run by ``lsdb check`` and the tests) finds any orphan row.
     """
 
     job_id: Mapped[str] = mapped_column(String, primary_key=True, info={"references": "probe_job.id"})

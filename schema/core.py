@@ -88,6 +88,8 @@ class Checkpoint(Base):
     frac: Mapped[float] = mapped_column(Double)  # step / total_steps: time that transfers across data sets
     sha256: Mapped[str] = mapped_column(String)
     has_optimizer: Mapped[bool] = mapped_column(Boolean)
+    # the momentum saved beside the weights (checkpoints/<id>.optim.safetensors), verified on load
+    optimizer_sha256: Mapped[str] = mapped_column(String)
     lr: Mapped[float] = mapped_column(Double)
     train_loss: Mapped[float] = mapped_column(Double)
     train_error: Mapped[float] = mapped_column(Double)

@@ -72,7 +72,7 @@ class StoreBuilder:
         step = int(round(epoch * steps_per_epoch))
         cid = id or f"{run_id}@{step}"
         self.add("checkpoint", id=cid, run_id=run_id, step=step, epoch=float(epoch), frac=epoch / epochs,
-                 sha256=cid, has_optimizer=False, lr=lr, train_loss=train_loss, train_error=train_error,
+                 sha256=cid, has_optimizer=False, optimizer_sha256=cid, lr=lr, train_loss=train_loss, train_error=train_error,
                  test_loss=test_loss, test_error=test_error, created_at=datetime(2024, 1, 1))
         return cid
 

@@ -8,19 +8,17 @@ import torch.nn.functional as F
 
 from lsdb.errors import SpecError
 from lsdb.train.adversarial import perturb
-from lsdb.train.models import CNN1d
+from tests import tiny_cases as tc
 
-DT = torch.float64
+DT = tc.DT
 
 
 @pytest.fixture
 def setup():
-    torch.manual_seed(0)
-    model = CNN1d((1, 16), 3, width=4, kernels=(3, 3)).double()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(32, 1, 16, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (32,), generator=g)
-    return model, x, y
+    """The flatness probe's tiny CNN (seed 0) on 32 signals of its own."""
+    model = tc.case("cnn16").model()
+    data = tc.random_data(32, 0, (1, 16), 3, seed=1)
+    return model, data.x_train, data.y_train
 
 
 @pytest.mark.parametrize("method,steps", [("fgsm", 1), ("pgd", 7)])

@@ -21,7 +21,7 @@ def lsdb_run(*args, env):
 @pytest.mark.slow
 def test_quick_example_end_to_end(tmp_path, cli_env):
     from lsdb.plan import expand_runs
-    from lsdb.spec import load_spec
+    from lsdb.plan import load_spec
 
     store = str(tmp_path / "store")
     spec = REPO / "examples" / "quick.toml"
@@ -78,7 +78,7 @@ def test_demo_quick_gives_a_verdict_for_every_finding_and_a_report(tmp_path, cli
 @pytest.mark.parametrize("name", ["fort2020-mnist1d.toml", "fort2020-mnist1d-quick.toml"])
 def test_demo_specs_plan_every_probe(name):
     from lsdb.plan import expand_runs, probe_requests, simulated_study
-    from lsdb.spec import load_spec
+    from lsdb.plan import load_spec
 
     spec = load_spec(REPO / "examples" / name)
     runs = expand_runs(spec, 4000)

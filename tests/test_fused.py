@@ -6,19 +6,22 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lsdb.errors import ProbeError
 from lsdb.probes import _directions as D
 from lsdb.probes import barrier
 from lsdb.probes._fused import fused_forward
-from lsdb.probes.base import Artifacts, CheckpointRef, ProbeContext
-from lsdb.train.data import Data
 from lsdb.train.models import CNN1d, CNN2d, MLP, PatchNet
+from tests import tiny_cases as tc
 
 def _state(model):
     return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _cnn():
+    """A one-layer CNN1d on length-12 signals, 4 classes (float32, weights from the global generator)."""
+    return CNN1d((1, 12), 4, width=4, kernels=(3,))
 
 
 _mlp = MLP((4,), 2)
@@ -51,14 +54,14 @@ def test_fused_forward_equals_model(name, make, shape):
 
 
 def test_not_applicable_falls_back():
-    cnn = CNN1d((1, 12), 4, width=4, kernels=(3,))
+    cnn = _cnn()
     x = torch.randn(3, 1, 12)
     assert fused_forward(cnn.double(), _state(cnn.double()), x.double()) is None  # float32 only
     cnn = cnn.float()
     assert fused_forward(cnn, _state(cnn), x.to("meta")) is None  # CPU only (the GPU takes vmap)
     patch = PatchNet((1, 12), 4)
     assert fused_forward(patch, _state(patch), x) is None  # lists no layers
-    bn = CNN1d((1, 12), 4, width=4, kernels=(3,))
+    bn = _cnn()
     bn.features[1] = nn.BatchNorm1d(4)  # a layer kind the evaluator does not know
     assert fused_forward(bn, _state(bn), x) is None
 
@@ -67,7 +70,7 @@ def test_self_check_rejects_a_wrong_kernel(monkeypatch):
     """A fused pass that runs but disagrees with functional_call is not used."""
     import lsdb.probes._fused as fused_mod
 
-    cnn = CNN1d((1, 12), 4, width=4, kernels=(3,))
+    cnn = _cnn()
     x = torch.randn(3, 1, 12)
     assert fused_forward(cnn, _state(cnn), x) is not None
     real = fused_mod._conv
@@ -82,7 +85,7 @@ def test_self_check_rejects_a_wrong_kernel(monkeypatch):
 
 def test_explicit_fused_mode_names_the_reason():
     model = PatchNet((1, 12), 4)
-    basis = [{k: v.detach() for k, v in model.state_dict().items()}]
+    basis = [_state(model)]
     x, y = torch.randn(5, 1, 12), torch.randint(0, 4, (5,))
     with pytest.raises(ProbeError, match="PatchNet"):
         D.evaluate_combinations(model, basis, torch.ones(1, 1), {}, x, y, mode="fused")
@@ -94,27 +97,16 @@ def test_explicit_fused_mode_names_the_reason():
 
 def test_barrier_fused_matches_plain_loop(tmp_path):
     """The barrier probe in float32 (auto = fused on the CPU) against load_state_dict at each α."""
-    g = torch.Generator().manual_seed(0)
-    data = Data("toy", torch.randn(80, 1, 40, generator=g), torch.randint(0, 10, (80,), generator=g),
-                torch.randn(50, 1, 40, generator=g), torch.randint(0, 10, (50,), generator=g), 10)
-    states = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        states.append({k: v.clone() for k, v in CNN1d((1, 40), 10, width=8).state_dict().items()})
-    model = CNN1d((1, 40), 10, width=8)
-    ctx = ProbeContext(model=model, states=states, checkpoints=[CheckpointRef(f"c{i}", "r", i, float(i), "0" * 64)
-                                                                for i in range(2)],
-                       runs=[], data=data, probe_indices=torch.arange(8), device=torch.device("cpu"),
-                       dtype=torch.float32, artifacts=Artifacts(tmp_path), role="siblings")
+    case, f32 = tc.case("cnn40"), torch.float32
+    data = case.data(f32)
+    states = case.states(1, 2, dtype=f32)
+    model = case.model(None, f32)
+    ctx = tc.context(model, data, tmp_path, states=states, dtype=f32, role="siblings")
     curve = barrier.compute(ctx, barrier.Params(points=6, train_subset=0, batch_size=32))["barrier_curve"]
-    m = copy.deepcopy(model).eval()
-    for row in curve:
-        a = row["alpha"]
-        m.load_state_dict({k: (1 - a) * states[0][k] + a * states[1][k] for k in states[0]})
-        with torch.no_grad():
-            logits = m(data.x_test)
-        assert row["test_loss"] == pytest.approx(float(F.cross_entropy(logits, data.y_test)), rel=1e-5)
-        assert row["test_error"] == pytest.approx(float((logits.argmax(1) != data.y_test).float().mean()))
+    losses, errors = tc.interpolation_curve(model, *states, [row["alpha"] for row in curve], data.x_test, data.y_test)
+    for row, loss, error in zip(curve, losses.tolist(), errors.tolist()):
+        assert row["test_loss"] == pytest.approx(loss, rel=1e-5)
+        assert row["test_error"] == pytest.approx(error)
 
 
 def test_auto_takes_the_fused_path_on_the_cpu(monkeypatch):
@@ -126,8 +118,8 @@ def test_auto_takes_the_fused_path_on_the_cpu(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(D, "_evaluate_loop", spy)
-    model = CNN1d((1, 12), 4, width=4, kernels=(3,))
-    basis = [{k: v.detach() for k, v in model.state_dict().items()}]
+    model = _cnn()
+    basis = [_state(model)]
     x, y = torch.randn(5, 1, 12), torch.randint(0, 4, (5,))
     D.evaluate_combinations(model, basis, torch.ones(1, 1), {}, x, y)
     D.evaluate_combinations(model, basis, torch.ones(1, 1), {}, x, y, mode="loop")

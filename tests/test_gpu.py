@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lsdb.runner import run
-from lsdb.spec import load_spec
+from lsdb.plan import load_spec
 from lsdb.store import Store
 
 from tests.conftest import REPO

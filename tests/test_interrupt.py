@@ -9,7 +9,7 @@ import time
 import pytest
 
 from lsdb import runner
-from lsdb.spec import load_spec
+from lsdb.plan import load_spec
 from lsdb.store import Store
 from tests.conftest import lsdb_cmd
 from tests.test_pipeline import snapshot

@@ -54,3 +54,12 @@ def test_built_wheel_in_a_fresh_venv(tmp_path):
     for mod in SUBPACKAGES:
         assert Path(mods[mod]).is_relative_to(site), (mod, mods[mod])
     assert "quick.toml" in toml
+
+
+def test_the_version_is_said_once_and_repeated_faithfully():
+    import tomllib
+
+    from lsdb import __version__
+    from tests.conftest import REPO
+
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"] == __version__

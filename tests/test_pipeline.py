@@ -11,7 +11,7 @@ from lsdb import runner
 from lsdb.errors import CheckpointCorrupt, StoreLocked
 from lsdb.ingest.ingest import ingest
 from lsdb.plan import expand_runs
-from lsdb.spec import load_spec
+from lsdb.plan import load_spec
 
 TABLES = ("run", "checkpoint", "probe_job", "eval", "weights")
 
@@ -69,11 +69,11 @@ def test_run_fills_the_expected_counts(finished):
 
 
 def test_no_orphan_result_rows(finished):
-    from lsdb.ingest.ingest import check_integrity
+    from lsdb.integrity import orphan_rows
 
     _, store, _ = finished
     with store.read() as con:
-        assert check_integrity(con) == []
+        assert orphan_rows(con) == []
 
 
 def test_sibling_metrics_sit_at_the_spawn_time(finished):
@@ -150,36 +150,84 @@ def test_altered_checkpoint_is_caught(finished, tmp_path):
         load_weights(copy, sha)
 
 
-def test_altered_checkpoint_fails_only_its_jobs(tiny_spec_path, tmp_path):
+def test_altered_checkpoint_is_retrained_before_its_jobs_run(tiny_spec_path, tmp_path):
+    """A checkpoint file altered on disk (or lost) is retrained from the nearest intact checkpoint
+    before anything reads it: bit for bit the file it was, and none of its jobs fail."""
     from lsdb.store import Store
 
     spec = load_spec(tiny_spec_path)
     no_probes = spec.__class__(**{**spec.__dict__, "probes": ()})
     store = Store.init(tmp_path / "s")
     runner.run(no_probes, store)
-    sha = lsdb.open(store.root).sql("SELECT sha256 FROM checkpoint ORDER BY step DESC LIMIT 1")["sha256"][0]
+    rows = lsdb.open(store.root).sql("SELECT id, sha256 FROM checkpoint ORDER BY step DESC LIMIT 2").rows()
+    (cid, sha), (lost_cid, lost_sha) = rows
     path = store.checkpoint_path(sha)
-    data = bytearray(path.read_bytes())
+    original = path.read_bytes()
+    data = bytearray(original)
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
+    store.checkpoint_path(lost_sha).unlink()
+    assert runner.plan(spec, store).checkpoints_damaged == 2
     summary = runner.run(spec, store)
-    assert summary.jobs_failed >= 1 and summary.jobs_done > 0
-    assert any("does not match its hash" in f for f in summary.failures)
-    failed = lsdb.open(store.root).sql("SELECT error FROM probe_job WHERE state = 'failed'")
-    assert failed.height == summary.jobs_failed and "CheckpointCorrupt" in failed["error"][0]
-    # each `lsdb run` retries a failed job once; after MAX_ATTEMPTS it is given up, not "missing"
-    from lsdb.plan import MAX_ATTEMPTS
+    assert summary.repaired == 2 and summary.ok and summary.jobs_failed == 0 and summary.jobs_done > 0
+    assert path.read_bytes() == original and store.checkpoint_path(lost_sha).exists()
+    assert runner.plan(spec, store).nothing_to_do
 
+
+def test_altered_optimizer_state_is_caught_and_retrained(tiny_spec_path, tmp_path):
+    """The momentum beside a spawn checkpoint is verified like the weights: one flipped bit would
+    otherwise silently change every child trained from it."""
+    from lsdb.store import Store
+    from lsdb.train.checkpoints import optimizer_path
+
+    spec = load_spec(tiny_spec_path)
+    no_probes = spec.__class__(**{**spec.__dict__, "probes": ()})
+    clean = Store.init(tmp_path / "clean")
+    runner.run(no_probes, clean)
+    store = Store.init(tmp_path / "s")
+    parents_only = spec.__class__(**{**no_probes.__dict__, "spawn": spec.spawn.__class__()})
+    runner.run(parents_only, store)
+    spawn = lsdb.open(store.root).sql(
+        "SELECT c.id FROM checkpoint c JOIN run r ON r.id = c.run_id WHERE r.kind = 'parent' AND c.epoch = 1.0")
+    opt = optimizer_path(store.checkpoints, spawn["id"][0])
+    data = bytearray(opt.read_bytes())
+    data[-1] ^= 0x01
+    opt.write_bytes(bytes(data))
+    summary = runner.run(no_probes, store)  # children spawn from the repaired state
+    assert summary.repaired == 1 and summary.ok
+    q = "SELECT id, sha256, optimizer_sha256 FROM checkpoint ORDER BY id"
+    assert lsdb.open(store.root).sql(q).rows() == lsdb.open(clean.root).sql(q).rows()
+
+
+def test_failing_jobs_are_retried_then_given_up_and_named(tmp_path):
+    """A job that fails (here: ntk_distance reading a kernel altered on disk) is retried once per
+    `lsdb run`; after MAX_ATTEMPTS it is given up, and every run says so (summary.ok is False)."""
+    from lsdb.plan import MAX_ATTEMPTS, parse_spec
+    from lsdb.store import Store
+    from tests.conftest import TINY_SPEC
+
+    base = TINY_SPEC.replace("seeds = [0, 1]", "seeds = [0]") + "\n[probes.ntk]\n"
+    store = Store.init(tmp_path / "s")
+    runner.run(parse_spec(base), store)
+    sha = lsdb.open(store.root).sql("SELECT artifact FROM ntk LIMIT 1")["artifact"][0]
+    path = store.artifacts().path(sha)
+    path.write_bytes(path.read_bytes()[:-8] + b"\x00" * 8)
+    grown = parse_spec(base + "\n[probes.ntk_distance]\n")
+    first = runner.run(grown, store)
+    assert first.jobs_failed >= 1 and not first.ok and "ArtifactCorrupt" in first.failures[0]
     for _ in range(MAX_ATTEMPTS - 1):
-        assert not runner.plan(spec, store).nothing_to_do
-        runner.run(spec, store)
-    p = runner.plan(spec, store)
-    assert p.jobs_given_up == summary.jobs_failed and p.nothing_to_do
+        assert not runner.plan(grown, store).nothing_to_do
+        runner.run(grown, store)
+    p = runner.plan(grown, store)
+    assert p.jobs_given_up == first.jobs_failed and p.nothing_to_do
+    again = runner.run(grown, store)
+    assert again.nothing_to_do and not again.ok and len(again.given_up) == first.jobs_failed
+    assert "ntk_distance job" in again.given_up[0] and "ArtifactCorrupt" in again.given_up[0]
 
 
 @pytest.mark.parametrize("lr, reason", [(1e8, "non-finite"), (3.0, "collapsed to chance accuracy")])
 def test_divergence_is_recorded_and_final(tmp_path, lr, reason):
-    from lsdb.spec import parse_spec
+    from lsdb.plan import parse_spec
     from lsdb.store import Store
     from tests.conftest import TINY_SPEC
 
@@ -201,7 +249,7 @@ def test_divergence_is_recorded_and_final(tmp_path, lr, reason):
 def test_adding_a_dependent_probe_later_plans_and_runs_it(tmp_path):
     """A probe that reads another probe's stored results (kernel distance reads stored kernels)
     is planned from what the store holds, so adding it to a finished spec does the missing work."""
-    from lsdb.spec import parse_spec
+    from lsdb.plan import parse_spec
     from lsdb.store import Store
     from tests.conftest import TINY_SPEC
 
@@ -219,7 +267,7 @@ def test_adding_a_dependent_probe_later_plans_and_runs_it(tmp_path):
 
 
 def test_progress_bars_show_runs_and_jobs(tmp_path, capsys):
-    from lsdb.spec import parse_spec
+    from lsdb.plan import parse_spec
     from lsdb.store import Store
     from tests.conftest import TINY_SPEC
 
@@ -231,12 +279,12 @@ def test_progress_bars_show_runs_and_jobs(tmp_path, capsys):
 
 
 def test_a_damaged_shard_is_set_aside_not_blocking(finished, tmp_path):
-    from lsdb.ingest.spool import write_shard
+    from lsdb.spool import write_shard
 
     _, store, _ = finished
     bad = write_shard(store.spool, "job-damaged", {"kind": "probe", "job": {}})
     (bad / "meta.json").write_text("{not json")
     report = ingest(store)
     assert report.rejected and report.rejected[0].startswith("job-damaged")
-    assert (store.spool / "rejected" / "job-damaged").exists() and not bad.exists()
+    assert (store.spool / "rejected" / bad.name / "REJECTED.txt").exists() and not bad.exists()
     assert ingest(store).rejected == []  # set aside once, not retried forever

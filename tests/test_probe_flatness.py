@@ -6,34 +6,20 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from lsdb.errors import ProbeSkipped
 from lsdb.probes import _directions as D
 from lsdb.probes import flatness
-from lsdb.probes.base import Artifacts, CheckpointRef, ProbeContext
 from lsdb.train.adversarial import perturb
-from lsdb.train.data import Data
-from lsdb.train.models import CNN1d
+from tests import tiny_cases as tc
 
-DT = torch.float64
-
-
-class _BNNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv1d(2, 5, 3)
-        self.bn = nn.BatchNorm1d(5)
-        self.out = nn.Linear(30, 3)
-
-    def forward(self, x):
-        return self.out(torch.relu(self.bn(self.conv(x))).flatten(1))
+DT = tc.DT
+CASE = tc.case("cnn16")  # CNN1d on 50 train / 30 test signals of length 16, 3 classes
 
 
 def test_filter_normalised_direction():
     torch.manual_seed(0)
-    model = _BNNet().double()
+    model = tc.ConvBNNet(2, 5, 30, 3).double()
     with torch.no_grad():
         model.bn.weight.uniform_(0.5, 2.0)
     state = model.state_dict()
@@ -71,39 +57,22 @@ def test_quadratic_gives_known_sigma_and_kappa():
     torch.testing.assert_close(flatness.quadratic_curvature(near, near_losses), curv, rtol=1e-9, atol=1e-10)
 
 
-def _setup():
-    torch.manual_seed(0)
-    model = CNN1d((1, 16), 3, width=4, kernels=(3, 3)).double()
-    g = torch.Generator().manual_seed(2)
-    data = Data("toy", torch.randn(50, 1, 16, generator=g, dtype=DT), torch.randint(0, 3, (50,), generator=g),
-                torch.randn(30, 1, 16, generator=g, dtype=DT), torch.randint(0, 3, (30,), generator=g), 3)
-    return model, data
-
-
-def _ctx(model, data, tmp_path, state=None):
-    state = state or {k: v.clone() for k, v in model.state_dict().items()}
-    return ProbeContext(model=model, states=[state], checkpoints=[CheckpointRef("c", "r", 0, 0.0, "0" * 64)],
-                        runs=[], data=data, probe_indices=torch.arange(4), device=torch.device("cpu"), dtype=DT,
-                        artifacts=Artifacts(tmp_path))
-
-
 def test_probe_matches_brute_force(tmp_path):
-    model, data = _setup()
+    model, data = CASE.model(), CASE.data()
     params = flatness.Params(train_subset=40, directions=3, points=5, curvature_points=5, restarts=2,
                              ascent_steps=5, rho=0.1, epsilon=0.2, pgd_steps=4)
-    row = flatness.compute(_ctx(model, data, tmp_path), params)["flatness"][0]
+    row = flatness.compute(tc.context(model, data, tmp_path), params)["flatness"][0]
 
-    idx = torch.randperm(50, generator=torch.Generator().manual_seed(0))[:40].sort().values
+    idx = tc.train_subset(50, 40)
     x, y = data.x_train[idx], data.y_train[idx]
-    w = {k: v.clone() for k, v in model.state_dict().items()}
+    w = tc.clone_state(model)
     gen = torch.Generator().manual_seed(0)
     dirs = [D.filter_normalised_direction(model, w, gen) for _ in range(3)]
     m = copy.deepcopy(model)
 
     def loss_at(sd):
         m.load_state_dict(sd)
-        with torch.no_grad():
-            return float(F.cross_entropy(m(x), y))
+        return tc.loss_and_error(m, x, y)[0]
 
     L0 = loss_at(w)
     assert row["train_loss"] == pytest.approx(L0, rel=1e-12)
@@ -115,16 +84,16 @@ def test_probe_matches_brute_force(tmp_path):
     assert row["adversarial_sharpness"] >= row["random_sharpness_at_rho"]
 
     m.load_state_dict(w)
+    assert row["clean_error"] == pytest.approx(tc.loss_and_error(m, data.x_test, data.y_test)[1])
     with torch.no_grad():
-        assert row["clean_error"] == pytest.approx(float((m(data.x_test).argmax(1) != data.y_test).double().mean()))
         x_pgd = perturb(m, data.x_test, data.y_test, "pgd", 0.2, 4)
-        assert row["pgd_error"] == pytest.approx(float((m(x_pgd).argmax(1) != data.y_test).double().mean()))
+    assert row["pgd_error"] == pytest.approx(tc.loss_and_error(m, x_pgd, data.y_test)[1])
     assert row["fgsm_error"] >= row["clean_error"] and row["pgd_error"] >= row["clean_error"]
 
 
 def test_worst_case_stays_in_ball_and_beats_random():
-    model, data = _setup()
-    w = {k: v.clone() for k, v in model.state_dict().items()}
+    model, data = CASE.model(), CASE.data()
+    w = tc.clone_state(model)
     names = D.filter_names(model, w)
     loss_of = D.loss_function(model, {}, data.x_train, data.y_train)
     gen = torch.Generator().manual_seed(5)
@@ -144,8 +113,8 @@ def test_worst_case_stays_in_ball_and_beats_random():
 
 
 def test_non_finite_is_skipped(tmp_path):
-    model, data = _setup()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model, data = CASE.model(), CASE.data()
+    state = tc.clone_state(model)
     state["readout.bias"][0] = float("inf")
     with pytest.raises(ProbeSkipped, match="non-finite"):
-        flatness.compute(_ctx(model, data, tmp_path, state), flatness.Params(directions=1, points=3))
+        flatness.compute(tc.context(model, data, tmp_path, states=[state]), flatness.Params(directions=1, points=3))

@@ -2,65 +2,50 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from torch import nn
-from torch.func import functional_call
 
 from lsdb.errors import ProbeSkipped
 from lsdb.probes import _directions as D
 from lsdb.probes import hessian as H
-from lsdb.probes.base import Artifacts, CheckpointRef, JobRequest, ProbeContext, RunRef
-from lsdb.train.data import Data
+from lsdb.probes.base import JobRequest
+from tests import tiny_cases as tc
 
-DT = torch.float64
-
-
-def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 4)).double()
+DT = tc.DT
+CASE = tc.case("tanh16")  # a tanh MLP (about 1.1k parameters) on 96 inputs of dimension 16, 4 classes
+BATCH = tc.train_subset(96, 64)  # the probe's fixed batch: batch_size=64 of the 96 training inputs
 
 
-def _data(n=96):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 16, generator=g, dtype=DT)
-    y = torch.randint(0, 4, (n,), generator=g)
-    return Data("toy", x, y, x[:8], y[:8], 4)
+def _data():
+    """The case's data with the first 8 training inputs as its test split."""
+    data = CASE.data()
+    return dataclasses.replace(data, x_test=data.x_train[:8], y_test=data.y_train[:8])
 
 
 @pytest.fixture(scope="module")
 def dense():
     """Dense Hessian of the probe's loss (mean CE on its fixed batch) and its eigenvalues."""
-    model, data = _net(), _data()
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    idx = torch.randperm(96, generator=torch.Generator().manual_seed(0))[:64].sort().values
-    x, y = data.x_train[idx], data.y_train[idx]
-    names, shapes = list(params), [p.shape for p in params.values()]
-    sizes = [p.numel() for p in params.values()]
-
-    def flat_loss(w):
-        p = {n: t.view(s) for n, t, s in zip(names, w.split(sizes), shapes)}
-        return torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
-
-    w0 = torch.cat([p.reshape(-1) for p in params.values()])
-    Hd = torch.func.jacrev(torch.func.jacrev(flat_loss))(w0)  # dense; same as torch.func.hessian
-    return {"H": Hd, "eig": torch.linalg.eigvalsh(Hd).flip(0), "model": model, "data": data, "P": w0.numel()}
+    model, data = CASE.model(), _data()
+    Hd = tc.dense_hessian(model, data.x_train[BATCH], data.y_train[BATCH])
+    return {"H": Hd, "eig": torch.linalg.eigvalsh(Hd).flip(0), "model": model, "data": data, "P": Hd.shape[0]}
 
 
 def _ctx(model, data, tmp_path, inputs=None, seed=0):
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    return ProbeContext(model=model, states=[state], checkpoints=[CheckpointRef("c0", "r", 0, 0.0, "0" * 64)],
-                        runs=[], data=data, probe_indices=torch.arange(4), device=torch.device("cpu"), dtype=DT,
-                        artifacts=Artifacts(tmp_path), inputs=inputs or {}, seed=seed)
+    return tc.context(model, data, tmp_path, inputs=inputs, seed=seed)
 
 
 def _operator(dense, method="double_backward"):
     model, data = dense["model"], dense["data"]
     params = {n: p.detach() for n, p in model.named_parameters()}
-    idx = torch.randperm(96, generator=torch.Generator().manual_seed(0))[:64].sort().values
-    return H.HessianOperator(D.loss_function(model, {}, data.x_train[idx], data.y_train[idx]), params, method, 8)
+    return H.HessianOperator(D.loss_function(model, {}, data.x_train[BATCH], data.y_train[BATCH]), params, method, 8)
+
+
+def _quadratic(A, w):
+    """The operator of L(w) = ½ wᵀAw (Hessian A) by double backward, at ``w``."""
+    return H.HessianOperator(lambda p: 0.5 * p["w"] @ A @ p["w"], {"w": w}, "double_backward")
 
 
 @pytest.mark.parametrize("method", ["double_backward", "fwd_rev"])
@@ -150,7 +135,7 @@ def test_deflated_trace_exact_when_basis_spans_space():
     A = torch.randn(40, 40, dtype=DT)
     A = A + A.T
     w = torch.zeros(40, dtype=DT)
-    op = H.HessianOperator(lambda p: 0.5 * p["w"] @ A @ p["w"], {"w": w}, "double_backward")
+    op = _quadratic(A, w)
     top = H.lanczos_top(op, 3, 1e-12, 40, generator=torch.Generator().manual_seed(0))
     assert top.basis.shape[0] == 40
     est, se = H.deflated_hutchinson(op, top.basis, top.products, 4, torch.Generator().manual_seed(1))
@@ -163,7 +148,7 @@ def test_hutchpp_exact_when_sketch_spans_space():
     g = torch.Generator().manual_seed(0)
     B = torch.randn(30, 30, generator=g, dtype=DT)
     A = B @ B.T
-    op = H.HessianOperator(lambda p: 0.5 * p["w"] @ A @ p["w"], {"w": torch.randn(30, dtype=DT)}, "double_backward")
+    op = _quadratic(A, torch.randn(30, dtype=DT))
     est, _ = H.hutch_pp(op, 90, g)
     assert est == pytest.approx(float(torch.trace(A)), rel=1e-10)
     top = H.lanczos_top(op, 3, 1e-10, 30, generator=g)
@@ -204,7 +189,7 @@ def test_warm_start_from_artifact(dense, tmp_path):
 
 
 def test_non_finite_is_skipped(dense, tmp_path):
-    model = _net()
+    model = CASE.model()
     with torch.no_grad():
         model[0].weight.fill_(float("inf"))
     with pytest.raises(ProbeSkipped, match="non-finite"):
@@ -219,16 +204,11 @@ def test_count_outliers_rule():
 
 
 def test_plan_warm_start_names_previous_checkpoint():
-    refs = tuple(CheckpointRef(f"c{s}", "r", s, float(s), "0" * 64) for s in range(3))
-    run = RunRef("r", "parent", 0, "base", "finished", None, None, None, None, 2.0, 0.1, 8, 0.9, 0.0, 0, refs)
-
-    class Study:
-        runs = [run]
-
-    assert H.plan(Study(), H.Params(warm_start=True)) == [
+    study = tc.FakeStudy([tc.run_ref(checkpoints=tc.checkpoint_refs(3), epochs=2.0)])
+    assert H.plan(study, H.Params(warm_start=True)) == [
         JobRequest(("c0",), "c0"), JobRequest(("c1",), "c1", "self", {"previous_checkpoint": "c0"}),
         JobRequest(("c2",), "c2", "self", {"previous_checkpoint": "c1"})]
-    assert H.plan(Study(), H.Params()) == [JobRequest((f"c{i}",), f"c{i}") for i in range(3)]
+    assert H.plan(study, H.Params()) == [JobRequest((f"c{i}",), f"c{i}") for i in range(3)]
 
 
 def test_warm_start_through_previous_checkpoint_note(dense, tmp_path):

@@ -12,48 +12,15 @@ from torch.func import jacrev
 from lsdb.errors import ProbeError
 from lsdb.probes import _ntk_core as core
 from lsdb.probes import kernel_accuracy as ka
-from lsdb.probes.base import Artifacts, CheckpointRef, ProbeContext, RunRef
-from lsdb.train.data import Data
-from lsdb.train.models import MLP, CNN1d
+from lsdb.train.models import MLP
+from tests import tiny_cases as tc
 
 C = 3
+RUN = tc.run_ref(epochs=1.0, lr=0.2, batch_size=4, weight_decay=0.01)  # the hyperparameters the probe reads
 
 
-def make_case(name: str, seed: int = 0, n_train: int = 9, n_test: int = 4):
-    torch.manual_seed(seed)
-    if name == "cnn":
-        model, shape = CNN1d((1, 12), C, width=3, kernels=(3, 3)), (1, 12)
-    else:
-        model, shape = MLP((6,), C, width=5, depth=2), (6,)
-    model = model.double()
-    g = torch.Generator().manual_seed(seed + 1)
-    data = Data("rand", torch.randn(n_train, *shape, generator=g, dtype=torch.float64),
-                torch.randint(0, C, (n_train,), generator=g),
-                torch.randn(n_test, *shape, generator=g, dtype=torch.float64),
-                torch.randint(0, C, (n_test,), generator=g), C)
-    return model, {k: v.clone() for k, v in model.state_dict().items()}, data
-
-
-RUN = RunRef("r", "parent", 0, "base", "finished", None, None, None, None, 1.0, 0.2, 4, 0.9, 0.01, 0, ())
-
-
-def make_ctx(model, state, data, tmp_path, indices=None, seed=0) -> ProbeContext:
-    idx = torch.arange(5) if indices is None else indices
-    return ProbeContext(model=model, states=[state], checkpoints=[CheckpointRef("c0", "r", 0, 0.0, "")], runs=[RUN],
-                        data=data, probe_indices=idx, device=torch.device("cpu"), dtype=torch.float64,
-                        artifacts=Artifacts(tmp_path / "art"), seed=seed)
-
-
-def brute_jacobian(model, state, x) -> torch.Tensor:
-    """J (n·C × P), one autograd.grad call per (input, logit)."""
-    model.load_state_dict(state)
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(x.shape[0]):
-        out = model(x[i : i + 1])[0]
-        for a in range(out.shape[0]):
-            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[a], params, retain_graph=True)]))
-    return torch.stack(rows)
+def make_ctx(model, state, data, tmp_path, indices=None, seed=0):
+    return tc.context(model, data, tmp_path, states=[state], runs=[RUN], probe_indices=indices, seed=seed)
 
 
 def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -65,9 +32,9 @@ def random_delta(net, seed=7):
     return {k: 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in net.params.items()}
 
 
-@pytest.fixture(scope="module", params=["cnn", "mlp"])
+@pytest.fixture(scope="module", params=tc.cases("cnn", "mlp"))
 def case(request):
-    return make_case(request.param)
+    return request.param.build()
 
 
 # ------------------------------------------------------------------------ the linearised model
@@ -85,7 +52,7 @@ def test_linearised_model_is_the_first_order_taylor_expansion(case):
     model, state, data = case
     net = core.bind(model, state, "cpu", torch.float64)
     delta = random_delta(net)
-    j = brute_jacobian(model, state, data.x_test)
+    j = tc.per_sample_jacobian(model, state, data.x_test)
     with torch.no_grad():
         f0 = net(data.x_test)
         lin = ka.linearised_logits(net, delta, data.x_test)
@@ -96,7 +63,7 @@ def test_tangent_kernel_of_linearised_model_is_the_network_ntk(case):
     model, state, data = case
     net = core.bind(model, state, "cpu", torch.float64)
     x = data.x_train[:4]
-    j_net = brute_jacobian(model, state, x)
+    j_net = tc.per_sample_jacobian(model, state, x)
     # the linearised model's own Jacobian in w, taken at a point w_t + δ away from the expansion point
     jac = jacrev(lambda d: ka.linearised_logits(net, d, x))(random_delta(net))
     j_lin = torch.cat([jac[k].reshape(x.shape[0] * C, -1) for k in net.params], dim=1)
@@ -131,7 +98,7 @@ def test_cached_linearisation_equals_the_jvp(case):
 
 
 def test_cached_linearisation_only_where_it_applies():
-    model, state, data = make_case("cnn")
+    model, state, data = tc.case("cnn").build()
     net = core.bind(model, state, "cpu", torch.float64)
     assert ka.CachedLinearisation.build(model, net.params, data.x_train, budget_mb=0) is None  # over budget
     from lsdb.train.models import PatchNet
@@ -144,14 +111,14 @@ def test_cached_linearisation_only_where_it_applies():
 def test_sgd_matches_a_materialised_linear_model():
     """train_linearised (jvp, momentum, weight decay, seeded minibatches) against torch.optim.SGD on
     the explicit linear model f0 + J δ with J materialised."""
-    model, state, data = make_case("mlp")
+    model, state, data = tc.case("mlp").build()
     net = core.bind(model, state, "cpu", torch.float64)
     x, y = data.x_train, data.y_train
     lr, steps, batch, mom, wd, seed = 0.3, 7, 4, 0.9, 0.01, 11
     delta = ka.train_linearised(net, x, y, lr=lr, steps=steps, batch_size=batch, momentum=mom,
                                 weight_decay=wd, loss="ce", seed=seed)
 
-    j = brute_jacobian(model, state, x).reshape(x.shape[0], C, -1)
+    j = tc.per_sample_jacobian(model, state, x).reshape(x.shape[0], C, -1)
     with torch.no_grad():
         f0 = net(x)
     w_t = flat(net.params)
@@ -236,7 +203,7 @@ def test_kernel_regression_matches_explicit_formula(case, variant):
     net = core.bind(model, state, "cpu", torch.float64)
     x, xs = data.x_train[:5], data.x_test
     targets = torch.nn.functional.one_hot(data.y_train[:5], C).double()
-    j, js = brute_jacobian(model, state, x), brute_jacobian(model, state, xs)
+    j, js = tc.per_sample_jacobian(model, state, x), tc.per_sample_jacobian(model, state, xs)
     with torch.no_grad():
         f, fs = net(x), net(xs)
     lam = 0.3
@@ -255,14 +222,14 @@ def test_kernel_regression_matches_explicit_formula(case, variant):
 # ----------------------------------------------------------------------------- the probe rows
 
 def test_compute_rows(tmp_path):
-    model, state, data = make_case("cnn")
+    model, state, data = tc.case("cnn").build()
     ctx = make_ctx(model, state, data, tmp_path)
     params = ka.Params(steps=5, lr_mode="kernel_scaled", kernel_lr=2.0, ridge=0.01)
     rows = {r["method"]: r for r in ka.compute(ctx, params)["kernel_accuracy"]}
     assert set(rows) == {"linearised", "kernel_regression"}
 
     lin = rows["linearised"]
-    j = brute_jacobian(model, state, data.x_train[:5])
+    j = tc.per_sample_jacobian(model, state, data.x_train[:5])
     mean_diag = float((j**2).sum()) / 5  # mean_i Θ^tr[i,i] = mean_i ‖J(x_i)‖²_F
     assert lin["lr"] == pytest.approx(2.0 / mean_diag, rel=1e-10)
     assert (lin["lr_mode"], lin["steps"], lin["n_train"], lin["lambda"]) == ("kernel_scaled", 5, 9, None)
@@ -289,7 +256,7 @@ def test_compute_rows(tmp_path):
 
 
 def test_fixed_lr_and_method_selection(tmp_path):
-    model, state, data = make_case("mlp")
+    model, state, data = tc.case("mlp").build()
     ctx = make_ctx(model, state, data, tmp_path)
     (row,) = ka.compute(ctx, ka.Params(methods=("linearised",), steps=3, lr_mode="fixed", lr_factor=0.5,
                                        train_eval_size=4))["kernel_accuracy"]
@@ -300,7 +267,7 @@ def test_fixed_lr_and_method_selection(tmp_path):
 
 
 def test_bad_input(tmp_path):
-    model, state, data = make_case("mlp")
+    model, state, data = tc.case("mlp").build()
     with pytest.raises(ProbeError, match="larger than the training set"):
         ka.compute(make_ctx(model, state, data, tmp_path, torch.arange(12)), ka.Params(steps=1))
     with pytest.raises(ProbeError, match="unknown method"):
@@ -329,10 +296,10 @@ def test_until_end_trains_as_long_as_a_child(tmp_path):
     """With until_end the linearised model trains total_steps − step steps, as a child would."""
     import dataclasses
 
-    model, state, data = make_case("mlp")
+    model, state, data = tc.case("mlp").build()
     ctx = make_ctx(model, state, data, tmp_path)
     ctx.runs = [dataclasses.replace(RUN, total_steps=7, steps_per_epoch=2)]
-    ctx.checkpoints = [CheckpointRef("c0", "r", 3, 1.5, "")]
+    ctx.checkpoints = [tc.checkpoint_ref("c0", 3, 1.5)]
     (row,) = ka.compute(ctx, ka.Params(methods=("linearised",), until_end=True))["kernel_accuracy"]
     assert row["steps"] == 4
     ctx.runs = [RUN]  # a run without its length cannot say where the end is

@@ -9,50 +9,19 @@ import torch
 from lsdb.errors import ProbeError, ProbeSkipped
 from lsdb.probes import _ntk_core as core
 from lsdb.probes import ntk
-from lsdb.probes.base import Artifacts, CheckpointRef, ProbeContext, RunRef
-from lsdb.train.data import Data
-from lsdb.train.models import MLP, CNN1d
+from tests import tiny_cases as tc
 
 C = 3
-N_PROBE = 5
+N_PROBE = tc.N_PROBE  # the context's probe set: the first five training inputs
 
 
-def make_case(name: str, seed: int = 0):
-    """(model, state, data) in float64: a 2-layer CNN1d on length-12 signals or a 2-layer MLP."""
-    torch.manual_seed(seed)
-    if name == "cnn":
-        model, shape = CNN1d((1, 12), C, width=3, kernels=(3, 3)), (1, 12)
-    else:
-        model, shape = MLP((6,), C, width=5, depth=2), (6,)
-    model = model.double()
-    g = torch.Generator().manual_seed(seed + 1)
-    data = Data("rand", torch.randn(9, *shape, generator=g, dtype=torch.float64),
-                torch.randint(0, C, (9,), generator=g),
-                torch.randn(4, *shape, generator=g, dtype=torch.float64),
-                torch.randint(0, C, (4,), generator=g), C)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    return model, state, data
-
-
-def make_ctx(model, state, data, tmp_path, indices=None) -> ProbeContext:
-    run = RunRef("r", "parent", 0, "base", "finished", None, None, None, None, 1.0, 0.1, 4, 0.9, 0.0, 0, ())
-    ck = CheckpointRef("c0", "r", 0, 0.0, "sha")
-    idx = torch.arange(N_PROBE) if indices is None else indices
-    return ProbeContext(model=model, states=[state], checkpoints=[ck], runs=[run], data=data, probe_indices=idx,
-                        device=torch.device("cpu"), dtype=torch.float64, artifacts=Artifacts(tmp_path / "art"))
+def make_ctx(model, state, data, tmp_path, indices=None):
+    return tc.context(model, data, tmp_path, states=[state], probe_indices=indices)
 
 
 def brute_full_ntk(model, state, x) -> torch.Tensor:
-    """Θ[(i,a),(j,b)] from one autograd.grad call per (input, logit): J Jᵀ with J (nC × P)."""
-    model.load_state_dict(state)
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(x.shape[0]):
-        out = model(x[i : i + 1])[0]
-        for a in range(out.shape[0]):
-            grads = torch.autograd.grad(out[a], params, retain_graph=True)
-            rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    j = torch.stack(rows)
+    """Θ[(i,a),(j,b)] = J Jᵀ with J (nC × P) from one autograd.grad call per (input, logit)."""
+    j = tc.per_sample_jacobian(model, state, x)
     return j @ j.T
 
 
@@ -69,9 +38,9 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.fixture(scope="module", params=["cnn", "mlp"])
+@pytest.fixture(scope="module", params=tc.cases("cnn", "mlp"))
 def case(request):
-    model, state, data = make_case(request.param)
+    model, state, data = request.param.build()
     x = data.x_train[:N_PROBE]
     return model, state, data, brute_full_ntk(model, state, x)
 
@@ -201,7 +170,7 @@ def test_compute_row_matches_brute_force(case, variant, tmp_path):
 
 
 def test_default_artifact_is_float32_and_content_addressed(tmp_path):
-    model, state, data = make_case("mlp")
+    model, state, data = tc.case("mlp").build()
     ctx = make_ctx(model, state, data, tmp_path)
     (row,) = ntk.compute(ctx, ntk.Params())["ntk"]
     stored = ctx.artifacts.get(row["artifact"])
@@ -219,7 +188,7 @@ def test_lanczos_top_eigenvalues_match_dense():
 
 
 def test_probe_set_larger_than_data_is_a_probe_error(tmp_path):
-    model, state, data = make_case("mlp")
+    model, state, data = tc.case("mlp").build()
     with pytest.raises(ProbeError, match="larger than the training set"):
         ntk.compute(make_ctx(model, state, data, tmp_path, torch.arange(20)), ntk.Params())
     with pytest.raises(ProbeError, match="out of range"):
@@ -227,12 +196,12 @@ def test_probe_set_larger_than_data_is_a_probe_error(tmp_path):
 
 
 def test_bad_params_and_diverged_checkpoint(tmp_path):
-    model, state, data = make_case("mlp")
+    model, state, data = tc.case("mlp").build()
     with pytest.raises(ProbeError, match="unknown NTK variant"):
         ntk.compute(make_ctx(model, state, data, tmp_path), ntk.Params(variant="diag"))
     with pytest.raises(ProbeError, match="implementation"):
         ntk.compute(make_ctx(model, state, data, tmp_path), ntk.Params(implementation="fast"))
-    broken = {k: v.clone() for k, v in state.items()}
+    broken = tc.clone_state(state)
     broken["net.0.weight"][0, 0] = float("nan")
     with pytest.raises(ProbeSkipped, match="non-finite"):
         ntk.compute(make_ctx(model, broken, data, tmp_path), ntk.Params())

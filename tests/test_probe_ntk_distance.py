@@ -5,14 +5,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import polars as pl
 import pytest
-import torch
 
 from lsdb.errors import ArtifactCorrupt, ProbeError
 from lsdb.probes import _ntk_core as core
 from lsdb.probes import ntk_distance
-from lsdb.probes.base import Artifacts, CheckpointRef, ProbeContext, RunRef, Study
+from tests import tiny_cases as tc
 
 
 def psd(seed: int, m: int = 6, rank: int = 4) -> np.ndarray:
@@ -44,15 +42,15 @@ def test_distance_properties():
 
 # ------------------------------------------------------------------------------ compute
 
-def ctx_for(tmp_path, shas, role, epochs=(0.5, 2.0), variants=("trace", "trace")) -> ProbeContext:
-    cks = [CheckpointRef(f"c{i}", "r", int(10 * e), e, "sha") for i, e in enumerate(epochs)]
-    return ProbeContext(model=None, states=[], checkpoints=cks, runs=[], data=None, probe_indices=None,
-                        device=torch.device("cpu"), dtype=torch.float64, artifacts=Artifacts(tmp_path / "art"),
-                        role=role, inputs={"kernels": list(shas), "variants": list(variants)})
+def ctx_for(tmp_path, shas, role, epochs=(0.5, 2.0), variants=("trace", "trace")):
+    """A context of two stored kernels (no model, no data) at checkpoints of the given epochs."""
+    cks = [tc.checkpoint_ref(f"c{i}", int(10 * e), e) for i, e in enumerate(epochs)]
+    return tc.context(None, None, tmp_path, checkpoints=cks, role=role,
+                      inputs={"kernels": list(shas), "variants": list(variants)})
 
 
 def stored_pair(tmp_path):
-    arts = Artifacts(tmp_path / "art")
+    arts = tc.artifacts(tmp_path)
     k1, k2 = psd(1).astype(np.float32), psd(2).astype(np.float32)
     return arts.put(k1), arts.put(k2), k1, k2
 
@@ -80,7 +78,7 @@ def test_other_roles_have_no_velocity(tmp_path):
 
 def test_altered_or_missing_artifact_is_corrupt(tmp_path):
     a, b, _, _ = stored_pair(tmp_path)
-    path = Artifacts(tmp_path / "art").path(b)
+    path = tc.artifacts(tmp_path).path(b)
     arr = np.load(path)
     arr[0, 0] += 1.0
     np.save(path, arr)
@@ -95,36 +93,28 @@ def test_variant_or_shape_mismatch_is_a_probe_error(tmp_path):
     a, b, _, _ = stored_pair(tmp_path)
     with pytest.raises(ProbeError, match=r"'trace'.*'sum_logits'"):
         ntk_distance.compute(ctx_for(tmp_path, (a, b), "next", variants=("trace", "sum_logits")), ntk_distance.Params())
-    c = Artifacts(tmp_path / "art").put(psd(3, m=9).astype(np.float32))
+    c = tc.artifacts(tmp_path).put(psd(3, m=9).astype(np.float32))
     with pytest.raises(ProbeError, match="shapes differ"):
         ntk_distance.compute(ctx_for(tmp_path, (a, c), "next"), ntk_distance.Params())
 
 
 # ------------------------------------------------------------------------------ planning
 
-class FakeStudy(Study):
-    def __init__(self, runs, ntk_rows):
-        self.runs, self._rows = runs, ntk_rows
-
-    def results(self, table):
-        assert table == "ntk"
-        return pl.DataFrame(self._rows) if self._rows else pl.DataFrame()
+def run_ref(rid, cks, **fields):
+    """A run whose checkpoints are (id, epoch) pairs, at steps 0, 10, 20, …"""
+    refs = [tc.checkpoint_ref(c, i * 10, float(e), rid) for i, (c, e) in enumerate(cks)]
+    return tc.run_ref(rid, checkpoints=refs, **fields)
 
 
-def run_ref(rid, kind, cks, parent=None, parent_ck=None, child_index=None):
-    refs = tuple(CheckpointRef(c, rid, i * 10, float(e), "") for i, (c, e) in enumerate(cks))
-    return RunRef(rid, kind, 0, "base", "finished", parent, parent_ck, None, child_index,
-                  4.0, 0.1, 8, 0.9, 0.0, 0, refs)
-
-
-def study_with(kernels_for: set[str], variant: str = "trace") -> FakeStudy:
-    parent = run_ref("p", "parent", [("p0", 0), ("p1", 1), ("p2", 4)])
-    kids = [run_ref(f"k{i}", "child", [(f"k{i}a", 2), (f"k{i}b", 4)], "p", "p1", i) for i in range(2)]
+def study_with(kernels_for: set[str], variant: str = "trace") -> tc.FakeStudy:
+    parent = run_ref("p", [("p0", 0), ("p1", 1), ("p2", 4)])
+    kids = [run_ref(f"k{i}", [(f"k{i}a", 2), (f"k{i}b", 4)], kind="child", parent="p", parent_checkpoint="p1",
+                    child_index=i) for i in range(2)]
     rows = [dict(job_id=f"j{c}", idx=0, checkpoint_id=c, variant=variant, artifact=f"sha-{c}", probe="ntk",
                  version=1, params_hash="h", role="self", state="done") for c in sorted(kernels_for)]
     rows.append(dict(job_id="jx", idx=0, checkpoint_id="p0", variant=variant, artifact="sha-failed", probe="ntk",
                      version=1, params_hash="other", role="self", state="failed"))
-    return FakeStudy([parent, *kids], rows)
+    return tc.FakeStudy([parent, *kids], {"ntk": rows})
 
 
 def test_plan_asks_only_for_pairs_whose_kernels_exist():

@@ -10,7 +10,7 @@ import lsdb
 from lsdb import runner
 from lsdb.errors import LsdbError
 from lsdb.ingest.recorder import Recorder
-from lsdb.spec import load_spec
+from lsdb.plan import load_spec
 
 
 def own_loop(rec: Recorder):

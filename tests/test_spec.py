@@ -3,7 +3,7 @@
 import pytest
 
 from lsdb.errors import SpecError
-from lsdb.spec import load_spec, parse_spec
+from lsdb.plan import load_spec, parse_spec
 
 
 def test_defaults_match_the_papers_setting():

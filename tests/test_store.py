@@ -66,3 +66,62 @@ def test_reader_names_the_process_holding_the_file(tmp_path):
         holder.wait()
     with s.read() as con:  # and once released, reads work again
         assert con.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_store_of_lsdb_0_1_is_refused_in_one_line(tmp_path):
+    """Schema 1 run ids hashed the checkpoint schedule; its children's data order derives from
+    them, so the store cannot be upgraded: refused, naming what to do."""
+    import duckdb
+
+    root = tmp_path / "old"
+    root.mkdir()
+    con = duckdb.connect(str(root / "lsdb.duckdb"))
+    con.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TIMESTAMP, lsdb_version VARCHAR)")
+    con.execute("INSERT INTO schema_version VALUES (1, now(), '0.1.0')")
+    con.close()
+    for opener in (Store.open, Store.init):
+        with pytest.raises(StoreError, match=r"schema 1, from lsdb 0\.1.*start a new store") as e:
+            opener(root)
+        assert "\n" not in str(e.value)
+
+
+def test_a_second_run_is_refused_before_the_database_is_opened(tmp_path):
+    """`lsdb run` takes the store's lock before it opens lsdb.duckdb for writing, so a second
+    one is refused at once even while the first holds the database file."""
+    from lsdb import runner
+    from lsdb.plan import parse_spec
+
+    s = Store.init(tmp_path / "st")
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import duckdb, time; c = duckdb.connect({str(s.db_path)!r}); print('ok', flush=True); time.sleep(30)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        with s.lock("the first lsdb run"):
+            t0 = time.monotonic()
+            with pytest.raises(StoreLocked, match="the first lsdb run"):
+                runner.run(parse_spec(""), s)
+            assert time.monotonic() - t0 < 5  # not after the 30 s write retry
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_temporaries_of_dead_writers_are_cleaned(tmp_path):
+    from lsdb.atomic import temp_path
+    from lsdb.spool import clean_temporaries
+
+    s = Store.init(tmp_path / "st")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    mine = temp_path(s.checkpoints / "abc.safetensors")  # this live process is writing it
+    mine.write_bytes(b"partial")
+    left = [s.checkpoints / f".abc.safetensors.tmp@{mine.name.split('@')[1]}@{pid}",
+            s.artifacts_dir / f".def.npy.tmp@{mine.name.split('@')[1]}@{pid}",
+            s.spool / f".job-x.1-1-0.tmp@{mine.name.split('@')[1]}@{pid}"]
+    for p in left[:2]:
+        p.write_bytes(b"partial")
+    left[2].mkdir()
+    removed = clean_temporaries(s)
+    assert sorted(removed) == sorted(left) and not any(p.exists() for p in left)
+    assert mine.exists()  # a live writer's file stays

@@ -1,7 +1,9 @@
 """Checkpoint files: safetensors named by the sha256 of their tensors (never pickle).
 
 The hash covers every tensor's name, dtype, shape and bytes in name order, so the same weights
-always get the same name and any change on disk is caught on load.
+always get the same name and any change on disk is caught on load. The optimiser state saved
+beside a checkpoint (``<checkpoint id>.optim.safetensors``) is hashed the same way; its hash is
+in the checkpoint row and checked before a run resumes or spawns from it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lsdb.atomic import temp_path
 from lsdb.errors import CheckpointCorrupt
 
 
@@ -28,7 +31,7 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
 def atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write to a temporary name, fsync, rename: a reader sees the whole file or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -36,36 +39,63 @@ def atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def save_weights(directory: Path, state: dict[str, torch.Tensor]) -> str:
+    """Write ``state`` as ``<sha256>.safetensors`` unless an intact file of that name exists (a
+    damaged one is replaced)."""
     sha = tensors_sha256(state)
     path = Path(directory) / f"{sha}.safetensors"
-    if not path.exists():
+    if not path.exists() or not _intact(path, sha):
         atomic_save(state, path)
     return sha
 
 
-def load_weights(directory: Path, sha: str, verify: bool = True) -> dict[str, torch.Tensor]:
-    path = Path(directory) / f"{sha}.safetensors"
+def optimizer_path(directory: Path, checkpoint_id: str) -> Path:
+    return Path(directory) / f"{checkpoint_id}.optim.safetensors"
+
+
+def save_optimizer(directory: Path, checkpoint_id: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Write the optimiser state of a checkpoint; returns its hash (stored in the checkpoint row)."""
+    tensors = tensors or {"_empty": torch.zeros(0)}
+    atomic_save(tensors, optimizer_path(directory, checkpoint_id))
+    return tensors_sha256(tensors)
+
+
+def load_optimizer(directory: Path, checkpoint_id: str, sha: str) -> dict[str, torch.Tensor]:
+    """The optimiser state saved with checkpoint ``checkpoint_id``, verified against ``sha``."""
+    path = optimizer_path(directory, checkpoint_id)
+    return _load_verified(path, sha, "optimizer state")
+
+
+def _intact(path: Path, sha: str) -> bool:
+    try:
+        return tensors_sha256(load_file(str(path))) == sha
+    except Exception:
+        return False
+
+
+def load_weights(directory: Path, sha: str) -> dict[str, torch.Tensor]:
+    """The weights named ``sha``, verified against their hash (``CheckpointCorrupt`` otherwise)."""
+    return _load_verified(Path(directory) / f"{sha}.safetensors", sha, "checkpoint file")
+
+
+def _load_verified(path: Path, sha: str, what: str) -> dict[str, torch.Tensor]:
     if not path.exists():
-        raise CheckpointCorrupt(f"checkpoint file {path} is missing; rerun `lsdb run` to retrain it")
+        raise CheckpointCorrupt(f"{what} {path} is missing; `lsdb run` retrains it")
     try:
         state = load_file(str(path))
     except Exception as e:  # truncated or garbled
-        raise CheckpointCorrupt(f"checkpoint file {path} is unreadable ({str(e).splitlines()[0]}); "
-                                f"delete it and rerun `lsdb run`") from None
-    if verify and tensors_sha256(state) != sha:
-        raise CheckpointCorrupt(f"checkpoint file {path} does not match its hash {sha[:12]}…; "
-                                f"it was altered on disk: delete it and rerun `lsdb run`")
+        raise CheckpointCorrupt(f"{what} {path} is unreadable ({str(e).splitlines()[0]}); "
+                                f"`lsdb run` retrains it") from None
+    if tensors_sha256(state) != sha:
+        raise CheckpointCorrupt(f"{what} {path} does not match its hash {sha[:12]}…; it was altered on disk: "
+                                f"`lsdb run` retrains it")
     return state
 
 
-def import_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a user's own ``.pt``/``.safetensors`` file without unpickling arbitrary objects."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointCorrupt(f"{path}: expected a state dict of tensors")
-    return obj
+def checkpoint_problem(directory: Path, checkpoint_id: str, sha: str, optimizer_sha: str) -> str | None:
+    """What is wrong with a stored checkpoint's files (weights, optimiser state), or None."""
+    for load in (lambda: load_weights(directory, sha), lambda: load_optimizer(directory, checkpoint_id, optimizer_sha)):
+        try:
+            load()
+        except CheckpointCorrupt as e:
+            return str(e).split(";")[0]
+    return None

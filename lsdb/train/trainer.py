@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lsdb.ids import utcnow
 from lsdb.spec import RunConfig
-from lsdb.train.checkpoints import atomic_save, load_weights, save_weights
+from lsdb.train.checkpoints import load_optimizer, load_weights, save_optimizer, save_weights, tensors_sha256
 from lsdb.train.data import load_data
 from lsdb.train.models import build_model
 
@@ -31,13 +32,24 @@ class TrainTask:
     data_seed: int
     steps_per_epoch: int
     total_steps: int
-    save_steps: tuple[int, ...]  # steps this run records (ascending)
+    save_steps: tuple[int, ...]  # steps to save on the way (ascending)
     lr_factor: float = 1.0
-    # where to start from: None = fresh init at step 0; else (step, weights sha, optimizer file)
+    # where to start from: fresh init at step 0, or a stored checkpoint (its step, weights sha, and
+    # the id and hash of the checkpoint whose optimiser state to load)
     start_step: int = 0
     start_weights: str | None = None
     start_optimizer: str | None = None
+    start_optimizer_sha: str | None = None
     checkpoint_ids: dict[int, str] = field(default_factory=dict)  # step -> checkpoint id
+    # where to stop: the end of training (then the run's status is emitted), or the last step a
+    # finished run lacks (filling in checkpoints added to the schedule, or replacing damaged files)
+    stop_step: int | None = None
+    # steps whose rows are stored already (file lost or damaged): step -> (weights sha, optimiser sha)
+    expected: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def end(self) -> int:
+        return self.total_steps if self.stop_step is None else self.stop_step
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -99,10 +111,10 @@ def save_checkpoint(ckdir, cid: str, run_id: str, step: int, spe: int, total_ste
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sha = save_weights(Path(ckdir), state)
     moments = optimizer_tensors(opt, model) if opt is not None else {}
-    atomic_save(moments or {"_empty": torch.zeros(0)}, Path(ckdir) / f"{cid}.optim.safetensors")
+    optimizer_sha = save_optimizer(Path(ckdir), cid, moments)
     return dict(id=cid, run_id=run_id, step=step, epoch=step / spe, frac=step / total_steps, sha256=sha,
-                has_optimizer=bool(moments), lr=lr, train_loss=train_loss, train_error=train_error,
-                test_loss=test_loss, test_error=test_error)
+                has_optimizer=bool(moments), optimizer_sha256=optimizer_sha, lr=lr, train_loss=train_loss,
+                train_error=train_error, test_loss=test_loss, test_error=test_error, created_at=utcnow())
 
 
 def _adversary(model, cfg: RunConfig):
@@ -115,8 +127,9 @@ def _adversary(model, cfg: RunConfig):
 
 
 def run_training(task: TrainTask, emit) -> dict:
-    """Train ``task`` from its start to ``total_steps``; call ``emit(kind, payload)`` for every
-    checkpoint and once at the end with the run's status. Returns the final status payload."""
+    """Train ``task`` from its start to its end; call ``emit(kind, payload)`` for every checkpoint,
+    and at the end of training once with the run's status. Returns the status payload, with
+    ``problems``: checkpoints whose retrained weights differ from the stored hash (not saved)."""
     threads = torch.get_num_threads()
     # Small models: a second thread gains little when idle and is 4x slower beside another busy
     # process (benchmarks/training.py); parallelism comes from running runs in separate workers.
@@ -130,8 +143,6 @@ def run_training(task: TrainTask, emit) -> dict:
 def _train(task: TrainTask, emit) -> dict:
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
     cfg = task.config
     root = Path(task.store_root)
     ckdir = root / "checkpoints"
@@ -142,7 +153,7 @@ def _train(task: TrainTask, emit) -> dict:
     if task.start_weights:
         model.load_state_dict(load_weights(ckdir, task.start_weights))
         if task.start_optimizer:
-            load_optimizer_tensors(opt, model, load_file(str(ckdir / task.start_optimizer)))
+            load_optimizer_tensors(opt, model, load_optimizer(ckdir, task.start_optimizer, task.start_optimizer_sha))
 
     adversarial = _adversary(model, cfg) if cfg.train.adversarial != "none" else None
 
@@ -150,7 +161,18 @@ def _train(task: TrainTask, emit) -> dict:
     chance = 1.0 - 1.0 / data.num_classes
     save = [s for s in task.save_steps if s >= task.start_step]
 
+    problems: list[str] = []
+
     def checkpoint(step):
+        if step in task.expected:  # replacing a lost file: training must reproduce it bit for bit
+            want, want_opt = task.expected[step]
+            got = tensors_sha256(model.state_dict())
+            got_opt = tensors_sha256(optimizer_tensors(opt, model) or {"_empty": torch.zeros(0)})
+            if (got, got_opt) != (want, want_opt):
+                problems.append(f"checkpoint {task.checkpoint_ids[step]} (run {task.run_id} step {step}): "
+                                f"retraining gave weights {got[:12]}…/optimiser {got_opt[:12]}… but the store "
+                                f"recorded {want[:12]}…/{want_opt[:12]}… (training is not reproducible here)")
+                return 0.0, 0.0
         row = save_checkpoint(ckdir, task.checkpoint_ids[step], task.run_id, step, spe, task.total_steps,
                               lr_at(step, cfg, spe, task.lr_factor), model, opt, data)
         emit("checkpoint", row)
@@ -165,7 +187,7 @@ def _train(task: TrainTask, emit) -> dict:
     elif step in pending:
         pending.discard(step)  # resuming from this very checkpoint: it is stored already
     model.train()
-    while step < task.total_steps:
+    while step < task.end:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, spe, task.lr_factor)
         idx = batch_indices(step, n, cfg.optim.batch_size, spe, task.data_seed)
@@ -191,5 +213,6 @@ def _train(task: TrainTask, emit) -> dict:
                 status.update(status="diverged", diverged_step=step,
                               diverged_reason=f"collapsed to chance accuracy (train error {train_error:.3f})")
                 break
-    emit("run_status", status)
-    return status
+    if task.stop_step is None:  # filling in a finished run leaves its status alone
+        emit("run_status", status)
+    return {**status, "problems": problems}

@@ -1,19 +1,27 @@
 """Spool shards: the only thing workers write besides checkpoint and artifact files.
 
-A shard is a directory ``spool/<name>/`` holding ``meta.json`` and one Parquet file per result
-table. It is built under a temporary name, every file fsynced, then renamed in one step, so the
-ingester sees a whole shard or none. Ingested shards move to ``spool/ingested/``: they are the log
-the database can be rebuilt from.
+A shard is a directory ``spool/<name>.<unique>/`` holding ``meta.json`` and one Parquet file per
+result table. It is built under a temporary name, every file fsynced, then renamed in one step, so
+the ingester sees a whole shard or none. Every shard name is unique (a retried job writes a new
+shard beside the failed one), and ingested shards move to ``spool/ingested/``, which is never
+pruned: it is the log the database is rebuilt from (``lsdb rebuild``). Shards are untrusted input
+(workers on other machines write them): ``lsdb.ingest.ingest`` validates each before use.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
+from lsdb import faults
+from lsdb.atomic import abandoned, fsync, is_temp, temp_path
+
 META = "meta.json"
+_SEQUENCE = itertools.count()
 
 
 def arrow_schema(table_name: str):
@@ -42,12 +50,13 @@ def arrow_schema(table_name: str):
 
 
 def write_shard(spool: Path, name: str, meta: dict, tables: dict[str, list[dict]] | None = None) -> Path:
+    """Write shard ``<name>.<unique suffix>`` atomically; returns its final path."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     spool = Path(spool)
-    final = spool / name
-    tmp = spool / f".tmp-{name}-{os.getpid()}"
+    final = spool / f"{name}.{time.time_ns():016x}-{os.getpid()}-{next(_SEQUENCE)}"
+    tmp = temp_path(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -60,16 +69,25 @@ def write_shard(spool: Path, name: str, meta: dict, tables: dict[str, list[dict]
             raise ValueError(f"table {table_name} has no columns {sorted(unknown)}")
         columns = {f.name: [r.get(f.name) for r in rows] for f in schema}
         pq.write_table(pa.table(columns, schema=schema), tmp / f"{table_name}.parquet")
-        _fsync(tmp / f"{table_name}.parquet")
+        fsync(tmp / f"{table_name}.parquet")
     (tmp / META).write_text(json.dumps(meta, default=str))
-    _fsync(tmp / META)
-    _fsync(tmp)
-    if final.exists():  # the same job done twice (e.g. a retried worker): keep the first
-        shutil.rmtree(tmp)
-        return final
+    fsync(tmp / META)
+    fsync(tmp)
+    faults.point("shard_before_rename")
     os.rename(tmp, final)
-    _fsync(spool)
+    fsync(spool)
     return final
+
+
+def shard_key(shard: Path) -> str:
+    """The part of a shard's name before its unique suffix (``job-<id>``, ``ckpt-<id>`` …)."""
+    return Path(shard).name.split(".", 1)[0]
+
+
+def write_experiment_shard(spool: Path, experiment: dict, runs: list[dict]) -> Path:
+    """The shard that records an experiment and its runs (parents before children)."""
+    return write_shard(spool, f"exp-{experiment['id'][:16]}", {"kind": "experiment", "experiment": experiment,
+                                                               "runs": runs})
 
 
 def write_checkpoint_shard(spool: Path, row: dict) -> Path:
@@ -80,9 +98,7 @@ def write_checkpoint_shard(spool: Path, row: dict) -> Path:
 def write_status_shard(spool: Path, run_id: str, status: str, diverged_step: int | None = None,
                        reason: str | None = None) -> Path:
     """The shard that ends a run: finished, or diverged at a step for a reason."""
-    import time
-
-    return write_shard(spool, f"status-{run_id}-{int(time.time() * 1e6)}",
+    return write_shard(spool, f"status-{run_id}",
                        {"kind": "run_status", "run_id": run_id, "status": status,
                         "diverged_step": diverged_step, "diverged_reason": reason})
 
@@ -100,37 +116,35 @@ def read_meta(shard: Path) -> dict:
 
 
 def retire(shard: Path, ingested: Path) -> None:
+    """Move an ingested shard into the log. Names are unique per write, so a shard of the same
+    name in the log is this very shard (copied back, or ingested twice): the copy goes, the log
+    keeps its own."""
     ingested.mkdir(parents=True, exist_ok=True)
-    target = ingested / shard.name
-    if target.exists():
+    if (ingested / shard.name).exists():
         shutil.rmtree(shard)
     else:
-        os.rename(shard, target)
+        os.rename(shard, ingested / shard.name)
 
 
-def clean_temporaries(spool: Path) -> None:
-    """Remove half-written shards left by killed workers (never renamed). A temporary whose
-    writer (the PID at the end of its name) is still alive on this machine is left alone."""
-    for p in Path(spool).glob(".tmp-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)):
+def log_shards(spool: Path) -> list[Path]:
+    """Every shard of the ingested log."""
+    log = Path(spool) / "ingested"
+    return sorted(p for p in log.iterdir() if p.is_dir() and (p / META).exists()) if log.exists() else []
+
+
+def clean_temporaries(store) -> list[Path]:
+    """Remove what killed writers left half-written: temporary shards, checkpoint and artifact
+    files never renamed into place (``lsdb.atomic.abandoned``). Returns what was removed."""
+    removed = []
+    for folder in (store.spool, store.checkpoints, store.artifacts_dir):
+        if not Path(folder).exists():
             continue
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        for p in Path(folder).iterdir():
+            if not is_temp(p) or not abandoned(p):
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

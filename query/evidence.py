@@ -1,0 +1,165 @@
+"""The numbers the findings read from a store, gathered into one ``Evidence`` object.
+
+Also what the findings need to know about metrics: which probe writes each one (``PROBE_OF``), the advice
+given when one is missing (``advice``), and the number of classes of each data set (the C of F9).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: Which spec entry produces a metric: the advice given when it is missing.
+PROBE_OF = {
+    **{m: "barrier" for m in ("error_barrier_test", "loss_barrier_test", "child_disagreement",
+                              "entezari_loss_barrier_test", "sibling_weight_distance")},
+    **{m: "ntk_distance" for m in ("kernel_velocity", "kernel_distance_to_init", "sibling_kernel_distance")},
+    **{m: "kernel_accuracy" for m in ("linearised_test_error",)},
+    **{m: "hessian" for m in ("hessian_top_eigenvalue", "hessian_outliers")},
+    **{m: "flatness" for m in ("sharpness_1d",)},
+    **{m: "weights" for m in ("relative_sibling_distance",)},
+}
+SIBLING_METRICS = {"error_barrier_test", "loss_barrier_test", "child_disagreement", "sibling_kernel_distance",
+                   "relative_sibling_distance", "entezari_loss_barrier_test", "sibling_weight_distance"}
+
+#: Merging across different initialisations (F14, second part): no probe writes these yet.
+MERGE_NAIVE = "cross_init_loss_barrier_test"
+MERGE_MATCHED = "matched_loss_barrier_test"
+
+#: Number of classes of each built-in data set (the C of F9).
+NUM_CLASSES = {"mnist1d": 10, "digits": 10, "cifar10": 10}
+
+#: The advantage is computed here (linearised error − final error of low-lr children).
+NONLINEAR_ADVANTAGE = "nonlinear_advantage"
+
+FINDING_METRICS = sorted(set(PROBE_OF) | {"lr", MERGE_NAIVE, MERGE_MATCHED})
+
+
+def advice(metric: str) -> str:
+    """What to add to the spec so that ``metric`` gets measured."""
+    if metric == NONLINEAR_ADVANTAGE:
+        return ("the nonlinear advantage needs [probes.kernel_accuracy] and low-lr children "
+                "(lowlr_children = 1 under [spawn])")
+    if metric in (MERGE_NAIVE, MERGE_MATCHED):
+        return ("no probe measures barriers between different initialisations before and after weight "
+                "matching yet")
+    probe = PROBE_OF.get(metric, "?")
+    spawn = " and spawn times with children ([spawn] times = [...], children = 2)" if metric in SIBLING_METRICS else ""
+    return f"add [probes.{probe}]{spawn} to the spec"
+
+
+class Evidence:
+    """The slice of a store the findings read, as polars frames (tests build it directly).
+
+    ``runs``: the run table. ``finals``: run_id, epoch, frac, test_error, test_loss, train_error,
+    train_loss at each run's last checkpoint. ``series``: run_id, checkpoint_id, epoch, frac,
+    metric, value (averaged per checkpoint). ``dataset``: the data set name (for C).
+    """
+
+    def __init__(self, runs, finals, series, dataset: str | None = "mnist1d"):
+        import polars as pl
+
+        self.runs = runs.filter(pl.col("status") != "diverged") if "status" in runs.columns else runs
+        self.finals = finals
+        self.series = series
+        self.dataset = dataset
+        self._metrics = set(series["metric"].unique().to_list()) if series.height else set()
+        self._final = {r["run_id"]: r for r in finals.iter_rows(named=True)}
+        self._advantage: dict | None = None
+
+    @classmethod
+    def from_session(cls, session) -> "Evidence":
+        from lsdb.query.correlate import load_series
+
+        runs = session.sql("SELECT * FROM run")
+        finals = session.sql(
+            "SELECT run_id, arg_max(epoch, step) AS epoch, arg_max(frac, step) AS frac, "
+            "arg_max(test_error, step) AS test_error, arg_max(test_loss, step) AS test_loss, "
+            "arg_max(train_error, step) AS train_error, arg_max(train_loss, step) AS train_loss "
+            "FROM checkpoint GROUP BY run_id")
+        series = load_series(session, FINDING_METRICS)
+        ds = session.sql("SELECT dataset, count(*) AS n FROM run GROUP BY dataset ORDER BY n DESC")
+        return cls(runs, finals, series, ds["dataset"][0] if ds.height else None)
+
+    # ------------------------------------------------------------------ lookups
+    def has(self, metric: str) -> bool:
+        return metric in self._metrics
+
+    def parents(self, variant: str | None = "base", **where):
+        import polars as pl
+
+        df = self.runs.filter(pl.col("kind") == "parent")
+        if variant is not None:
+            df = df.filter(pl.col("variant") == variant)
+        for k, v in where.items():
+            df = df.filter(pl.col(k) == v)
+        return df.sort("seed", "id")
+
+    def final(self, run_id: str) -> dict | None:
+        return self._final.get(run_id)
+
+    def by_run(self, metric: str, run_ids) -> dict[str, dict]:
+        """run_id -> dict(epoch, frac, value, checkpoint_id) numpy arrays sorted by epoch."""
+        import polars as pl
+
+        part = self.series.filter((pl.col("metric") == metric) & pl.col("run_id").is_in(list(run_ids)))
+        out = {}
+        for (rid,), g in part.sort("epoch").group_by(["run_id"], maintain_order=True):
+            out[rid] = {c: g[c].to_numpy() for c in ("epoch", "frac", "value", "checkpoint_id")}
+        return out
+
+    def base_series(self, metric: str) -> dict[str, dict]:
+        if metric == NONLINEAR_ADVANTAGE:
+            return self.advantage()
+        return self.by_run(metric, self.parents()["id"].to_list())
+
+    def final_value(self, metric: str, run_id: str) -> tuple[float, float] | None:
+        """(value, frac) of ``metric`` at the latest checkpoint where the run has it."""
+        s = self.by_run(metric, [run_id]).get(run_id)
+        if s is None or len(s["value"]) == 0:
+            return None
+        return float(s["value"][-1]), float(s["frac"][-1])
+
+    def advantage(self) -> dict[str, dict]:
+        """Nonlinear advantage(t) per base parent: linearised_test_error at the expansion checkpoint
+        minus the mean final test error of the low-lr children spawned from that checkpoint."""
+        if self._advantage is None:
+            self._advantage = self._compute_advantage()
+        return self._advantage
+
+    def _compute_advantage(self) -> dict[str, dict]:
+        import polars as pl
+
+        lowlr = self.runs.filter(pl.col("kind") == "lowlr_child")
+        child_err: dict[str, list[float]] = {}
+        for r in lowlr.iter_rows(named=True):
+            fin = self.final(r["id"])
+            if fin is not None and r["parent_checkpoint_id"] is not None:
+                child_err.setdefault(r["parent_checkpoint_id"], []).append(fin["test_error"])
+        out = {}
+        for rid, s in self.by_run("linearised_test_error", self.parents()["id"].to_list()).items():
+            keep = [i for i, c in enumerate(s["checkpoint_id"]) if c in child_err]
+            if keep:
+                adv = np.array([s["value"][i] - np.mean(child_err[s["checkpoint_id"][i]]) for i in keep])
+                out[rid] = {"epoch": s["epoch"][keep], "frac": s["frac"][keep], "value": adv,
+                            "checkpoint_id": s["checkpoint_id"][keep]}
+        return out
+
+    def missing(self, metrics) -> list[str]:
+        return [m for m in metrics if not (self.advantage() if m == NONLINEAR_ADVANTAGE else self.has(m))]
+
+
+def _variant_final(ev: Evidence, metric: str, runs) -> dict[int, float]:
+    """seed -> metric at the latest measured checkpoint of each run."""
+    out = {}
+    for r in runs.iter_rows(named=True):
+        got = ev.final_value(metric, r["id"])
+        if got is not None:
+            out.setdefault(r["seed"], []).append(got[0])
+    return {s: float(np.mean(v)) for s, v in out.items()}
+
+
+def _clean_error(ev: Evidence, runs) -> float:
+    errs = [ev.final(r)["test_error"] for r in runs["id"] if ev.final(r)]
+    return float(np.mean(errs)) if errs else math.nan
