@@ -495,7 +495,3 @@ def _reject(store, shard: Path, reason: str, report: IngestReport, move: bool = 
 def _first_line(e) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def job_meta_json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)

@@ -27,6 +27,35 @@ def _init_worker(threads: int):
     import torch
 
     torch.set_num_threads(threads)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """A worker whose coordinator was killed (SIGKILL, the OOM killer) must not linger: the
+    coordinator's ``finally`` never ran to shut the pool down. On Linux the kernel sends SIGKILL
+    when the parent dies (PR_SET_PDEATHSIG); elsewhere a thread notices the new parent PID."""
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG = 1
+            if os.getppid() != parent:  # died before prctl took effect
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="lsdb-parent-watch").start()
 
 
 class ProcessExecutor:

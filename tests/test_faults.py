@@ -181,7 +181,9 @@ WORKER = [
 @pytest.mark.parametrize("point, n, workers", COORDINATOR, ids=[f"{p}:{n}-w{w}" for p, n, w in COORDINATOR])
 def test_coordinator_killed_then_rerun(spec_file, baseline, tmp_path, point, n, workers):
     root = tmp_path / "store"
-    killed = lsdb_run(spec_file, root, workers, kill_at=f"{point}:{n}")
+    # pool workers inherit the coordinator's stdout: the call returns only once they are gone too,
+    # so a worker outliving its killed coordinator shows as a timeout here
+    killed = lsdb_run(spec_file, root, workers, kill_at=f"{point}:{n}", timeout=300)
     assert killed.returncode == -signal.SIGKILL, f"never reached {point}:{n}\n{killed.stdout}\n{killed.stderr}"
     finish_and_compare(spec_file, root, baseline)
 
