@@ -122,6 +122,15 @@ def check_work(cfg: RunConfig, spe: int, where: str) -> int:
         raise SpecError(f"{where}: the [checkpoints] schedule asks for up to {bound:.3g} checkpoints per run "
                         f"({total:,} steps); lsdb plans at most {MAX_CHECKPOINTS_PER_RUN:,}: raise "
                         f"checkpoints.every_epochs / every_steps")
+    # a parent and its children: each child keeps the schedule after its spawn (or only its end); a
+    # spawn time without children still costs a pass over the schedule
+    children = len(set(cfg.spawn.times)) * max(1, cfg.spawn.children + cfg.spawn.lowlr_children)
+    per_seed = bound * (1 + children) if cfg.spawn.child_checkpoints == "schedule" else bound + children
+    if per_seed > specmod.MAX_CHECKPOINTS_PER_SEED:
+        raise SpecError(f"{where}: each seed's parent and {children:,} children would hold up to {per_seed:.3g} "
+                        f"checkpoints ({bound:.3g} per run); lsdb plans at most "
+                        f"{specmod.MAX_CHECKPOINTS_PER_SEED:,} per seed: raise checkpoints.every_epochs / "
+                        f"every_steps, spawn fewer children or use spawn.child_checkpoints = 'final'")
     return total
 
 

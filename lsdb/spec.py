@@ -47,6 +47,9 @@ MAX_EXAMPLES = 10**9  # subset sizes (beyond any data set lsdb loads; 0 usually 
 MAX_BATCH = 10_000_000  # examples per mini-batch
 MAX_STEPS = 10**9  # a step count or interval (the planner allows far fewer steps per run)
 MAX_RUNS = 100_000  # runs one spec declares: variants × seeds × (1 + spawn times × children)
+# checkpoints one seed's runs of one configuration hold, a parent and its children together
+# (checked by lsdb.plan.check_work, which knows the steps per epoch)
+MAX_CHECKPOINTS_PER_SEED = 1_000_000
 
 
 def _num(x) -> str:
@@ -96,6 +99,18 @@ def non_negative(hi=None, note: str = "") -> dict:
     return between(0, hi, note)
 
 
+MAX_PATH = 4095  # bytes of a path the OS takes (PATH_MAX less the terminating NUL)
+MAX_PATH_PART = 255  # bytes of one folder or file name
+
+
+def _path_ok(v: str) -> bool:
+    try:
+        b = v.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return v.isprintable() and len(b) <= MAX_PATH and all(len(p) <= MAX_PATH_PART for p in b.split(b"/"))
+
+
 def _positive(v):
     return v > 0
 
@@ -112,7 +127,9 @@ class DataSpec:
     probe_set_size: int = field(default=256, metadata=positive(1_000_000))
     probe_set_seed: int = field(default=0, metadata=between(0, MAX_SEED))
     train_subset: int = field(default=0, metadata=between(0, MAX_EXAMPLES, " (0 = all)"))
-    root: str = ""  # user-owned data on disk (cifar10)
+    root: str = field(default="", metadata=check(  # user-owned data on disk (cifar10)
+        _path_ok, f"must be a path of printable characters, at most {MAX_PATH} bytes "
+                               f"and {MAX_PATH_PART} per folder name"))
 
 
 @dataclass(frozen=True)
@@ -333,6 +350,8 @@ def load_spec(path: str | Path, catalog: Catalog | None) -> Spec:
         raise SpecError(f"{shown}: not a usable path ({_show(str(e))})") from None
     if len(data) > MAX_SPEC_BYTES:
         raise SpecError(f"{shown}: larger than {MAX_SPEC_BYTES // 2**20} MiB; a spec is a short TOML text file")
+    if b"\x00" in data and not data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 gets its own message
+        raise SpecError(f"{shown}: not a text file (it contains NUL bytes)")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -496,7 +515,8 @@ def _parse_variants(table, sections, where) -> tuple:
         items = []
         for section, overrides in body.items():
             if not isinstance(overrides, dict):
-                raise SpecError(f"{where.at(('variants', vname), section)}: [variants.{vname}.{section}] must be a table")
+                raise SpecError(f"{where.at(('variants', vname), section)}: [variants.{vname}.{section}] "
+                                f"must be a table")
             values = build_dataclass(SECTIONS[section], overrides, where, ("variants", vname, section), partial=True)
             base = sections[section]
             values = {k: v for k, v in values.items() if v != getattr(base, k)}
@@ -553,8 +573,9 @@ def _check_cross_fields(spec: Spec, where, catalog: Catalog | None):
         if unknown:
             near = difflib.get_close_matches(unknown[0], variants, n=1) if len(unknown[0]) <= MAX_NAME else []
             hint = f"; did you mean '{near[0]}'?" if near else ""
-            raise SpecError(f"{where.at(('probes', name), 'on_variants')}: probes.{_show(name)}.on_variants names "
-                            f"{_value(unknown[0])}, not a variant of this spec{hint} (variants: {', '.join(variants)})")
+            raise SpecError(f"{where.at(('probes', name), 'on_variants')}: {_label(('probes', name), 'on_variants')} = "
+                            f"{_value(list(chosen))} must name variants of this spec, one of "
+                            f"{_show(', '.join(variants), 400)} (no variant {_value(unknown[0])}{hint})")
 
 
 class _Locator:

@@ -135,6 +135,10 @@ def combine(basis: list[dict[str, torch.Tensor]], coeffs: torch.Tensor) -> dict[
     return out
 
 
+#: How ``evaluate_combinations`` may evaluate points (the ``mode`` key of barrier, slice, flatness).
+MODES = ("auto", "vmap", "fused", "loop")
+
+
 def evaluate_combinations(model: nn.Module, basis: list[dict[str, torch.Tensor]], coeffs: torch.Tensor,
                           fixed: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
                           batch_size: int = 1000, chunk_rows: int = 1 << 16, mode: str = "auto",

@@ -45,16 +45,24 @@ TABLES = ("barrier", "barrier_curve")
 
 
 MAX_POINTS = 10_001  # α values on one path (a grid step of 1e-4)
-MODES = ("auto", "vmap", "fused", "loop")  # _directions.evaluate_combinations
 
 
 def _pair_ok(text: str) -> bool:
-    """'RUN@STEP RUN@STEP' (or comma-separated), STEP an integer, 'init' or 'final'."""
+    """'RUN@STEP RUN@STEP' (or comma-separated), STEP an integer, 'init' or 'final' (as ``plan``
+    reads it)."""
     parts = text.replace(",", " ").split()
-    return len(parts) == 2 and all(
-        "@" in p and p.rsplit("@", 1)[0] != "" and (p.rsplit("@", 1)[1] in ("init", "final")
-                                                    or p.rsplit("@", 1)[1].lstrip("-").isdigit())
-        for p in parts)
+    if len(parts) != 2 or any("@" not in p for p in parts):
+        return False
+    for p in parts:
+        run, step = p.rsplit("@", 1)
+        if not run:
+            return False
+        if step not in ("init", "final"):
+            try:
+                int(step)
+            except ValueError:
+                return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ class Params:
     bn_recompute: bool = True
     batch_size: int = field(default=1000, metadata=positive(MAX_BATCH))
     # evaluation: "auto" | "vmap" (many α per pass) | "fused" (oneDNN, CPU) | "loop"
-    mode: str = field(default="auto", metadata=one_of(*MODES))
+    mode: str = field(default="auto", metadata=one_of(*D.MODES))
     siblings: bool = True
     init_final: bool = True
     # extra pairs, each "RUN@STEP RUN@STEP" (STEP may be "init" or "final")

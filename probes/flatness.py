@@ -29,7 +29,7 @@ import torch
 from torch.func import functional_call, grad
 
 from lsdb.errors import ProbeError
-from lsdb.spec import MAX_BATCH, MAX_COUNT, MAX_EXAMPLES, MAX_SEED, between, non_negative, positive
+from lsdb.spec import MAX_BATCH, MAX_COUNT, MAX_EXAMPLES, MAX_SEED, between, non_negative, one_of, positive
 from lsdb.train.adversarial import perturb
 
 from . import _directions as D
@@ -43,7 +43,6 @@ MAX_DIRECTIONS = 10_000  # random directions per checkpoint
 MAX_POINTS = 10_001  # α values along one direction
 MAX_RESTARTS = 1_000  # starts of the worst-case ascent
 MAX_ASCENT_STEPS = 100_000
-MODES = D.MODES
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ class Params:
     epsilon: float = field(default=0.1, metadata=non_negative())
     pgd_steps: int = field(default=10, metadata=between(1, MAX_COUNT))
     batch_size: int = field(default=1000, metadata=positive(MAX_BATCH))
-    mode: str = field(default="auto", metadata=one_of(*MODES))
+    mode: str = field(default="auto", metadata=one_of(*D.MODES))
 
 
 def plan(study: Study, params: Params) -> list[JobRequest]:

@@ -43,12 +43,13 @@ same tolerance, so the stored numbers agree to within it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.func import grad, jvp, vmap
 
 from lsdb.errors import ArtifactCorrupt, ProbeError, ProbeSkipped, SpecError
+from lsdb.spec import MAX_EXAMPLES, MAX_SEED, between, one_of, positive
 
 from . import _directions as D
 from .base import JobRequest, ProbeContext, Study, each_checkpoint
@@ -59,25 +60,47 @@ TABLES = ("hessian", "hessian_eigenvalue", "hessian_density")
 _WARM_RANDOM_MIX = 0.05  # weight of the random part of a warm start vector
 
 
+MAX_TOP_K = 1_000  # eigenpairs (each a P-vector kept in memory and, with store_ritz, stored)
+MAX_ITER = 100_000  # Lanczos steps (the basis holds one P-vector per step)
+MAX_HVPS = 1_000_000  # Hessian-vector products of the trace estimate
+MAX_DENSITY_VECTORS = 1_000
+MAX_DENSITY_ITERS = 10_000
+MAX_DENSITY_POINTS = 1_000_000
+MAX_HVP_CHUNK = 65_536
+CRITERIA = ("residual", "gap")
+TRACE_METHODS = ("deflated", "hutch++", "hutchinson")
+HVP_METHODS = ("double_backward", "fwd_rev")
+
+
 @dataclass(frozen=True)
 class Params:
-    batch_size: int = 512
-    batch_seed: int = 0
-    top_k: int = 12
-    tol: float = 1e-3
-    criterion: str = "residual"  # "residual" | "gap"
-    max_iter: int = 200
+    batch_size: int = field(default=512, metadata=between(0, MAX_EXAMPLES, " (0 = the whole training split)"))
+    batch_seed: int = field(default=0, metadata=between(0, MAX_SEED))
+    top_k: int = field(default=12, metadata=between(1, MAX_TOP_K))
+    tol: float = field(default=1e-3, metadata=positive(1.0))
+    criterion: str = field(default="residual", metadata=one_of(*CRITERIA))
+    max_iter: int = field(default=200, metadata=between(1, MAX_ITER))
     verify: bool = True
-    trace_method: str = "deflated"  # "deflated" (Lanczos basis + Hutchinson) | "hutch++" | "hutchinson"
-    trace_hvps: int = 99
-    density_vectors: int = 3
-    density_iters: int = 40
-    density_points: int = 256
-    density_sigma: float = 0.01
-    hvp: str = "double_backward"  # "double_backward" | "fwd_rev" (forward-over-reverse)
-    hvp_chunk: int = 16  # vectors per batched HVP
+    # "deflated" (Lanczos basis + Hutchinson) | "hutch++" | "hutchinson"
+    trace_method: str = field(default="deflated", metadata=one_of(*TRACE_METHODS))
+    trace_hvps: int = field(default=99, metadata=between(1, MAX_HVPS))
+    density_vectors: int = field(default=3, metadata=between(0, MAX_DENSITY_VECTORS, " (0 = no density)"))
+    density_iters: int = field(default=40, metadata=between(1, MAX_DENSITY_ITERS))
+    density_points: int = field(default=256, metadata=between(1, MAX_DENSITY_POINTS))
+    density_sigma: float = field(default=0.01, metadata=positive())
+    # "double_backward" | "fwd_rev" (forward-over-reverse)
+    hvp: str = field(default="double_backward", metadata=one_of(*HVP_METHODS))
+    hvp_chunk: int = field(default=16, metadata=between(1, MAX_HVP_CHUNK))  # vectors per batched HVP
     warm_start: bool = False
     store_ritz: bool = True
+
+    @staticmethod
+    def cross_check(values: dict) -> tuple[str, str] | None:
+        """Lanczos finds at most one Ritz pair per step: fewer steps than top_k never converge."""
+        if values["max_iter"] < values["top_k"]:
+            return "max_iter", (f"must be >= top_k = {values['top_k']} "
+                                f"(Lanczos finds one eigenvalue per step at most)")
+        return None
 
 
 # --------------------------------------------------------------------------------------- plan

@@ -33,7 +33,7 @@ Two methods, one row each (``method`` column):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -42,6 +42,7 @@ from torch import nn
 from torch.func import jvp
 
 from lsdb.errors import ProbeError, ProbeSkipped
+from lsdb.spec import MAX_EXAMPLES, between, check, non_negative, one_of, positive
 from lsdb.train.models import plain_layers
 
 from . import _ntk_core as core
@@ -53,19 +54,31 @@ METHODS = ("linearised", "kernel_regression")
 LR_MODES = ("fixed", "kernel_scaled")
 
 
+KERNEL_VARIANTS = ("trace", "full")
+MAX_STEPS = 1_000_000  # linearised training steps
+MAX_CHUNK = 1_000_000  # inputs per block
+MAX_CACHE_MB = 1_048_576.0  # 1 TiB
+
+
 @dataclass(frozen=True)
 class Params:
-    methods: tuple[str, ...] = METHODS
-    steps: int = 300
+    methods: tuple[str, ...] = field(default=METHODS, metadata=check(
+        lambda v: len(v) > 0 and all(m in METHODS for m in v), f"must list one or more of {', '.join(METHODS)}"))
+    steps: int = field(default=300, metadata=between(0, MAX_STEPS))
     until_end: bool = False  # train as long as a child spawned here would (overrides steps)
-    lr_mode: str = "kernel_scaled"  # fixed | kernel_scaled
-    lr_factor: float = 1.0  # fixed: lr = run lr × lr_factor
-    kernel_lr: float = 10.0  # kernel_scaled: lr = kernel_lr / mean diagonal of Θ^tr on the probe set
-    train_eval_size: int = 0  # training inputs for the linearised train metrics (0 = all)
-    ridge: float = 1e-3  # kernel regression: λ = ridge × mean diagonal of Θ(X, X)
-    kernel_variant: str = "trace"  # trace | full, the Θ of kernel regression
-    chunk: int = 256  # inputs per block (evaluation and Jacobians)
-    cache_mb: float = 1024.0  # activations cached for the linearised training (0 = always use jvp)
+    lr_mode: str = field(default="kernel_scaled", metadata=one_of(*LR_MODES))  # fixed | kernel_scaled
+    lr_factor: float = field(default=1.0, metadata=positive())  # fixed: lr = run lr × lr_factor
+    # kernel_scaled: lr = kernel_lr / mean diagonal of Θ^tr on the probe set
+    kernel_lr: float = field(default=10.0, metadata=positive())
+    # training inputs for the linearised train metrics (0 = all)
+    train_eval_size: int = field(default=0, metadata=between(0, MAX_EXAMPLES, " (0 = all)"))
+    # kernel regression: λ = ridge × mean diagonal of Θ(X, X)
+    ridge: float = field(default=1e-3, metadata=non_negative())
+    # trace | full, the Θ of kernel regression
+    kernel_variant: str = field(default="trace", metadata=one_of(*KERNEL_VARIANTS))
+    chunk: int = field(default=256, metadata=between(1, MAX_CHUNK))  # inputs per block (evaluation and Jacobians)
+    # activations cached for the linearised training (0 = always use jvp)
+    cache_mb: float = field(default=1024.0, metadata=between(0.0, MAX_CACHE_MB))
 
 
 def plan(study, params: Params):

@@ -46,7 +46,7 @@ anything else raises ``ProbeError``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from lsdb.errors import ProbeError, ProbeSkipped
+from lsdb.spec import MAX_BATCH, MAX_EXAMPLES, MAX_SEED, between, positive
 from lsdb.train.models import plain_layers
 
 from . import _directions as D
@@ -64,13 +65,18 @@ VERSION = 1
 TABLES = ("merge",)
 
 
+MAX_POINTS = 10_001  # α values on one path
+MAX_SWEEPS = 10_000
+
+
 @dataclass(frozen=True)
 class Params:
-    points: int = 11
-    train_subset: int = 1000
-    sweeps: int = 20  # at most this many coordinate-descent sweeps
-    seed: int = 0  # layer order of the sweeps and the train subset
-    batch_size: int = 1000
+    points: int = field(default=11, metadata=between(2, MAX_POINTS))
+    train_subset: int = field(default=1000, metadata=between(0, MAX_EXAMPLES, " (0 = the whole split)"))
+    # at most this many coordinate-descent sweeps
+    sweeps: int = field(default=20, metadata=between(1, MAX_SWEEPS))
+    seed: int = field(default=0, metadata=between(0, MAX_SEED))  # layer order of the sweeps and the train subset
+    batch_size: int = field(default=1000, metadata=positive(MAX_BATCH))
 
 
 # --------------------------------------------------------------------------------------- plan

@@ -26,11 +26,12 @@ allows) agree to rounding; see ``lsdb.probes._ntk_core``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lsdb.errors import ProbeError, ProbeSkipped
+from lsdb.spec import between, one_of
 
 from . import _ntk_core as core
 from .base import ProbeContext, each_checkpoint
@@ -40,13 +41,19 @@ TABLES = ("ntk",)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+MAX_CHUNK = 1_000_000  # inputs per Jacobian block
+MAX_CACHE_MB = 1_048_576.0  # 1 TiB
+
+
 @dataclass(frozen=True)
 class Params:
-    variant: str = "trace"  # full | trace | sum_logits
-    dtype: str = "float32"  # of the stored artifact
-    implementation: str = "auto"  # auto | structured | jacobian | ntvp
-    chunk: int = 128  # inputs per Jacobian block
-    cache_mb: float = 1024.0  # Jacobian blocks kept in memory; beyond it they are recomputed
+    variant: str = field(default="trace", metadata=one_of(*core.VARIANTS))  # full | trace | sum_logits
+    dtype: str = field(default="float32", metadata=one_of(*DTYPES))  # of the stored artifact
+    # auto | structured | jacobian | ntvp
+    implementation: str = field(default="auto", metadata=one_of(*core.IMPLEMENTATIONS))
+    chunk: int = field(default=128, metadata=between(1, MAX_CHUNK))  # inputs per Jacobian block
+    # Jacobian blocks kept in memory; beyond it they are recomputed
+    cache_mb: float = field(default=1024.0, metadata=between(0.0, MAX_CACHE_MB))
 
 
 def plan(study, params: Params):

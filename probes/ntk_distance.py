@@ -23,9 +23,10 @@ Pairs (``role``; the row lands in ``metric_series`` at the anchor):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lsdb.errors import ProbeError
+from lsdb.spec import check, one_of
 
 from . import _ntk_core as core
 from .base import JobRequest, ProbeContext, sibling_final_pairs, to_init_pairs, to_next_pairs
@@ -37,8 +38,9 @@ ROLES = ("init", "next", "siblings", "spawn_final")
 
 @dataclass(frozen=True)
 class Params:
-    variant: str = "trace"  # which stored ntk kernels to compare
-    roles: tuple[str, ...] = ROLES
+    variant: str = field(default="trace", metadata=one_of(*core.VARIANTS))  # which stored ntk kernels to compare
+    roles: tuple[str, ...] = field(default=ROLES, metadata=check(
+        lambda v: len(v) > 0 and all(r in ROLES for r in v), f"must list one or more of {', '.join(ROLES)}"))
 
 
 def _validate(params: Params) -> None:

@@ -15,11 +15,12 @@ rows feed line and contour charts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lsdb.errors import ProbeError, SpecError
+from lsdb.spec import MAX_BATCH, MAX_EXAMPLES, MAX_SEED, between, check, one_of, positive
 
 from . import _directions as D
 from .base import JobRequest, ProbeContext, Study, each_checkpoint
@@ -28,20 +29,32 @@ VERSION = 1
 TABLES = ("slice",)
 
 
+MAX_POINTS_1D = 10_001  # points on a 1D slice
+MAX_POINTS_2D = 1_001  # points per side of a 2D slice (about a million grid points)
+
+
 @dataclass(frozen=True)
 class Params:
-    which: str = "final"  # "final" | "all"
-    dims: tuple[int, ...] = (1, 2)
-    points_1d: int = 51
-    points_2d: int = 21
+    which: str = field(default="final", metadata=one_of("final", "all"))
+    dims: tuple[int, ...] = field(default=(1, 2), metadata=check(
+        lambda v: len(v) > 0 and all(d in (1, 2) for d in v), "must list one or both of 1, 2"))
+    points_1d: int = field(default=51, metadata=between(2, MAX_POINTS_1D))
+    points_2d: int = field(default=21, metadata=between(2, MAX_POINTS_2D))
     range_min: float = -1.0
     range_max: float = 1.0
-    train_subset: int = 1000
-    test_subset: int = 0
-    subset_seed: int = 0
-    direction_seed: int = 0
-    batch_size: int = 1000
-    mode: str = "auto"
+    train_subset: int = field(default=1000, metadata=between(0, MAX_EXAMPLES, " (0 = the whole split)"))
+    test_subset: int = field(default=0, metadata=between(0, MAX_EXAMPLES, " (0 = the whole split)"))
+    subset_seed: int = field(default=0, metadata=between(0, MAX_SEED))
+    direction_seed: int = field(default=0, metadata=between(0, MAX_SEED))
+    batch_size: int = field(default=1000, metadata=positive(MAX_BATCH))
+    mode: str = field(default="auto", metadata=one_of(*D.MODES))
+
+    @staticmethod
+    def cross_check(values: dict) -> tuple[str, str] | None:
+        """The slice spans [range_min, range_max]: an empty or reversed range has no points."""
+        if not values["range_min"] < values["range_max"]:
+            return "range_max", f"must be > range_min = {values['range_min']!r}"
+        return None
 
 
 def plan(study: Study, params: Params) -> list[JobRequest]:

@@ -75,3 +75,45 @@ def test_examples_parse():
     assert {"quick.toml", "fort2020-mnist1d.toml", "fort2020-mnist1d-quick.toml"} <= set(specs)
     assert all(s.probes for s in specs.values())  # every example measures something
     assert len({s.identity() for s in specs.values()}) == len(specs)
+
+
+def test_a_params_cross_check_hook_is_called_with_every_value():
+    """The hook documented in lsdb.spec: ``Params.cross_check(values) -> (key, message) | None``."""
+    from dataclasses import dataclass, field
+
+    from lsdb import spec as specmod
+
+    seen = []
+
+    @dataclass(frozen=True)
+    class Params:
+        lo: int = 0
+        hi: int = field(default=10, metadata=specmod.between(0, 100))
+
+        @staticmethod
+        def cross_check(values):
+            seen.append(dict(values))
+            return None if values["lo"] < values["hi"] else ("lo", f"must be < hi = {values['hi']}")
+
+    catalog = specmod.Catalog(datasets=("mnist1d",), models=("cnn1d",), probes={"toy": Params})
+    spec = specmod.parse_spec("[probes.toy]\nlo = 3\n", "t.toml", catalog=catalog)
+    assert seen[-1] == {"lo": 3, "hi": 10} and spec.probe_params() == {"toy": {"lo": 3}}
+    with pytest.raises(SpecError, match=r"^t\.toml:3: probes\.toy\.lo = 12 must be < hi = 10$"):
+        specmod.parse_spec("[probes.toy]\n# the low end\nlo = 12\n", "t.toml", catalog=catalog)
+    with pytest.raises(SpecError, match=r"^t\.toml:2: probes\.toy\.hi = 101 must be in \[0, 100\]$"):
+        specmod.parse_spec("[probes.toy]\nhi = 101\n", "t.toml", catalog=catalog)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("[experiment]\nseeds = [2147483648]\n", "experiment.seeds = [2147483648] must be in [0, 2147483647]"),
+    ("[experiment]\nname = ''\n", "experiment.name '' must be 1 to 200 printable characters"),
+    ("[variants.'']\noptim.lr = 0.2\n", "variant name '' must be 1 to 200 printable characters"),
+    ('[data]\nroot = "a\\u0000b"\n', "data.root = 'a\\x00b' must be a path of printable characters"),
+    ("[data]\ntrain_subset = -1\n", "data.train_subset = -1 must be in [0, 1000000000] (0 = all)"),
+    ("[experiment]\nseeds = [0, 1, 2, 3, 4, 5]\n[spawn]\ntimes = [1.0, 2.0]\nchildren = 10000\n",
+     "the spec declares 120,006 runs (variants × seeds × (1 + spawn times × children)); lsdb plans at most 100,000"),
+])
+def test_spec_level_limits(text, says):
+    with pytest.raises(SpecError) as e:
+        parse_spec(text, source="l.toml")
+    assert says in str(e.value) and str(e.value).startswith("l.toml")
