@@ -28,7 +28,7 @@ MAX_ATTEMPTS = 3
 # Limits on the work one spec may plan (a spec beyond them is refused with the number it needs).
 MAX_STEPS_PER_RUN = 100_000_000
 MAX_CHECKPOINTS_PER_RUN = 100_000
-MAX_RUNS = 100_000
+MAX_CHECKPOINTS = 10_000_000  # in all, every variant and seed together
 
 #: The [data] keys that shape a run's weights (part of its id); the probe set and ``root`` do not.
 TRAINING_DATA_KEYS = ("name", "train_subset")
@@ -101,9 +101,9 @@ def schedule(cfg: RunConfig, spe: int, total: int) -> list[int]:
     return sorted(s for s in steps if 0 <= s <= total)
 
 
-def check_work(cfg: RunConfig, spe: int, where: str) -> int:
+def check_work(cfg: RunConfig, spe: int, where: str) -> tuple[int, float]:
     """Refuse a configuration whose training or checkpoint schedule could never finish; returns
-    its total steps."""
+    its total steps and a bound on the checkpoints one seed of it holds (parent and children)."""
     total = cfg.optim.epochs * spe
     if total > MAX_STEPS_PER_RUN:
         raise SpecError(f"{where}: optim.epochs = {cfg.optim.epochs:g} at {spe} steps per epoch needs "
@@ -131,7 +131,7 @@ def check_work(cfg: RunConfig, spe: int, where: str) -> int:
                         f"checkpoints ({bound:.3g} per run); lsdb plans at most "
                         f"{specmod.MAX_CHECKPOINTS_PER_SEED:,} per seed: raise checkpoints.every_epochs / "
                         f"every_steps, spawn fewer children or use spawn.child_checkpoints = 'final'")
-    return total
+    return total, per_seed
 
 
 def expand_runs(spec: Spec, n_train: int) -> list[PlannedRun]:
@@ -140,11 +140,21 @@ def expand_runs(spec: Spec, n_train: int) -> list[PlannedRun]:
     A run's id hashes what shapes its weights (data, model, optimiser, training options, seed;
     for a child also its parent, spawn step and index), never the checkpoint schedule, so adding
     checkpoints or spawn times trains only what is new."""
-    runs = []
+    if spec.data.probe_set_size > n_train:
+        raise SpecError(f"{spec.source}: data.probe_set_size = {spec.data.probe_set_size} is more than the "
+                        f"{n_train} training examples of {spec.data.name}; lower it")
+    work = []
     for cfg in spec.run_configs():
         where = spec.source if cfg.variant == "base" else f"{spec.source} (variant {cfg.variant})"
         spe = math.ceil(n_train / cfg.optim.batch_size)
-        total = check_work(cfg, spe, where)
+        work.append((cfg, spe, *check_work(cfg, spe, where)))
+    checkpoints = sum(per_seed for *_, per_seed in work) * len(spec.experiment.seeds)
+    if checkpoints > MAX_CHECKPOINTS:
+        raise SpecError(f"{spec.source}: the spec's runs would hold up to {checkpoints:.3g} checkpoints "
+                        f"({len(spec.experiment.seeds)} seeds × {len(work)} configurations); lsdb plans at most "
+                        f"{MAX_CHECKPOINTS:,}: save less often or declare fewer seeds, spawns or variants")
+    runs = []
+    for cfg, spe, total, _ in work:
         steps = tuple(schedule(cfg, spe, total))
         training = {k: non_default(getattr(cfg, k)) for k in ("data", "model", "optim", "train")}
         # the probe set and where the files live do not shape the weights
@@ -162,10 +172,7 @@ def expand_runs(spec: Spec, n_train: int) -> list[PlannedRun]:
                     cid = child_run_id(parent.id, s, kind, i, factor)
                     runs.append(PlannedRun(cid, kind, cfg.variant, seed, child_data_seed(cid), cfg, spe, total,
                                            later, parent.id, s, i, factor))
-        if len(runs) > MAX_RUNS:
-            raise SpecError(f"{spec.source}: the spec declares more than {MAX_RUNS:,} runs (seeds × variants × "
-                            f"spawn times × children); lsdb plans at most {MAX_RUNS:,}")
-    return runs
+    return runs  # at most lsdb.spec.MAX_RUNS: checked when the spec loads
 
 
 def run_row(r: PlannedRun, experiment_id: str, num_params: int) -> dict:

@@ -117,3 +117,14 @@ def test_spec_level_limits(text, says):
     with pytest.raises(SpecError) as e:
         parse_spec(text, source="l.toml")
     assert says in str(e.value) and str(e.value).startswith("l.toml")
+
+
+def test_the_planner_refuses_what_the_data_cannot_give_or_no_machine_could_hold():
+    from lsdb.plan import expand_runs
+
+    with pytest.raises(SpecError, match=r"probe_set_size = 5000 is more than the 1437 training examples"):
+        expand_runs(parse_spec("[data]\nname = 'digits'\nprobe_set_size = 5000\n"), 1437)
+    many = ("[experiment]\nseeds = [" + ", ".join(map(str, range(5000))) + "]\n"
+            "[checkpoints]\nevery_steps = 1\n[optim]\nepochs = 100\nlr_drops = []\n")
+    with pytest.raises(SpecError, match=r"would hold up to .* checkpoints \(5000 seeds"):
+        expand_runs(parse_spec(many), 1437)
