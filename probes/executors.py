@@ -23,14 +23,14 @@ class InlineExecutor:
         pass
 
 
-def _init_worker(threads: int):
+def _init_worker(threads: int, coordinator: int):
+    _die_with(coordinator)  # first: importing torch takes seconds, the coordinator may die meanwhile
     import torch
 
     torch.set_num_threads(threads)
-    _die_with_parent()
 
 
-def _die_with_parent() -> None:
+def _die_with(parent: int) -> None:
     """A worker whose coordinator was killed (SIGKILL, the OOM killer) must not linger: the
     coordinator's ``finally`` never ran to shut the pool down. On Linux the kernel sends SIGKILL
     when the parent dies (PR_SET_PDEATHSIG); elsewhere a thread notices the new parent PID."""
@@ -38,7 +38,8 @@ def _die_with_parent() -> None:
     import threading
     import time
 
-    parent = os.getppid()
+    if os.getppid() != parent:  # gone already
+        os._exit(1)
     try:
         import ctypes
 
@@ -68,7 +69,7 @@ class ProcessExecutor:
 
         threads = max(1, (os.cpu_count() or 1) // workers)
         self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                        initializer=_init_worker, initargs=(threads,))
+                                        initializer=_init_worker, initargs=(threads, os.getpid()))
 
     def map(self, fn: Callable, tasks: Iterable[tuple]) -> Iterator:
         from concurrent.futures.process import BrokenProcessPool
