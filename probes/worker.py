@@ -65,7 +65,7 @@ def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> d
     """Run ``job`` and write its shard; returns the job's metadata (state, error, seconds)."""
     import torch
 
-    from lsdb.errors import LsdbError, ProbeSkipped
+    from lsdb.errors import LsdbError, ProbeError, ProbeSkipped
     from lsdb.ids import utcnow
     from lsdb.probes import probe_module
     from lsdb.probes.base import Artifacts, ProbeContext, dataclass_from_dict
@@ -101,6 +101,10 @@ def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> d
                            artifacts=artifacts, role=job.role, inputs=dict(job.inputs), seed=job.seed)
         faults.point("probe_compute")
         out = module.compute(ctx, params)
+        undeclared = sorted(set(out) - set(module.TABLES))
+        if undeclared:  # ingest would refuse the shard; say whose bug it is instead
+            raise ProbeError(f"probe {job.probe} returned table {undeclared[0]!r}, which its TABLES "
+                             f"{module.TABLES} do not declare")
         keys = dict(job_id=job.id, checkpoint_id=meta["checkpoint_id"],
                     other_checkpoint_id=meta["other_checkpoint_id"], anchor_checkpoint_id=job.anchor_checkpoint_id)
         for table, rows in out.items():

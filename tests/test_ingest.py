@@ -224,3 +224,17 @@ def test_a_refusal_by_the_database_isolates_the_shard(store):
     assert "the database refused it" in report.rejected[0]
     assert not good.exists() and report.shards == 1
     assert check(store).ok
+
+
+def test_every_probe_declares_real_result_tables():
+    """Ingest accepts from a probe's shard only the tables its TABLES declare: each must be a
+    result table of the schema, and no table may belong to two probes."""
+    from lsdb.probes import PROBES, tables_of
+    from lsdb.schema import result_tables
+
+    owners: dict[str, str] = {}
+    for name in PROBES:
+        tables = tables_of(name)
+        assert tables and set(tables) <= set(result_tables()), (name, tables)
+        for t in tables:
+            assert owners.setdefault(t, name) == name, f"{t} declared by {owners[t]} and {name}"
