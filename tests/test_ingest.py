@@ -238,3 +238,23 @@ def test_every_probe_declares_real_result_tables():
         assert tables and set(tables) <= set(result_tables()), (name, tables)
         for t in tables:
             assert owners.setdefault(t, name) == name, f"{t} declared by {owners[t]} and {name}"
+
+
+def test_a_retried_job_keeps_both_attempts_in_the_log_and_replays_to_done(store):
+    """The log never loses the good shard of a job that failed first: both attempts are kept
+    (names are unique per write) and a rebuild ends with the job done, two attempts counted."""
+    from lsdb.integrity import rebuild
+
+    done = eval_job(store)
+    meta = json.loads((done / "meta.json").read_text())
+    jid = meta["job"]["id"]
+    failed = store.ingested / (done.name.split(".", 1)[0] + ".0000000000000001-1-0")  # sorts first
+    failed.mkdir()
+    meta["job"].update(state="failed", error="RuntimeError: out of memory")
+    (failed / "meta.json").write_text(json.dumps(meta))
+    report = rebuild(store)
+    assert not report.ingest.rejected
+    assert failed.exists() and done.exists()
+    state = lsdb.open(store.root).sql(f"SELECT state, attempts FROM probe_job WHERE id = '{jid}'").row(0)
+    assert state == ("done", 2)
+    assert check(store).ok
