@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import grad, jvp, vmap
 
-from lsdb.errors import ArtifactCorrupt, ProbeError, ProbeSkipped, SpecError
+from lsdb.errors import ArtifactCorrupt, ProbeError, ProbeSkipped
 from lsdb.spec import MAX_EXAMPLES, MAX_SEED, between, one_of, positive
 
 from . import _directions as D
@@ -131,7 +131,7 @@ class HessianOperator:
 
     def __init__(self, loss_fn, params: dict[str, torch.Tensor], method: str = "double_backward", chunk: int = 16):
         if method not in ("double_backward", "fwd_rev"):
-            raise SpecError(f"probes.hessian.hvp = '{method}' must be double_backward or fwd_rev")
+            raise ProbeError(f"probes.hessian.hvp = '{method}' must be double_backward or fwd_rev")
         self.names = list(params)
         self.shapes = [params[n].shape for n in self.names]
         self.sizes = [params[n].numel() for n in self.names]
@@ -235,7 +235,7 @@ def lanczos_top(op: HessianOperator, k: int, tol: float, max_iter: int, v0: torc
     depend on the basis staying orthogonal.
     """
     if criterion not in ("residual", "gap"):
-        raise SpecError(f"probes.hessian.criterion = '{criterion}' must be residual or gap")
+        raise ProbeError(f"probes.hessian.criterion = '{criterion}' must be residual or gap")
     P, dt, dev = op.P, op.dtype, op.device
     k = min(k, P)
     max_iter = max(1, min(max_iter, P))
@@ -454,7 +454,7 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
         elif params.trace_method == "hutchinson":
             trace, se = hutchinson(op, params.trace_hvps, gen)
         else:
-            raise SpecError(f"probes.hessian.trace_method = '{params.trace_method}' must be deflated, hutch++ "
+            raise ProbeError(f"probes.hessian.trace_method = '{params.trace_method}' must be deflated, hutch++ "
                             f"or hutchinson")
         trace_hvps = op.hvps - lanczos_hvps
 
