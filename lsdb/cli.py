@@ -229,25 +229,30 @@ def worker(manifest: Annotated[Path, typer.Argument(help="A job manifest written
 
 @app.command()
 def sql(query: Annotated[str, typer.Argument(help="A read-only SQL query (DuckDB dialect).")],
-        store: StoreOpt = None, format: FormatOpt = Format.table, out: OutOpt = None):
-    """Run a read-only SQL query. Tables: experiment, run, checkpoint, probe_job, one per probe;
-    the view metric_series(run_id, checkpoint_id, step, epoch, frac, metric, value)."""
+        store: StoreOpt = None, format: FormatOpt = Format.table, out: OutOpt = None,
+        allow_files: Annotated[bool, typer.Option(
+            "--allow-files", help="Let the query read local files (read_csv, read_parquet, ...); "
+                                  "writing stays refused.")] = False):
+    """Run a read-only SQL query: SELECT, WITH, PIVOT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN and
+    read-only PRAGMAs; anything that writes or changes a setting is refused. Tables: experiment,
+    run, checkpoint, probe_job, one per probe; the view metric_series(run_id, checkpoint_id, step,
+    epoch, frac, metric, value)."""
     from lsdb.query.session import Session
 
     db = Session.open(store)
     if format in (Format.csv, Format.parquet) and out is not None:
-        _stream(db, query, format, out)
+        _stream(db, query, format, out, allow_files)
         return
-    emit(db.sql(query), format, out)
+    emit(db.sql(query, allow_files=allow_files), format, out)
 
 
-def _stream(db, query, format, out):
+def _stream(db, query, format, out, allow_files=False):
     """Large exports stream in record batches instead of building one frame in memory."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     writer = None
-    for batch in db.sql_batches(query):
+    for batch in db.sql_batches(query, allow_files=allow_files):
         if writer is None:
             writer = (pq.ParquetWriter(out, batch.schema) if format == Format.parquet
                       else pacsv.CSVWriter(out, batch.schema))

@@ -136,13 +136,33 @@ class Store:
             engine.dispose()
 
     @contextlib.contextmanager
-    def read(self, timeout: float = 10.0):
-        """A read-only DuckDB connection; retries while a writer holds the file."""
+    def read(self, timeout: float = 10.0, *, untrusted: bool = False, allow_files: bool = False):
+        """A read-only DuckDB connection; retries while a writer holds the file.
+
+        ``untrusted=True`` is for SQL a user typed (``lsdb sql``, ``Session.sql``): the connection
+        cannot reach files, the network or Python objects (``enable_external_access``), load or
+        install extensions, or change any setting (``lock_configuration``). ``allow_files=True``
+        lets it read local files again; refusing writes is then the statement guard's job
+        (``lsdb.query.session.check_read_only``). The planner, runner and checks keep the default.
+        DuckDB shares one database per file within a process, so an untrusted connection cannot
+        be opened while a default one to the same store is open, nor the other way round."""
         import duckdb
 
         if not self.db_path.exists():
             raise StoreError(f"no store at {self.root}; create one with: lsdb init --store {self.root}")
-        con = _retry(lambda: duckdb.connect(str(self.db_path), read_only=True), self, timeout)
+        config = {}
+        if untrusted:
+            config = {
+                "enable_external_access": bool(allow_files),
+                "autoinstall_known_extensions": False,
+                "autoload_known_extensions": False,
+                "allow_community_extensions": False,
+                "allow_unsigned_extensions": False,
+                "allow_persistent_secrets": False,
+                "python_enable_replacements": False,
+                "lock_configuration": True,
+            }
+        con = _retry(lambda: duckdb.connect(str(self.db_path), read_only=True, config=config), self, timeout)
         try:
             yield con
         finally:
