@@ -210,6 +210,7 @@ def _connected(engine):
 
 _LOCK_HINT = re.compile(r"(Could not set lock|Conflicting lock|lock on file)", re.I)
 _PID = re.compile(r"PID (\d+)")
+_DAMAGED = re.compile(r"(not a valid DuckDB database|corrupt|checksum)", re.I)
 
 
 def _retry(connect, store: Store, timeout: float):
@@ -222,8 +223,9 @@ def _retry(connect, store: Store, timeout: float):
             text = str(e)
             if not _LOCK_HINT.search(text):
                 first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-                raise StoreError(f"store {store.root}: cannot open {store.db_path.name} ({first}); if the file is "
-                                 f"damaged, rebuild it from the log: lsdb rebuild --store {store.root}") from None
+                hint = (f"rebuild it from the log: lsdb rebuild --store {store.root}" if _DAMAGED.search(text)
+                        else "close other connections to it in this process and retry")
+                raise StoreError(f"store {store.root}: cannot open {store.db_path.name} ({first}); {hint}") from None
             if time.monotonic() >= deadline:
                 pid = _PID.search(text)
                 who = f"process {pid.group(1)}" if pid else "another process"
