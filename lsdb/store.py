@@ -50,15 +50,18 @@ class Store:
 
     def create(self) -> "Store":
         """Create this store's folders and database, or check and upgrade an existing one."""
-        if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"store path {self.root} is a file, not a directory; choose another --store")
-        try:
-            for sub in SUBDIRS:
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"cannot create store {self.root}: {e.strerror}") from None
+        for sub in ("",) + SUBDIRS:
+            self._make_dir(self.root / sub)
         self.migrate()
         return self
+
+    def _make_dir(self, path: Path) -> None:
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"store path {path} is a file, not a directory; choose another --store")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create store folder {path}: {e.strerror}") from None
 
     @classmethod
     def open(cls, root=None) -> "Store":
@@ -172,8 +175,11 @@ class Store:
     @contextlib.contextmanager
     def lock(self, what: str = "lsdb run"):
         """Exclusive lock for long work on the store (training, probing)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fh = open(self.lock_path, "a+")
+        self._make_dir(self.root)
+        try:
+            fh = open(self.lock_path, "a+")
+        except OSError as e:
+            raise StoreError(f"cannot open the store's lock file {self.lock_path}: {e.strerror}") from None
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,0 +1,81 @@
+"""Bad input from the machine or the user ends every command in one line on stderr and exit code
+1, never a traceback: a database file that is not DuckDB's, a spec that is a folder, binary or
+UTF-16, a store path that is a file, a read-only store."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from lsdb.store import Store
+from tests.conftest import TINY_SPEC, lsdb_cmd
+
+READS = [["runs"], ["metrics"], ["jobs"], ["show", "abc"], ["sql", "SELECT 1"], ["check"], ["findings"],
+         ["correlate", "test_error", "train_loss"], ["transition", "test_error"],
+         ["chart", "test_error", "--out", "x.html"]]
+
+
+def one_line_error(args, cwd) -> str:
+    r = subprocess.run([*lsdb_cmd(), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert r.returncode == 1, (args, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, (args, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
+    return lines[0]
+
+
+@pytest.fixture
+def spec(tmp_path):
+    p = tmp_path / "tiny.toml"
+    p.write_text(TINY_SPEC)
+    return p
+
+
+def test_a_database_file_that_is_not_duckdb(tmp_path, spec):
+    store = Store.init(tmp_path / "s")
+    store.db_path.write_bytes(b"not a database" * 100)
+    for args in READS + [["run", str(spec)], ["ingest"], ["plan", str(spec)], ["init"]]:
+        line = one_line_error([*args, "--store", str(store.root)], tmp_path)
+        assert "lsdb rebuild" in line, line
+
+
+@pytest.mark.parametrize("content", [None, b"\x00\x01\x02binary", TINY_SPEC.encode("utf-16")],
+                         ids=["directory", "binary", "utf-16"])
+def test_a_spec_that_is_not_a_toml_text_file(tmp_path, content):
+    path = tmp_path / "spec.toml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    for command in ("plan", "run"):
+        line = one_line_error([command, str(path), "--store", str(tmp_path / "s")], tmp_path)
+        assert str(path) in line
+
+
+def test_a_store_path_that_is_a_file(tmp_path, spec):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    for args in (["init"], ["run", str(spec)]):
+        assert "is a file" in one_line_error([*args, "--store", str(target)], tmp_path)
+    for args in READS:
+        one_line_error([*args, "--store", str(target)], tmp_path)
+    assert target.read_text() == "x"
+
+
+def test_a_read_only_store(tmp_path, spec):
+    """A store on a read-only file system: reads work, writes say so in one line."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        Store.init(mount / "s")
+        assert subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True).returncode == 0
+        for args in (["run", str(spec)], ["ingest"], ["init"]):
+            line = one_line_error([*args, "--store", str(mount / "s")], tmp_path)
+            assert "Read-only file system" in line or "read-only" in line.lower(), line
+        ok = subprocess.run([*lsdb_cmd(), "runs", "--store", str(mount / "s")], capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
