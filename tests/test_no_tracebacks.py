@@ -16,13 +16,26 @@ READS = [["runs"], ["metrics"], ["jobs"], ["show", "abc"], ["sql", "SELECT 1"], 
          ["chart", "test_error", "--out", "x.html"]]
 
 
-def one_line_error(args, cwd) -> str:
-    r = subprocess.run([*lsdb_cmd(), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
-    assert r.returncode == 1, (args, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr, (args, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
+def one_line_error(args, cwd, capsys, monkeypatch) -> str:
+    """Run the console entry point in this process (what `lsdb ARGS` runs, minus an interpreter
+    start): an exception escaping main() would fail the test with its traceback."""
+    from lsdb.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr("sys.argv", ["lsdb", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    assert e.value.code == 1, (args, out.out, out.err)
+    lines = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), (args, out.err)
     return lines[0]
+
+
+@pytest.fixture
+def fail(tmp_path, capsys, monkeypatch):
+    return lambda args: one_line_error(args, tmp_path, capsys, monkeypatch)
 
 
 @pytest.fixture
@@ -32,38 +45,38 @@ def spec(tmp_path):
     return p
 
 
-def test_a_database_file_that_is_not_duckdb(tmp_path, spec):
+def test_a_database_file_that_is_not_duckdb(tmp_path, spec, fail):
     store = Store.init(tmp_path / "s")
     store.db_path.write_bytes(b"not a database" * 100)
     for args in READS + [["run", str(spec)], ["ingest"], ["plan", str(spec)], ["init"]]:
-        line = one_line_error([*args, "--store", str(store.root)], tmp_path)
+        line = fail([*args, "--store", str(store.root)])
         assert "lsdb rebuild" in line, line
 
 
 @pytest.mark.parametrize("content", [None, b"\x00\x01\x02binary", TINY_SPEC.encode("utf-16")],
                          ids=["directory", "binary", "utf-16"])
-def test_a_spec_that_is_not_a_toml_text_file(tmp_path, content):
+def test_a_spec_that_is_not_a_toml_text_file(tmp_path, content, fail):
     path = tmp_path / "spec.toml"
     if content is None:
         path.mkdir()
     else:
         path.write_bytes(content)
     for command in ("plan", "run"):
-        line = one_line_error([command, str(path), "--store", str(tmp_path / "s")], tmp_path)
+        line = fail([command, str(path), "--store", str(tmp_path / "s")])
         assert str(path) in line
 
 
-def test_a_store_path_that_is_a_file(tmp_path, spec):
+def test_a_store_path_that_is_a_file(tmp_path, spec, fail):
     target = tmp_path / "afile"
     target.write_text("x")
     for args in (["init"], ["run", str(spec)]):
-        assert "is a file" in one_line_error([*args, "--store", str(target)], tmp_path)
+        assert "is a file" in fail([*args, "--store", str(target)])
     for args in READS:
-        one_line_error([*args, "--store", str(target)], tmp_path)
+        fail([*args, "--store", str(target)])
     assert target.read_text() == "x"
 
 
-def test_a_read_only_store(tmp_path, spec):
+def test_a_read_only_store(tmp_path, spec, fail):
     """A store on a read-only file system: reads work, writes say so in one line."""
     mount = tmp_path / "ro"
     mount.mkdir()
@@ -73,7 +86,7 @@ def test_a_read_only_store(tmp_path, spec):
         Store.init(mount / "s")
         assert subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True).returncode == 0
         for args in (["run", str(spec)], ["ingest"], ["init"]):
-            line = one_line_error([*args, "--store", str(mount / "s")], tmp_path)
+            line = fail([*args, "--store", str(mount / "s")])
             assert "Read-only file system" in line or "read-only" in line.lower(), line
         ok = subprocess.run([*lsdb_cmd(), "runs", "--store", str(mount / "s")], capture_output=True, text=True)
         assert ok.returncode == 0, ok.stderr
