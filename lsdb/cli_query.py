@@ -119,8 +119,9 @@ def findings(
     """Check the published findings F1–F14 against the store.
 
     Each finding prints the measured numbers (seed mean ± std), the expected shape and a verdict:
-    holds, does not hold, or not measured (with what to add to the spec). Thresholds are fixed in
-    lsdb.query.thresholds; the findings are listed in PAPERS.md.
+    holds, does not hold, inconclusive (the spread straddles the threshold, too few seeds, or a
+    precondition failed), or not measured (with what to add to the spec). Thresholds are fixed in
+    lsdb.query.thresholds; docs/findings.md gives each finding's source, test and thresholds.
 
     Example: lsdb findings --only F1,F3 --report report.html
     """

@@ -1,6 +1,6 @@
 """Shared NTK maths for the kernel probes (``ntk``, ``ntk_distance``, ``kernel_accuracy``).
 
-Notation (../shared/PAPERS.md, "Objects"): logits f(x; w) ∈ R^C, w = every trainable parameter of
+Notation (docs/findings.md, "The default setting, and what is measured"): logits f(x; w) ∈ R^C, w = every trainable parameter of
 the model (``named_parameters`` with ``requires_grad``; buffers are passed through unchanged),
 per-input Jacobian J(x) = ∂f(x; w)/∂w ∈ R^{C×P}. For inputs X = (x_1 … x_n):
 

@@ -1,5 +1,5 @@
 """``flatness``: filter-normalised sharpness around a checkpoint, random and worst case, and the
-input-space adversarial error (Li et al. 2018; Prabhu et al. 2019; PAPERS.md "Flatness").
+input-space adversarial error (Li et al. 2018; Prabhu et al. 2019; docs/findings.md).
 
 L(w) is the mean cross-entropy on a fixed subset of ``train_subset`` training examples (drawn with
 ``subset_seed``; the same at every checkpoint). d_1 … d_m are m = ``directions`` filter-normalised

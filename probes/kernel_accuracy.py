@@ -18,7 +18,7 @@ Two methods, one row each (``method`` column):
   Learning rate (``lr_mode``): ``fixed`` = run lr × ``lr_factor``; ``kernel_scaled`` =
   ``kernel_lr`` / mean_i Θ^tr_t(x_i, x_i) over the probe set, because Θ_t grows by orders of
   magnitude during training and a fixed rate would make early expansions look bad only by
-  training slowly (../shared/PAPERS.md, "Practical lessons"). Train loss/error are on
+  training slowly (docs/findings.md, "The default setting"). Train loss/error are on
   the first ``train_eval_size`` training inputs (0 = all), test loss/error on the test split.
 - ``kernel_regression``: with X the probe set (n inputs), Y its one-hot labels (n×C),
 

@@ -61,7 +61,7 @@ from . import _directions as D
 from .barrier import barrier_stats
 from .base import JobRequest, ProbeContext, Study
 
-VERSION = 1
+VERSION = 2  # 2: 21 points on the path by default (the barrier definition asks for >= 21)
 TABLES = ("merge",)
 
 
@@ -71,7 +71,7 @@ MAX_SWEEPS = 10_000
 
 @dataclass(frozen=True)
 class Params:
-    points: int = field(default=11, metadata=between(2, MAX_POINTS))
+    points: int = field(default=21, metadata=between(2, MAX_POINTS))
     train_subset: int = field(default=1000, metadata=between(0, MAX_EXAMPLES, " (0 = the whole split)"))
     # at most this many coordinate-descent sweeps
     sweeps: int = field(default=20, metadata=between(1, MAX_SWEEPS))

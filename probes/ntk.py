@@ -1,7 +1,7 @@
 """``ntk`` — the empirical neural tangent kernel of a checkpoint on the experiment's probe set.
 
 For the fixed probe set X = x_train[probe_indices] (n inputs drawn once per experiment) and the
-checkpoint's weights w_t, computes (Fort et al. 2020; ../shared/PAPERS.md "Objects"):
+checkpoint's weights w_t, computes (Fort et al. 2020; docs/findings.md, "The default setting, and what is measured"):
 
 - ``full``:       Θ[(i,a),(j,b)] = ⟨∂f_a(x_i)/∂w, ∂f_b(x_j)/∂w⟩, nC×nC, row index i·C + a;
 - ``trace``:      Θ^tr[i,j] = Σ_a Θ[(i,a),(j,a)], n×n (the default);

@@ -1,6 +1,6 @@
 """``ntk_distance`` — how far the NTK moves, from kernels the ``ntk`` probe stored.
 
-Kernel distance (Fort et al. 2020; ../shared/PAPERS.md "Objects"):
+Kernel distance (Fort et al. 2020; docs/findings.md, "The default setting, and what is measured"):
 
     S(K, K') = 1 − ⟨K, K'⟩_F / (‖K‖_F ‖K'‖_F),   θ(K, K') = arccos(1 − S)
 

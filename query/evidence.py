@@ -10,20 +10,24 @@ import math
 
 import numpy as np
 
+from lsdb.query import thresholds as T
+
 #: Which spec entry produces a metric: the advice given when it is missing.
 PROBE_OF = {
     **{m: "barrier" for m in ("error_barrier_test", "loss_barrier_test", "child_disagreement",
                               "entezari_loss_barrier_test", "sibling_weight_distance")},
-    **{m: "ntk_distance" for m in ("kernel_velocity", "kernel_distance_to_init", "sibling_kernel_distance")},
+    **{m: "ntk_distance" for m in ("kernel_velocity", "kernel_angular_velocity", "kernel_distance_next",
+                                   "kernel_distance_to_init", "sibling_kernel_distance")},
     **{m: "kernel_accuracy" for m in ("linearised_test_error",)},
-    **{m: "hessian" for m in ("hessian_top_eigenvalue", "hessian_outliers")},
-    **{m: "flatness" for m in ("sharpness_1d",)},
+    **{m: "hessian" for m in ("hessian_top_eigenvalue", "hessian_trace", "hessian_outliers")},
+    **{m: "flatness" for m in ("sharpness_1d", "curvature_1d", "adversarial_sharpness")},
     **{m: "weights" for m in ("relative_sibling_distance",)},
+    **{m: "merge" for m in ("cross_init_loss_barrier_test", "matched_loss_barrier_test")},
 }
 SIBLING_METRICS = {"error_barrier_test", "loss_barrier_test", "child_disagreement", "sibling_kernel_distance",
                    "relative_sibling_distance", "entezari_loss_barrier_test", "sibling_weight_distance"}
 
-#: Merging across different initialisations (F14, second part): no probe writes these yet.
+#: Merging across different initialisations (F14, second part): the ``merge`` probe writes these.
 MERGE_NAIVE = "cross_init_loss_barrier_test"
 MERGE_MATCHED = "matched_loss_barrier_test"
 
@@ -33,7 +37,13 @@ NUM_CLASSES = {"mnist1d": 10, "digits": 10, "cifar10": 10}
 #: The advantage is computed here (linearised error − final error of low-lr children).
 NONLINEAR_ADVANTAGE = "nonlinear_advantage"
 
-FINDING_METRICS = sorted(set(PROBE_OF) | {"lr", MERGE_NAIVE, MERGE_MATCHED})
+#: Checkpoint columns the findings read next to the probes' metrics (every checkpoint has them).
+CHECKPOINT_METRICS = ("lr", "train_loss", "test_error")
+
+FINDING_METRICS = sorted(set(PROBE_OF) | set(CHECKPOINT_METRICS))
+
+#: Probes that evaluate an interpolation path on an α grid (its ``points`` column; PATH_POINTS_MIN).
+PATH_PROBES = ("barrier", "merge")
 
 
 def advice(metric: str) -> str:
@@ -42,8 +52,8 @@ def advice(metric: str) -> str:
         return ("the nonlinear advantage needs [probes.kernel_accuracy] and low-lr children "
                 "(lowlr_children = 1 under [spawn])")
     if metric in (MERGE_NAIVE, MERGE_MATCHED):
-        return ("no probe measures barriers between different initialisations before and after weight "
-                "matching yet")
+        return ("add [probes.merge] to the spec, with ≥ 2 seeds: it pairs the final checkpoints of parent runs "
+                "with different seeds")
     probe = PROBE_OF.get(metric, "?")
     spawn = " and spawn times with children ([spawn] times = [...], children = 2)" if metric in SIBLING_METRICS else ""
     return f"add [probes.{probe}]{spawn} to the spec"
@@ -55,15 +65,18 @@ class Evidence:
     ``runs``: the run table. ``finals``: run_id, epoch, frac, test_error, test_loss, train_error,
     train_loss at each run's last checkpoint. ``series``: run_id, checkpoint_id, epoch, frac,
     metric, value (averaged per checkpoint). ``dataset``: the data set name (for C).
+    ``path_points``: probe name → the fewest α points any of its rows used (``PATH_PROBES``).
     """
 
-    def __init__(self, runs, finals, series, dataset: str | None = "mnist1d"):
+    def __init__(self, runs, finals, series, dataset: str | None = "mnist1d",
+                 path_points: dict[str, int] | None = None):
         import polars as pl
 
         self.runs = runs.filter(pl.col("status") != "diverged") if "status" in runs.columns else runs
         self.finals = finals
         self.series = series
         self.dataset = dataset
+        self.path_points = dict(path_points or {})
         self._metrics = set(series["metric"].unique().to_list()) if series.height else set()
         self._final = {r["run_id"]: r for r in finals.iter_rows(named=True)}
         self._advantage: dict | None = None
@@ -80,7 +93,17 @@ class Evidence:
             "FROM checkpoint GROUP BY run_id")
         series = load_series(session, FINDING_METRICS)
         ds = session.sql("SELECT dataset, count(*) AS n FROM run GROUP BY dataset ORDER BY n DESC")
-        return cls(runs, finals, series, ds["dataset"][0] if ds.height else None)
+        from lsdb.errors import QueryError
+
+        points = {}
+        for probe in PATH_PROBES:  # probe name = table name
+            try:
+                got = session.sql(f"SELECT min(points) AS p FROM {probe}")
+            except QueryError:  # a store from before the probe existed
+                continue
+            if got.height and got["p"][0] is not None:
+                points[probe] = int(got["p"][0])
+        return cls(runs, finals, series, ds["dataset"][0] if ds.height else None, points)
 
     # ------------------------------------------------------------------ lookups
     def has(self, metric: str) -> bool:
@@ -145,6 +168,27 @@ class Evidence:
                 out[rid] = {"epoch": s["epoch"][keep], "frac": s["frac"][keep], "value": adv,
                             "checkpoint_id": s["checkpoint_id"][keep]}
         return out
+
+    def at_checkpoints(self, metric: str) -> dict[str, float]:
+        """checkpoint_id -> value of ``metric`` (e.g. the checkpoint's train_loss)."""
+        import polars as pl
+
+        part = self.series.filter(pl.col("metric") == metric)
+        return dict(zip(part["checkpoint_id"].to_list(), part["value"].to_list()))
+
+    def loss_drop(self, run_id: str) -> tuple[float, float, float] | None:
+        """(relative train-loss drop, reference t/T, final train loss) from the latest checkpoint at or before
+        t/T = 1 − CONVERGED_WINDOW_FRAC to the run's final one; None without such a checkpoint."""
+        s = self.by_run("train_loss", [run_id]).get(run_id)
+        if s is None or len(s["value"]) < 2:
+            return None
+        last = len(s["value"]) - 1
+        ref = np.flatnonzero(s["frac"] <= s["frac"][last] - T.CONVERGED_WINDOW_FRAC + 1e-9)
+        if len(ref) == 0:
+            return None
+        i = int(ref[-1])
+        l0, l1 = float(s["value"][i]), float(s["value"][last])
+        return ((l0 - l1) / l0 if l0 > 0 else 0.0), float(s["frac"][i]), l1
 
     def missing(self, metrics) -> list[str]:
         return [m for m in metrics if not (self.advantage() if m == NONLINEAR_ADVANTAGE else self.has(m))]

@@ -1,4 +1,4 @@
-"""Evaluate the published findings F1–F14 (../shared/PAPERS.md) against a store.
+"""Evaluate the published findings F1–F14 (docs/findings.md) against a store.
 
     import lsdb
     from lsdb.query.findings import findings
@@ -6,16 +6,19 @@
     findings(lsdb.open("lsdb-store"), only=["F1", "F3"])
 
 Each finding states its metric, the expected shape, the measured numbers (seed mean ± std, one
-value per parent run, i.e. per seed) and a verdict: "holds", "does not hold" or "not measured"
-(then ``detail`` says what is missing and what to add to the spec). Thresholds live in
+value per parent run, i.e. per seed) and a verdict: "holds" ("holds (partly measured: …)" when some
+of its parts were not measured), "does not hold", "inconclusive" (too few seeds, the seeds' spread or
+a bootstrap interval straddles a threshold, or a stated precondition fails; ``detail`` says which) or
+"not measured" (then ``detail`` says what is missing and what to add to the spec). Thresholds live in
 ``lsdb.query.thresholds``; they were fixed before looking at data and are never tuned to it.
 
 This module is the public entry. The work is split, each module importing only those above it:
 
-- ``lsdb.query.stats``: seed mean ± std (``Stat``), Spearman and the other statistics;
+- ``lsdb.query.stats``: seed mean ± std (``Stat``), Spearman, the threshold check with its bootstrap
+  interval (``check``) and the other statistics;
 - ``lsdb.query.evidence``: the store's numbers the findings read (``Evidence``) and what to add
   to the spec when a metric is missing (``advice``);
-- ``lsdb.query.verdict``: a finding's result (``Finding``) and how parts combine into a verdict;
+- ``lsdb.query.verdict``: a finding's result (``Finding``) and how parts (``Part``) combine into a verdict;
 - ``lsdb.query.rules``: the rules F1–F14 themselves and the conventions they share (``FINDINGS``).
 """
 
@@ -24,15 +27,16 @@ from __future__ import annotations
 from lsdb.errors import QueryError
 from lsdb.query.evidence import (FINDING_METRICS, MERGE_MATCHED, MERGE_NAIVE, NONLINEAR_ADVANTAGE, NUM_CLASSES,
                                  PROBE_OF, SIBLING_METRICS, Evidence, advice)
-from lsdb.query.rules import F2_MEASURES, FINDINGS, onsets
-from lsdb.query.stats import Stat, spearman
-from lsdb.query.verdict import FAILS, HOLDS, NOT_MEASURED, Finding
+from lsdb.query.rules import F2_MEASURES, F12_MEASURES, FINDINGS, catch_up, onsets
+from lsdb.query.stats import Check, Stat, bootstrap_interval, check, spearman
+from lsdb.query.verdict import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED, VERDICTS, Finding, Part
 
 __all__ = [
     "evaluate", "findings_results", "findings", "to_frame", "as_text",
-    "Evidence", "Finding", "Stat", "FINDINGS", "HOLDS", "FAILS", "NOT_MEASURED",
-    "advice", "onsets", "spearman", "F2_MEASURES", "FINDING_METRICS", "MERGE_MATCHED", "MERGE_NAIVE",
-    "NONLINEAR_ADVANTAGE", "NUM_CLASSES", "PROBE_OF", "SIBLING_METRICS",
+    "Evidence", "Finding", "Part", "Stat", "Check", "FINDINGS", "HOLDS", "FAILS", "INCONCLUSIVE", "NOT_MEASURED",
+    "VERDICTS", "advice", "onsets", "catch_up", "spearman", "check", "bootstrap_interval", "F2_MEASURES",
+    "F12_MEASURES", "FINDING_METRICS", "MERGE_MATCHED", "MERGE_NAIVE", "NONLINEAR_ADVANTAGE", "NUM_CLASSES",
+    "PROBE_OF", "SIBLING_METRICS",
 ]
 
 
@@ -50,7 +54,9 @@ def findings_results(session, only: list[str] | None = None) -> list[Finding]:
 
 
 def findings(session, only: list[str] | None = None):
-    """The findings table (polars): id, title, verdict, measured, expected, metric, detail."""
+    """The findings table (polars): id, title, verdict, measured, expected, metric, detail.
+
+    ``verdict`` is ``Finding.label``: one of VERDICTS, or "holds (partly measured: … missing)"."""
     return to_frame(findings_results(session, only))
 
 
@@ -65,13 +71,15 @@ def as_text(results: list[Finding]) -> str:
     """The findings as plain text, one block per finding (what ``lsdb findings`` prints)."""
     lines = []
     for r in results:
-        lines.append(f"{r.id:<4} {r.verdict.upper():<14} {r.title}")
+        verdict = r.verdict.upper() + r.label[len(r.verdict):]  # + " (partly measured: … missing)"
+        lines.append(f"{r.id:<4} {verdict:<14} {r.title}")
         lines.append(f"     metric:   {r.metric}")
         lines.append(f"     expected: {r.expected}")
         if r.measured:
             lines.append(f"     measured: {r.measured}")
         if r.detail:
             lines.append(f"     note:     {r.detail}")
-    counts = {v: sum(r.verdict == v for r in results) for v in (HOLDS, FAILS, NOT_MEASURED)}
-    lines.append(f"{counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[NOT_MEASURED]} not measured")
+    counts = {v: sum(r.verdict == v for r in results) for v in VERDICTS}
+    lines.append(f"{counts[HOLDS]} hold, {counts[FAILS]} do not hold, {counts[NOT_MEASURED]} not measured, "
+                 f"{counts[INCONCLUSIVE]} inconclusive")
     return "\n".join(lines)

@@ -52,7 +52,7 @@ SECTIONS = [
      "final weights; colour is log loss."),
 ]
 
-VERDICT_CLASS = {"holds": "holds", "does not hold": "fails", "not measured": "nm"}
+VERDICT_CLASS = {"holds": "holds", "does not hold": "fails", "inconclusive": "inc", "not measured": "nm"}
 
 
 def report(session, out, only: list[str] | None = None) -> Path:
@@ -90,7 +90,7 @@ def _findings_table(results) -> str:
     for r in results:
         rows.append(
             f"<tr class='{VERDICT_CLASS.get(r.verdict, 'nm')}'><td>{r.id}</td><td><b>{html.escape(r.title)}</b>"
-            f"<div class='small'>{html.escape(r.metric)}</div></td><td class='verdict'>{html.escape(r.verdict)}</td>"
+            f"<div class='small'>{html.escape(r.metric)}</div></td><td class='verdict'>{html.escape(r.label)}</td>"
             f"<td>{html.escape(r.measured) or '—'}</td><td class='small'>{html.escape(r.expected)}</td>"
             f"<td class='small'>{html.escape(r.detail)}</td></tr>")
     return ("<table class='findings'><thead><tr><th>id</th><th>finding (metric)</th><th>verdict</th>"
@@ -121,7 +121,7 @@ h1 {{ margin-bottom: 0.2em; }} .small {{ font-size: 0.85em; color: #555; }} .cap
 table.findings {{ border-collapse: collapse; width: 100%; font-size: 0.92em; }}
 table.findings td, table.findings th {{ border: 1px solid #ccc; padding: 0.35em 0.5em; vertical-align: top; text-align: left; }}
 tr.holds td.verdict {{ background: #d8f0d8; }} tr.fails td.verdict {{ background: #f6d5d5; }}
-tr.nm td.verdict {{ background: #eee; color: #666; }} section {{ margin: 2em 0; }}
+tr.nm td.verdict {{ background: #eee; color: #666; }} tr.inc td.verdict {{ background: #fdf0c8; }} section {{ margin: 2em 0; }}
 </style></head>
 <body data-charts="{len(charts)}">
 <h1>Loss-landscape findings</h1>
@@ -131,12 +131,15 @@ tr.nm td.verdict {{ background: #eee; color: #666; }} section {{ margin: 2em 0; 
 measured each checkpoint with probes (loss and error, weight distances, the neural tangent kernel,
 barriers between networks, Hessian eigenvalues, flatness). Below, each published finding about how
 training shapes the loss landscape is checked against those measurements. "holds" and "does not hold"
-use thresholds fixed in advance (<code>lsdb.query.thresholds</code>); "not measured" says what to add
-to the spec. Numbers are means ± standard deviation over seeds (independent parent runs); error is a
+use thresholds fixed in advance (<code>lsdb.query.thresholds</code>); "inconclusive" means the seeds'
+spread or a bootstrap interval straddles the threshold, too few seeds were measured, or a stated
+precondition failed; "not measured" says what to add to the spec (each finding's test:
+<code>docs/findings.md</code> in the lsdb repository). Numbers are means ± standard deviation over seeds (independent parent runs); error is a
 fraction (0.01 = one percentage point); time is in epochs, or as t/T, a fraction of training.</p>
 {_summary(session)}
 <h2>Findings</h2>
-<p>{counts['holds']} hold, {counts['does not hold']} do not hold, {counts['not measured']} not measured.</p>
+<p>{counts['holds']} hold, {counts['does not hold']} do not hold, {counts['inconclusive']} inconclusive,
+{counts['not measured']} not measured.</p>
 {_findings_table(results)}
 <h2>Charts</h2>
 {blocks or '<p>No chart has data yet.</p>'}

@@ -1,8 +1,9 @@
-"""The published findings F1–F14 (../shared/PAPERS.md) as rules over a store's ``Evidence``.
+"""The published findings F1–F14 (docs/findings.md) as rules over a store's ``Evidence``.
 
 One function per finding, ``f1`` … ``f14``; each docstring states the rule and names its thresholds, all of
 which live in ``lsdb.query.thresholds`` (``T`` here). They were fixed before looking at data and are never
 tuned to it. ``FINDINGS`` maps an id to its rule; ``lsdb.query.findings`` evaluates and prints them.
+docs/findings.md describes every finding for readers.
 
 Conventions shared by every finding
 -----------------------------------
@@ -12,8 +13,14 @@ Conventions shared by every finding
   metrics (barriers, disagreement, sibling distances) sit at the parent's checkpoint at the spawn
   time; linearised-model metrics at the expansion checkpoint.
 - Errors are fractions (one point = 0.01). "Falls" = Spearman with time ≤ FALLS_SPEARMAN_MAX.
-- A finding with several parts: any measured part failing → "does not hold"; all measured parts
-  holding with some unmeasured → "holds", and ``detail`` names the unmeasured part.
+- Every threshold test is a ``stats.check`` on the per-seed values: it passes on the seed mean, and is
+  unsettled (the finding is then "inconclusive") when fewer than MIN_SEEDS seeds were measured, or the
+  seeds' spread (mean ± std) or the bootstrap interval of the mean straddles the threshold. A failed
+  precondition (F11 matched accuracy, F12 matched train loss, F13 at a minimum, F14 path resolution) also
+  leaves a part unsettled.
+- A finding with several parts: a settled failing part → "does not hold"; else an unsettled part →
+  "inconclusive"; else "holds", "holds (partly measured: …)" when some parts were not measured
+  (``verdict._combine``).
 """
 
 from __future__ import annotations
@@ -26,8 +33,13 @@ import numpy as np
 from lsdb.query import thresholds as T
 from lsdb.query.evidence import (MERGE_MATCHED, MERGE_NAIVE, NONLINEAR_ADVANTAGE, NUM_CLASSES, Evidence,
                                   _clean_error, _variant_final, advice)
-from lsdb.query.stats import Stat, _first_frac, _nearest, _ratio, _rolling_median, spearman
-from lsdb.query.verdict import FAILS, Finding, _combine, _not_measured
+from lsdb.query.stats import (Stat, _first_frac, _g, _nearest, _ratio, _rolling_median, check, spearman,
+                              too_few_seeds)
+from lsdb.query.verdict import FAILS, Finding, Part, _combine, _join, _not_measured
+
+#: Where the expansion grid of the linearised model is set (F5, F6 advice).
+EXPANSION_ADVICE = ("add expansion times across the run: [probes.kernel_accuracy] on_checkpoints = \"spawn\" "
+                    "expands at every [spawn] time, so add spawn times (e.g. 12, 16, 20, 24, 32 epochs of 40)")
 
 
 def onsets(ev: Evidence) -> dict[str, dict]:
@@ -51,14 +63,28 @@ def onsets(ev: Evidence) -> dict[str, dict]:
     return out
 
 
+def _never_inf(x: float) -> float:
+    """A time that never came counts as +inf against an upper bound."""
+    return math.inf if math.isnan(x) else x
+
+
+def _points_why(ev: Evidence, probe: str) -> str:
+    """The precondition on an interpolation path's α grid (PATH_POINTS_MIN)."""
+    p = ev.path_points.get(probe)
+    if p is not None and p < T.PATH_POINTS_MIN:
+        return (f"the {probe} path has {p} α points, fewer than the {T.PATH_POINTS_MIN} of the definition, so a "
+                f"barrier's peak can fall between them (set [probes.{probe}] points = {T.PATH_POINTS_MIN})")
+    return ""
+
+
 def f1(ev: Evidence) -> Finding:
     """F1, the basin is fixed early: the barrier between children falls with spawn time and vanishes early.
 
     Per seed (``onsets``): Spearman of error_barrier_test with the spawn epoch (≥ MIN_TIMES spawn times) and
-    the onset t* = first spawn with error barrier < F1_ERROR_BARRIER_MAX and loss barrier < F1_LOSS_BARRIER_MAX.
-    Holds when the mean Spearman ≤ F1_SPEARMAN_MAX and every seed has an onset, mean t*/T ≤ F1_ONSET_FRAC_MAX.
-    "Stable at initialisation" (does not hold) when at least SEED_MAJORITY of the seeds are below both barrier
-    thresholds already at spawn epoch 0.
+    the onset t* = first spawn with error barrier < F1_ERROR_BARRIER_MAX and loss barrier < F1_LOSS_BARRIER_MAX
+    (+inf when never). Holds when the Spearman check (≤ F1_SPEARMAN_MAX) and the onset check
+    (t*/T ≤ F1_ONSET_FRAC_MAX) pass. "Stable at initialisation" (does not hold) when at least SEED_MAJORITY of
+    the seeds are below both barrier thresholds already at spawn epoch 0.
     """
     f = Finding("F1", "The basin is fixed early", "error_barrier_test, loss_barrier_test vs spawn time",
                 f"barrier between children falls with spawn time (Spearman ≤ {T.F1_SPEARMAN_MAX}); onset t* "
@@ -81,8 +107,11 @@ def f1(ev: Evidence) -> Finding:
         f.detail = ("the barrier is already below threshold at spawn time 0 (as Frankle et al. saw on MNIST): "
                     "nothing to fix early; use a harder setting (e.g. data.name = \"mnist1d\", a larger lr)")
         return f
-    return _combine(f, [("Spearman", rho.mean <= T.F1_SPEARMAN_MAX),
-                        ("onset", never == 0 and onset.mean <= T.F1_ONSET_FRAC_MAX)])
+    why = _points_why(ev, "barrier")
+    return _combine(f, [
+        Part.all_of("Spearman", [check([p["rho"] for p in per.values()], T.F1_SPEARMAN_MAX, "<=")], why=why),
+        Part.all_of("onset", [check([_never_inf(p["onset"]) for p in per.values()], T.F1_ONSET_FRAC_MAX, "<=")],
+                    why=why)])
 
 
 F2_MEASURES = ("loss_barrier_test", "child_disagreement", "sibling_kernel_distance", "relative_sibling_distance",
@@ -93,9 +122,10 @@ def f2(ev: Evidence) -> Finding:
     """F2, many measures evolve together: the measures of F2_MEASURES all fall with spawn time, in step.
 
     Needs at least F2_MIN_MEASURES of them. Per seed: each measure's Spearman with the spawn epoch, and each
-    pair's Spearman over the spawn times both have (each over ≥ MIN_TIMES times). Holds when every measure's
-    mean Spearman with time ≤ FALLS_SPEARMAN_MAX ("all fall") and at least F2_PAIR_FRACTION_MIN of the measured
-    pairs have a mean Spearman ≥ F2_PAIR_SPEARMAN_MIN ("pairs correlated").
+    pair's Spearman over the spawn times both have (each over ≥ MIN_TIMES times). "All fall": every measure's
+    check (Spearman with time ≤ FALLS_SPEARMAN_MAX) passes. "Pairs correlated": at least F2_PAIR_FRACTION_MIN of
+    the measured pairs pass their check (pairwise Spearman ≥ F2_PAIR_SPEARMAN_MIN); unsettled when the share
+    crosses F2_PAIR_FRACTION_MIN depending on how the unsettled pairs turn out.
     """
     f = Finding("F2", "Many measures evolve together", ", ".join(F2_MEASURES) + " vs spawn time",
                 f"all fall with spawn time; pairwise Spearman ≥ {T.F2_PAIR_SPEARMAN_MIN} for ≥ "
@@ -107,9 +137,10 @@ def f2(ev: Evidence) -> Finding:
                                          f"(need {T.F2_MIN_MEASURES}); missing: " +
                              "; ".join(f"{m}: {advice(m)}" for m in missing))
     series = {m: ev.base_series(m) for m in present}
-    falls = {m: Stat.of(spearman(s["epoch"], s["value"]) for s in series[m].values()
-                        if len(set(s["epoch"])) >= T.MIN_TIMES) for m in present}
-    pairs = {}
+    fall_values = {m: [spearman(s["epoch"], s["value"]) for s in series[m].values()
+                       if len(set(s["epoch"])) >= T.MIN_TIMES] for m in present}
+    falls = {m: Stat.of(v) for m, v in fall_values.items()}
+    pair_values = {}
     for i, a in enumerate(present):
         for b in present[i + 1:]:
             rs = []
@@ -121,72 +152,150 @@ def f2(ev: Evidence) -> Finding:
                 keep = [k for k, c in enumerate(sa["checkpoint_id"]) if c in vb]
                 if len(keep) >= T.MIN_TIMES:
                     rs.append(spearman(sa["value"][keep], [vb[c] for c in sa["checkpoint_id"][keep]]))
-            pairs[(a, b)] = Stat.of(rs)
-    good = [p for p, s in pairs.items() if s.n and s.mean >= T.F2_PAIR_SPEARMAN_MIN]
-    measured_pairs = [p for p, s in pairs.items() if s.n]
-    share = len(good) / len(measured_pairs) if measured_pairs else math.nan
+            pair_values[(a, b)] = rs
+    pairs = {p: Stat.of(v) for p, v in pair_values.items()}
+    checks = {p: check(v, T.F2_PAIR_SPEARMAN_MIN, ">=") for p, v in pair_values.items()}
+    measured_pairs = [p for p, c in checks.items() if c.ok is not None]
+    good = [p for p in measured_pairs if checks[p].ok and not checks[p].why]
+    unsure = [p for p in measured_pairs if checks[p].why]
+    share = sum(1 for p in measured_pairs if checks[p].ok) / len(measured_pairs) if measured_pairs else math.nan
     f.numbers = {"falls": {m: s.as_dict() for m, s in falls.items()},
                  "pairs": {f"{a}~{b}": s.as_dict() for (a, b), s in pairs.items()}, "pair_share": share}
-    f.measured = (f"{len(good)}/{len(measured_pairs)} pairs with Spearman ≥ {T.F2_PAIR_SPEARMAN_MIN}; "
-                  "vs time: " + ", ".join(f"{m} {falls[m]}" for m in present))
+    f.measured = (f"{sum(1 for p in measured_pairs if checks[p].ok)}/{len(measured_pairs)} pairs with Spearman ≥ "
+                  f"{T.F2_PAIR_SPEARMAN_MIN}; vs time: " + ", ".join(f"{m} {falls[m]}" for m in present))
     if missing:
         f.detail = "not measured: " + "; ".join(f"{m} ({advice(m)})" for m in missing)
     if not measured_pairs:
         return _not_measured(f, [], f"no pair of measures shares {T.MIN_TIMES} spawn times")
-    return _combine(f, [("all fall", all(s.n and s.mean <= T.FALLS_SPEARMAN_MAX for s in falls.values())),
-                        ("pairs correlated", share >= T.F2_PAIR_FRACTION_MIN)])
+    n = len(measured_pairs)
+    low, high = len(good) / n, (len(good) + len(unsure)) / n  # share if every unsettled pair fails / passes
+    pairs_part = Part("pairs correlated", share >= T.F2_PAIR_FRACTION_MIN,
+                      "" if low >= T.F2_PAIR_FRACTION_MIN or high < T.F2_PAIR_FRACTION_MIN else
+                      f"{len(unsure)} pair(s) unsettled (" + "; ".join(
+                          f"{a}~{b}: {checks[(a, b)].why}" for a, b in unsure) + ")")
+    return _combine(f, [Part.all_of("all fall", [check(v, T.FALLS_SPEARMAN_MAX, "<=") for v in fall_values.values()]),
+                        pairs_part])
+
+
+def _velocity(s: dict, lr: dict) -> dict | None:
+    """One seed's velocity series: early/late median ratio, the smoothed plateau's max/min, frozen or not."""
+    early = s["value"][s["frac"] <= T.F3_EARLY_FRAC]
+    late_mask = s["frac"] >= T.F3_LATE_FRAC
+    late = s["value"][late_mask]
+    if len(early) == 0 or len(late) < T.MIN_TIMES:
+        return None
+    e, l = float(np.median(early)), float(np.median(late))
+    plateau = late
+    if lr:  # the lr drop slows the kernel by design: the plateau is the constant-lr stretch
+        lrs = np.array([lr.get(c, math.nan) for c in s["checkpoint_id"][late_mask]])
+        same = lrs == lrs[0]
+        if same.sum() >= T.MIN_TIMES:
+            plateau = late[same]
+    smooth = _rolling_median(plateau, T.F3_SMOOTH_WINDOW)
+    return {"ratio": e / l if l > 0 else math.inf, "late_over_early": l / e if e > 0 else math.nan,
+            "flat": smooth.max() / smooth.min() if smooth.min() > 0 else math.inf,
+            "zero": bool(smooth.min() <= 0), "frozen": bool(e > 0 and l < T.F3_FROZEN_FRAC * e)}
+
+
+def _spacing(ev: Evidence) -> str:
+    """The checkpoint spacings Δ (epochs) behind the early and the late velocities: Δ = S / (S/Δ)."""
+    if not (ev.has("kernel_distance_next") and ev.has("kernel_velocity")):
+        return ""
+    dist, vel = ev.base_series("kernel_distance_next"), ev.base_series("kernel_velocity")
+    early, late = [], []
+    for rid, v in vel.items():
+        d = dict(zip(dist[rid]["checkpoint_id"], dist[rid]["value"])) if rid in dist else {}
+        for c, fr, x in zip(v["checkpoint_id"], v["frac"], v["value"]):
+            if c in d and x > 0 and fr <= T.F3_EARLY_FRAC:
+                early.append(d[c] / x)
+            elif c in d and x > 0 and fr >= T.F3_LATE_FRAC:
+                late.append(d[c] / x)
+    if not early or not late:
+        return ""
+
+    def span(v):
+        return f"{_g(min(v))}" if np.isclose(min(v), max(v)) else f"{_g(min(v))}–{_g(max(v))}"
+
+    return f"Δ early {span(early)} ep, late {span(late)} ep"
 
 
 def f3(ev: Evidence) -> Finding:
     """F3, kernel velocity is fast, then roughly constant.
 
-    Per seed: median kernel_velocity over t/T ≤ F3_EARLY_FRAC over its median over t/T ≥ F3_LATE_FRAC (≥ MIN_TIMES
-    late checkpoints). The plateau is that late part, cut to the checkpoints at the learning rate of its first one
-    when at least MIN_TIMES share it, smoothed by a centred rolling median of width F3_SMOOTH_WINDOW. Holds when the
-    mean ratio ≥ F3_RATIO_MIN ("fast early") and no seed's smoothed plateau reaches 0 and its mean max/min
-    ≤ F3_PLATEAU_MAXMIN ("flat non-zero plateau").
+    The deciding velocity is F3_DECIDING_METRIC, the angular velocity θ/Δ = arccos(1 − S)/Δ: for steady motion
+    it does not depend on the checkpoint spacing Δ, while S/Δ (kernel_velocity) grows like Δ and so is not
+    comparable between early checkpoints (Δ of a few steps) and late ones (Δ of epochs). S/Δ is reported next to
+    it and decides only when no angular velocity is stored (``detail`` says so).
+
+    Per seed: median velocity over t/T ≤ F3_EARLY_FRAC over its median over t/T ≥ F3_LATE_FRAC (≥ MIN_TIMES late
+    checkpoints). The plateau is that late part, cut to the checkpoints at the learning rate of its first one
+    when at least MIN_TIMES share it, smoothed by a centred rolling median of width F3_SMOOTH_WINDOW.
+    "Frozen kernel" (does not hold, a different outcome from Fort's constant motion) when at least SEED_MAJORITY
+    of the seeds have a late median below F3_FROZEN_FRAC × the early one. Otherwise holds when the ratio check
+    (≥ F3_RATIO_MIN, "fast early") and the plateau check (smoothed max/min ≤ F3_PLATEAU_MAXMIN, a plateau
+    reaching 0 counting as ∞; "flat non-zero plateau") pass; a minority of frozen seeds leaves the plateau
+    part unsettled.
     """
-    f = Finding("F3", "Kernel velocity is fast, then roughly constant", "kernel_velocity",
-                f"median velocity over the first {T.F3_EARLY_FRAC:.0%} ≥ {T.F3_RATIO_MIN:g}× the median over the "
-                f"last half; late plateau non-zero and flat (rolling-median max/min ≤ {T.F3_PLATEAU_MAXMIN:g}, "
-                f"over the constant-lr part of the last half)")
-    if miss := ev.missing(["kernel_velocity"]):
+    f = Finding("F3", "Kernel velocity is fast, then roughly constant", "kernel_angular_velocity (decides), "
+                "kernel_velocity", f"median velocity over the first {T.F3_EARLY_FRAC:.0%} ≥ {T.F3_RATIO_MIN:g}× the "
+                f"median over the last half; late plateau non-zero and flat (rolling-median max/min ≤ "
+                f"{T.F3_PLATEAU_MAXMIN:g}, over the constant-lr part of the last half); late < "
+                f"{T.F3_FROZEN_FRAC:.0%} of early = frozen kernel")
+    deciding = T.F3_DECIDING_METRIC if ev.has(T.F3_DECIDING_METRIC) else "kernel_velocity"
+    if miss := ev.missing([deciding]):
         return _not_measured(f, miss)
-    lr = ev.base_series("lr")
-    ratios, flats, zero = [], [], 0
-    for rid, s in ev.base_series("kernel_velocity").items():
-        early = s["value"][s["frac"] <= T.F3_EARLY_FRAC]
-        late_mask = s["frac"] >= T.F3_LATE_FRAC
-        late = s["value"][late_mask]
-        if len(early) == 0 or len(late) < T.MIN_TIMES:
-            continue
-        ratios.append(np.median(early) / np.median(late) if np.median(late) > 0 else math.inf)
-        plateau = late
-        if rid in lr:  # the lr drop slows the kernel by design: the plateau is the constant-lr stretch
-            lr_at = dict(zip(lr[rid]["checkpoint_id"], lr[rid]["value"]))
-            lrs = np.array([lr_at.get(c, math.nan) for c in s["checkpoint_id"][late_mask]])
-            same = lrs == lrs[0]
-            if same.sum() >= T.MIN_TIMES:
-                plateau = late[same]
-        smooth = _rolling_median(plateau, T.F3_SMOOTH_WINDOW)
-        zero += int(smooth.min() <= 0)
-        flats.append(smooth.max() / smooth.min() if smooth.min() > 0 else math.inf)
-    if not ratios:
+    lr_series = ev.base_series("lr")
+    per = {}
+    for metric in dict.fromkeys([deciding, "kernel_velocity"]):
+        if ev.has(metric):
+            got = {rid: _velocity(s, dict(zip(lr_series[rid]["checkpoint_id"], lr_series[rid]["value"]))
+                                  if rid in lr_series else {})
+                   for rid, s in ev.base_series(metric).items()}
+            per[metric] = {rid: v for rid, v in got.items() if v is not None}
+    seeds = per[deciding]
+    if not seeds:
         return _not_measured(f, [], "kernel velocity lacks early (first 5%) or late (last half) checkpoints; "
                                     "add checkpoints ([checkpoints] log_points, every_epochs)")
-    r, fl = Stat.of(ratios), Stat.of(flats)
-    f.numbers = {"early_late_ratio": r.as_dict(), "plateau_maxmin": fl.as_dict(), "zero_plateaus": zero}
-    f.measured = f"early/late {r}; plateau max/min {fl}" + (f"; {zero} seed(s) with a zero plateau" if zero else "")
-    return _combine(f, [("fast early", r.mean >= T.F3_RATIO_MIN),
-                        ("flat non-zero plateau", zero == 0 and fl.mean <= T.F3_PLATEAU_MAXMIN)])
+    name = {"kernel_angular_velocity": "angular velocity θ/Δ", "kernel_velocity": "S/Δ"}
+    r, fl = Stat.of(v["ratio"] for v in seeds.values()), Stat.of(v["flat"] for v in seeds.values())
+    zero, frozen = sum(v["zero"] for v in seeds.values()), sum(v["frozen"] for v in seeds.values())
+    f.numbers = {"early_late_ratio": r.as_dict(), "plateau_maxmin": fl.as_dict(), "zero_plateaus": zero,
+                 "frozen_seeds": frozen, "deciding_metric": deciding}
+    texts = [f"{name[deciding]} (decides): early/late {r}; plateau max/min {fl}"]
+    if deciding != "kernel_velocity" and per.get("kernel_velocity"):
+        other = Stat.of(v["ratio"] for v in per["kernel_velocity"].values())
+        f.numbers["early_late_ratio_s_over_delta"] = other.as_dict()
+        texts.append(f"S/Δ early/late {other} (depends on Δ)")
+    if spacing := _spacing(ev):
+        texts.append(spacing)
+    if zero:
+        texts.append(f"{zero} seed(s) with a zero plateau")
+    f.measured = "; ".join(texts)
+    if deciding == "kernel_velocity":
+        f.detail = ("no angular velocity stored: S/Δ decides, and it grows with the checkpoint spacing Δ for steady "
+                    "motion; rerun [probes.ntk_distance] for kernel_angular_velocity")
+    if frozen and frozen >= T.SEED_MAJORITY * len(seeds):
+        late = Stat.of(v["late_over_early"] for v in seeds.values())
+        loss = Stat.of(fin["train_loss"] for rid in seeds if (fin := ev.final(rid)) is not None)
+        f.verdict = FAILS
+        f.measured = f"frozen kernel in {frozen}/{len(seeds)} seeds: late/early {late}; " + f.measured
+        f.detail = _join(f.detail, f"the late velocity is below {T.F3_FROZEN_FRAC:.0%} of the early one: the kernel "
+                                   f"stopped moving (final train loss {loss}; small nets stop once their train loss "
+                                   "reaches ~0), a different outcome from Fort et al.'s constant motion; use a harder "
+                                   "setting (e.g. data.name = \"mnist1d\")")
+        return f
+    return _combine(f, [
+        Part.of("fast early", check([v["ratio"] for v in seeds.values()], T.F3_RATIO_MIN, ">=")),
+        Part.all_of("flat non-zero plateau", [check([v["flat"] for v in seeds.values()], T.F3_PLATEAU_MAXMIN, "<=")],
+                    why=f"{frozen} of {len(seeds)} seeds have a frozen kernel" if frozen else "")])
 
 
 def f4(ev: Evidence) -> Finding:
     """F4, the kernel moves mostly early.
 
     Per seed: kernel_distance_to_init at the checkpoint nearest t/T = F4_EARLY_FRAC over its value at the last
-    checkpoint (skipped when that nearest checkpoint is the last one or the last value is 0). Holds when the mean
-    ratio ≥ F4_RATIO_MIN.
+    checkpoint (skipped when that nearest checkpoint is the last one or the last value is 0). Holds when the
+    ratio check (≥ F4_RATIO_MIN) passes.
     """
     f = Finding("F4", "The kernel moves mostly early", "kernel_distance_to_init",
                 f"S(Θ_0, Θ_{T.F4_EARLY_FRAC:g}T) ≥ {T.F4_RATIO_MIN:g} · S(Θ_0, Θ_T)")
@@ -203,16 +312,28 @@ def f4(ev: Evidence) -> Finding:
     r = Stat.of(ratios)
     f.numbers = {"ratio": r.as_dict(), "early_frac_used": Stat.of(used).as_dict()}
     f.measured = f"S(0.1T)/S(T) {r} (early checkpoint at t/T = {Stat.of(used).mean:.3g})"
-    return _combine(f, [("ratio", r.mean >= T.F4_RATIO_MIN)])
+    return _combine(f, [Part.of("ratio", check(ratios, T.F4_RATIO_MIN, ">="))])
+
+
+def _before_end(ev: Evidence, rid: str, s: dict) -> dict:
+    """The expansions strictly before the run's final checkpoint (see thresholds, F6)."""
+    fin = ev.final(rid)
+    if fin is None:
+        return s
+    keep = s["epoch"] < fin["epoch"] - 1e-9
+    return {k: v[keep] for k, v in s.items()}
 
 
 def f5(ev: Evidence) -> Finding:
     """F5, the learned NTK beats the initial one.
 
-    Per seed: linearised_test_error at the first expansion over its value at the expansion nearest F1's onset t*
-    (t/T = F5_DEFAULT_FRAC when the onset is not measured), and its Spearman with the expansion epoch (≥ MIN_TIMES
-    times). Holds when the mean ratio ≥ F5_RATIO_MIN and, where the Spearman is measured, its mean
-    ≤ FALLS_SPEARMAN_MAX ("falls").
+    Expansions at the parent's final checkpoint are left out (there the linearised model trains 0 steps).
+    Per seed: linearised_test_error at the first expansion over its value at the later expansion nearest the
+    comparison time: F1's onset t* when it is measured and after the first expansion, else t/T = F5_DEFAULT_FRAC
+    (also when the onset is at t = 0, i.e. the net is stable at initialisation). A seed with 0 error at the
+    comparison time has ratio ∞. Also the Spearman of the error with the expansion epoch (≥ MIN_TIMES times).
+    Holds when the ratio check (≥ F5_RATIO_MIN) and, where measured, the Spearman check (≤ FALLS_SPEARMAN_MAX,
+    "falls") pass.
     """
     f = Finding("F5", "The learned NTK beats the initial one", "linearised_test_error vs expansion time",
                 f"falls with expansion time; err(t=0) / err(onset, else {T.F5_DEFAULT_FRAC:.0%} of training) "
@@ -220,62 +341,120 @@ def f5(ev: Evidence) -> Finding:
     if miss := ev.missing(["linearised_test_error"]):
         return _not_measured(f, miss)
     onset = onsets(ev) if ev.has("error_barrier_test") and ev.has("loss_barrier_test") else {}
-    ratios, rhos, at = [], [], []
+    ratios, rhos, at, firsts = [], [], [], []
+    basis = {"onset": 0, "default": 0}
     for rid, s in ev.base_series("linearised_test_error").items():
+        s = _before_end(ev, rid, s)
         if len(s["value"]) < 2:
             continue
         target = onset.get(rid, {}).get("onset", math.nan)
-        target = T.F5_DEFAULT_FRAC if not np.isfinite(target) else target
-        i = _nearest(s["frac"], target)
-        if i == 0 or s["value"][i] <= 0:
-            continue
-        ratios.append(s["value"][0] / s["value"][i])
+        use_onset = np.isfinite(target) and target > s["frac"][0]
+        basis["onset" if use_onset else "default"] += 1
+        i = 1 + _nearest(s["frac"][1:], target if use_onset else T.F5_DEFAULT_FRAC)
+        ratios.append(s["value"][0] / s["value"][i] if s["value"][i] > 0 else math.inf)
         at.append(s["frac"][i])
+        firsts.append(s["frac"][0])
         if len(set(s["epoch"])) >= T.MIN_TIMES:
             rhos.append(spearman(s["epoch"], s["value"]))
     if not ratios:
-        return _not_measured(f, [], "linearised models were expanded at fewer than 2 times; "
-                                    "add expansion times (checkpoints) to [probes.kernel_accuracy]")
+        return _not_measured(f, [], "linearised models were expanded at fewer than 2 times before the final "
+                                    "checkpoint; " + EXPANSION_ADVICE)
     r, rho = Stat.of(ratios), Stat.of(rhos)
-    f.numbers = {"ratio": r.as_dict(), "spearman": rho.as_dict(), "compared_at_frac": Stat.of(at).as_dict()}
-    f.measured = f"err(0)/err(t/T≈{Stat.of(at).mean:.2g}) {r}; Spearman vs time {rho}"
-    return _combine(f, [("falls", rho.n > 0 and rho.mean <= T.FALLS_SPEARMAN_MAX if rho.n else None),
-                        ("ratio", r.mean >= T.F5_RATIO_MIN)])
+    inf = sum(1 for x in ratios if x == math.inf)
+    f.numbers = {"ratio": r.as_dict(), "spearman": rho.as_dict(), "compared_at_frac": Stat.of(at).as_dict(),
+                 "compared_at_onset": basis["onset"], "compared_at_default": basis["default"]}
+    how = ", ".join(x for x in (f"F1's onset for {basis['onset']}" if basis["onset"] else "",
+                                f"{T.F5_DEFAULT_FRAC:.0%} of training for {basis['default']}"
+                                if basis["default"] else "") if x)
+    zero_err = f" (∞ for {inf} seed(s) with 0 error)" if inf else ""
+    f.measured = (f"err(0)/err(t/T≈{Stat.of(at).mean:.2g}) {r}{zero_err}; compared at {how} seed(s); "
+                  f"Spearman vs time {rho}")
+    if max(firsts) > 0:
+        f.detail = f"the first expansion is at t/T = {max(firsts):.3g}, not 0; add 0 to [spawn] times"
+    return _combine(f, [Part.of("falls", check(rhos, T.FALLS_SPEARMAN_MAX, "<=")),
+                        Part.of("ratio", check(ratios, T.F5_RATIO_MIN, ">="))])
+
+
+def catch_up(ev: Evidence) -> dict[str, dict]:
+    """Per base parent (F6): where the linearised model catches up on the expansion grid.
+
+    ``placed``: the grid settles the comparison with F6_FRAC_MAX, and ``frac`` is the first expansion time
+    that catches up (+inf when none does, the grid reaching past F6_FRAC_MAX); else ``bracket`` = (a, b), the
+    stretch of t/T the catch-up lies in (b = 1 when no expansion before the end catches up).
+    """
+    out = {}
+    for rid, s in ev.base_series("linearised_test_error").items():
+        fin = ev.final(rid)
+        if fin is None:
+            continue
+        s = _before_end(ev, rid, s)
+        if len(s["value"]) == 0:
+            continue
+        bound = fin["test_error"] + max(T.F6_TOL_POINTS, T.F6_TOL_RELATIVE * fin["test_error"])
+        hits = np.flatnonzero(s["value"] <= bound)
+        fr = s["frac"]
+        if len(hits):
+            k = int(hits[0])
+            t, prev = float(fr[k]), (float(fr[k - 1]) if k > 0 else 0.0)
+            if t <= T.F6_FRAC_MAX or prev >= T.F6_FRAC_MAX:
+                out[rid] = {"placed": True, "frac": t, "bracket": (prev, t)}
+            else:
+                out[rid] = {"placed": False, "frac": t, "bracket": (prev, t)}
+        elif fr[-1] >= T.F6_FRAC_MAX:
+            out[rid] = {"placed": True, "frac": math.inf, "bracket": (float(fr[-1]), 1.0)}
+        else:
+            out[rid] = {"placed": False, "frac": math.inf, "bracket": (float(fr[-1]), 1.0)}
+    return out
 
 
 def f6(ev: Evidence) -> Finding:
     """F6, the linearised model catches up.
 
-    Per seed: the first expansion time t/T with linearised_test_error ≤ final test error + max(F6_TOL_POINTS,
-    F6_TOL_RELATIVE × final test error). Holds when every seed catches up and the mean time ≤ F6_FRAC_MAX.
+    Per seed (``catch_up``): the first expansion time t/T before the final checkpoint with linearised_test_error
+    ≤ final test error + max(F6_TOL_POINTS, F6_TOL_RELATIVE × final test error). The final checkpoint is left out:
+    there the linearised model trains 0 steps and always "catches up". A seed is placed when its grid settles
+    the comparison with F6_FRAC_MAX (it catches up at a time ≤ F6_FRAC_MAX, or not before a time ≥ F6_FRAC_MAX);
+    otherwise the catch-up lies in a gap of the grid around F6_FRAC_MAX and the seed is not measured ("not
+    measured" when no seed is placed). Holds when the check of the placed seeds' times (≤ F6_FRAC_MAX, never =
+    +inf) passes; the fraction is reported.
     """
     f = Finding("F6", "The linearised model catches up", "linearised_test_error vs final test_error",
-                f"smallest expansion time with err_lin(t) ≤ err_full(T) + max({T.F6_TOL_POINTS:g}, "
+                f"smallest expansion time before the end with err_lin(t) ≤ err_full(T) + max({T.F6_TOL_POINTS:g}, "
                 f"{T.F6_TOL_RELATIVE:.0%}) is ≤ {T.F6_FRAC_MAX:.0%} of training (paper: 15–45%)")
     if miss := ev.missing(["linearised_test_error"]):
         return _not_measured(f, miss)
-    fracs = []
-    for rid, s in ev.base_series("linearised_test_error").items():
-        fin = ev.final(rid)
-        if fin is None:
-            continue
-        bound = fin["test_error"] + max(T.F6_TOL_POINTS, T.F6_TOL_RELATIVE * fin["test_error"])
-        fracs.append(_first_frac(s["frac"], s["value"] <= bound))
-    if not fracs:
-        return _not_measured(f, [], "no parent run has both linearised models and a final checkpoint")
-    never = sum(math.isnan(x) for x in fracs)
+    per = catch_up(ev)
+    if not per:
+        return _not_measured(f, [], "no parent run has both linearised models before its final checkpoint and "
+                                    "a final checkpoint")
+    placed = {rid: p for rid, p in per.items() if p["placed"]}
+    gaps = [p["bracket"] for p in per.values() if not p["placed"]]
+    gap_text = ""
+    if gaps:
+        spans = {f"({a:.3g}, {b:.3g}]": sum(1 for g in gaps if g == (a, b)) for a, b in gaps}
+        gap_text = (f"the expansion grid cannot place the catch-up for {len(gaps)} seed(s): it lies in t/T " +
+                    ", ".join(f"{k} ({n} seed{'s' if n != 1 else ''})" for k, n in spans.items()) +
+                    f", across {T.F6_FRAC_MAX:g}; " + EXPANSION_ADVICE)
+    if not placed:
+        return _not_measured(f, [], gap_text)
+    fracs = [p["frac"] for p in placed.values()]
+    never = sum(1 for x in fracs if x == math.inf)
     st = Stat.of(fracs)
-    f.numbers = {"catch_up_frac": st.as_dict(), "seeds_never": never}
-    f.measured = f"catch-up at t/T {st}" + (f"; {never} seed(s) never catch up" if never else "")
-    return _combine(f, [("catch-up time", never == 0 and st.mean <= T.F6_FRAC_MAX)])
+    f.numbers = {"catch_up_frac": st.as_dict(), "seeds_never": never, "seeds_unplaced": len(gaps)}
+    f.measured = f"catch-up at t/T {st}"
+    if never:
+        reach = max(p["bracket"][0] for p in placed.values() if p["frac"] == math.inf)
+        f.measured += f"; {never} seed(s) do not catch up before the end (grid to t/T {reach:.3g})"
+    f.detail = gap_text
+    return _combine(f, [Part.of("catch-up time", check(fracs, T.F6_FRAC_MAX, "<="))])
 
 
 def f7(ev: Evidence) -> Finding:
     """F7, the nonlinear advantage vanishes early.
 
     Advantage at an expansion checkpoint = linearised_test_error − the mean final test error of the low-lr children
-    spawned there (``Evidence.advantage``). Per seed: the first time t/T with advantage ≤ F7_ADVANTAGE_MAX. Holds
-    when every seed gets there and the mean time ≤ F7_FRAC_MAX.
+    spawned there (``Evidence.advantage``). Per seed: the first time t/T with advantage ≤ F7_ADVANTAGE_MAX (+inf
+    when never). Holds when the check of those times (≤ F7_FRAC_MAX) passes.
     """
     f = Finding("F7", "The nonlinear advantage vanishes early",
                 "linearised_test_error − final test_error of low-lr children",
@@ -289,14 +468,14 @@ def f7(ev: Evidence) -> Finding:
     f.numbers = {"vanish_frac": st.as_dict(), "advantage_first": first.as_dict(), "seeds_never": never}
     f.measured = f"advantage ≤ 1 point from t/T {st}; advantage at the first expansion {first}" + (
         f"; {never} seed(s) never" if never else "")
-    return _combine(f, [("vanishing time", never == 0 and st.mean <= T.F7_FRAC_MAX)])
+    return _combine(f, [Part.of("vanishing time", check([_never_inf(x) for x in fracs], T.F7_FRAC_MAX, "<="))])
 
 
 def f8(ev: Evidence) -> Finding:
     """F8, children agree more when spawned later.
 
     Per seed: child_disagreement at the latest spawn over at the earliest (≥ 2 spawn times, earliest > 0). Holds
-    when the mean ratio ≤ F8_RATIO_MAX; ``detail`` warns when the earliest spawn is not at epoch 0.
+    when the ratio check (≤ F8_RATIO_MAX) passes; ``detail`` warns when the earliest spawn is not at epoch 0.
     """
     f = Finding("F8", "Children agree more when spawned later", "child_disagreement vs spawn time",
                 f"disagreement at the latest spawn ≤ {T.F8_RATIO_MAX:g} × at spawn 0")
@@ -314,14 +493,14 @@ def f8(ev: Evidence) -> Finding:
     f.measured = f"latest/earliest {r}"
     if max(first_epochs) > 0:
         f.detail = f"earliest spawn is at epoch {max(first_epochs):g}, not 0; add 0 to [spawn] times"
-    return _combine(f, [("ratio", r.mean <= T.F8_RATIO_MAX)])
+    return _combine(f, [Part.of("ratio", check(ratios, T.F8_RATIO_MAX, "<="))])
 
 
 def f9(ev: Evidence) -> Finding:
     """F9, the final Hessian has about C outliers (C = classes of the data set, NUM_CLASSES).
 
-    Per seed: hessian_outliers at the latest checkpoint that has it. Holds when the mean lies in
-    [C − F9_BELOW, C + F9_ABOVE].
+    Per seed: hessian_outliers at the latest checkpoint that has it. Holds when the checks ≥ C − F9_BELOW and
+    ≤ C + F9_ABOVE both pass.
     """
     C = NUM_CLASSES.get(ev.dataset or "", None)
     f = Finding("F9", "The final Hessian has ~C outliers", "hessian_outliers at the final checkpoint",
@@ -343,7 +522,8 @@ def f9(ev: Evidence) -> Finding:
     f.measured = f"outliers {st} at t/T {Stat.of(fracs).mean:.3g}"
     if min(fracs) < 1:
         f.detail = "some seeds lack a Hessian at the final checkpoint; the latest one was used"
-    return _combine(f, [("outlier count", C - T.F9_BELOW <= st.mean <= C + T.F9_ABOVE)])
+    return _combine(f, [Part.all_of("outlier count", [check(vals, C - T.F9_BELOW, ">="),
+                                                      check(vals, C + T.F9_ABOVE, "<=")])])
 
 
 def f10(ev: Evidence) -> Finding:
@@ -352,7 +532,7 @@ def f10(ev: Evidence) -> Finding:
     Per seed (≥ MIN_TIMES checkpoints), passes when hessian_top_eigenvalue is non-monotone (its peak strictly
     inside, rising from the first value and falling to the last by ≥ F10_CHANGE_MIN of the peak each) or when the
     median of λ / (2/η) over t/T ≥ F3_LATE_FRAC lies in [F10_EDGE_LOW, F10_EDGE_HIGH]. Holds when at least
-    SEED_MAJORITY of the seeds pass.
+    SEED_MAJORITY of the seeds pass (unsettled under MIN_SEEDS seeds).
     """
     f = Finding("F10", "The top Hessian eigenvalue rises then falls", "hessian_top_eigenvalue vs time",
                 f"non-monotone (rises and falls by ≥ {T.F10_CHANGE_MIN:.0%} of its peak), or the last half "
@@ -385,7 +565,7 @@ def f10(ev: Evidence) -> Finding:
                  "late_lambda_over_2_eta": Stat.of(edges).as_dict(), "seeds_passing": sum(passed)}
     f.measured = (f"rise {Stat.of(rises)}, fall {Stat.of(falls)} (of the peak); late λ/(2/η) "
                   f"{Stat.of(edges)}; {sum(passed)}/{len(passed)} seeds pass")
-    return _combine(f, [("shape", sum(passed) >= T.SEED_MAJORITY * len(passed))])
+    return _combine(f, [Part("shape", sum(passed) >= T.SEED_MAJORITY * len(passed), too_few_seeds(len(passed)))])
 
 
 def f11(ev: Evidence) -> Finding:
@@ -393,13 +573,14 @@ def f11(ev: Evidence) -> Finding:
 
     sharpness_1d at each run's latest checkpoint that has it, averaged per seed, for adversarially trained parents
     (any variant) and standard base parents; σ(adv)/σ(std) per matching seed, else the ratio of means (``_ratio``).
-    Holds when the mean ratio ≥ F11_RATIO_MIN; ``detail`` warns when the mean clean test errors differ by more
-    than F11_MATCH_ERROR (accuracy not matched).
+    Holds when the ratio check (≥ F11_RATIO_MIN) passes. Precondition: the mean clean test errors differ by at
+    most F11_MATCH_ERROR (matched accuracy); otherwise inconclusive.
     """
     import polars as pl
 
     f = Finding("F11", "Adversarial training is not flatter", "sharpness_1d at the final checkpoint",
-                f"σ_1D(adversarial) ≥ {T.F11_RATIO_MIN:g} · σ_1D(standard) at matched clean accuracy")
+                f"σ_1D(adversarial) ≥ {T.F11_RATIO_MIN:g} · σ_1D(standard) at matched clean accuracy "
+                f"(clean test errors within {T.F11_MATCH_ERROR:g})")
     adv = ev.runs.filter((pl.col("kind") == "parent") & (pl.col("adversarial") != "none"))
     if adv.height == 0:
         return _not_measured(f, [], "no adversarially trained runs in this store: add a variant, e.g. "
@@ -411,62 +592,163 @@ def f11(ev: Evidence) -> Finding:
     if not a or not s:
         return _not_measured(f, [], "sharpness_1d lacks the adversarial or the standard runs")
     r, how = _ratio(a, s)
-    gap = abs(_clean_error(ev, adv) - _clean_error(ev, std))
+    e_adv, e_std = _clean_error(ev, adv), _clean_error(ev, std)
+    gap = abs(e_adv - e_std)
     f.numbers = {"ratio": r.as_dict(), "clean_error_gap": gap}
-    f.measured = f"σ(adv)/σ(std) {r} ({how}); clean test error gap {gap:.3g}"
-    if not gap <= T.F11_MATCH_ERROR:
-        f.detail = (f"clean errors differ by {gap:.3g} > {T.F11_MATCH_ERROR:g}: not at matched accuracy "
-                    f"(tune adv_epsilon / adv_mix)")
-    return _combine(f, [("ratio", r.mean >= T.F11_RATIO_MIN)])
+    f.measured = (f"σ(adv)/σ(std) {r} ({how}); clean test error adversarial {e_adv:.3g}, standard {e_std:.3g} "
+                  f"(gap {gap:.3g})")
+    why = "" if gap <= T.F11_MATCH_ERROR else (
+        f"the clean test errors differ by {gap:.3g} > {T.F11_MATCH_ERROR:g}: not at matched accuracy "
+        "(tune [variants.adversarial.train] adv_epsilon / adv_mix)")
+    return _combine(f, [Part.all_of("ratio", [check(r.values, T.F11_RATIO_MIN, ">=")], why=why)])
+
+
+#: Every sharpness measure F12 reports, the deciding one (F12_DECIDING_METRIC) first.
+F12_MEASURES = {"adversarial_sharpness": "worst-case sharpness", "sharpness_1d": "σ_1D", "curvature_1d": "κ_1D",
+                "hessian_top_eigenvalue": "Hessian λ₁", "hessian_trace": "Hessian trace"}
+
+
+def _loss_factor(a: float | None, b: float | None) -> float:
+    if a is None or b is None or not (np.isfinite(a) and np.isfinite(b)):
+        return math.nan
+    if a <= 0 or b <= 0:
+        return 1.0 if a == b else math.inf
+    return max(a / b, b / a)
+
+
+def _at_matched_loss(ev: Evidence, metric: str, large_id: str, small_id: str, loss: dict) -> dict | None:
+    """One seed: the large-batch run's latest value of ``metric`` against the small-batch run's value at the
+    checkpoint (among those with ``metric``) nearest it in train loss."""
+    big, small = ev.by_run(metric, [large_id]).get(large_id), ev.by_run(metric, [small_id]).get(small_id)
+    if big is None or small is None or len(big["value"]) == 0 or len(small["value"]) == 0:
+        return None
+    l_big = loss.get(big["checkpoint_id"][-1])
+    factors = [_loss_factor(l_big, loss.get(c)) for c in small["checkpoint_id"]]
+    i = int(np.nanargmin(factors)) if np.isfinite(factors).any() else len(factors) - 1
+    v_small = float(small["value"][i])
+    return {"ratio": float(big["value"][-1]) / v_small if v_small > 0 else math.nan, "factor": factors[i],
+            "matched": bool(factors[i] <= T.F12_LOSS_MATCH_FACTOR), "loss_large": l_big,
+            "loss_small": loss.get(small["checkpoint_id"][i]), "small_frac": float(small["frac"][i])}
 
 
 def f12(ev: Evidence) -> Finding:
-    """F12, large-batch minima are sharper (filter-normalised sharpness_1d).
+    """F12, large-batch minima are sharper, compared at matched train loss, under filter normalisation.
 
     Small batch: the smallest batch_size among standard base parents; large batch: standard parents of any variant
-    and the same model with a larger batch_size. σ(large)/σ(small) of sharpness_1d at the latest checkpoint that
-    has it, per matching seed, else the ratio of means. Holds when the mean ratio ≥ F12_RATIO_MIN.
+    with the same model and a larger batch_size, paired by seed. For every measure of F12_MEASURES, per seed
+    (``_at_matched_loss``): the large-batch run's value at its latest checkpoint with the measure over the
+    small-batch run's value at the checkpoint (among those with the measure) whose train loss is nearest; the
+    losses are matched when within a factor F12_LOSS_MATCH_FACTOR. F12_DECIDING_METRIC decides: holds when its
+    ratio check over the matched seeds (≥ F12_RATIO_MIN) passes; with no matched seed the unmatched ratios are
+    shown and the finding is inconclusive (precondition). The other measures are reported side by side.
     """
     import polars as pl
 
-    f = Finding("F12", "Large-batch minima are sharper", "sharpness_1d at the final checkpoint",
-                f"σ_1D(large batch) ≥ {T.F12_RATIO_MIN:g} · σ_1D(small batch), filter-normalised")
+    deciding = T.F12_DECIDING_METRIC
+    f = Finding("F12", "Large-batch minima are sharper", f"{deciding} (decides), " +
+                ", ".join(m for m in F12_MEASURES if m != deciding) + " at matched train loss",
+                f"{F12_MEASURES[deciding]}(large batch) ≥ {T.F12_RATIO_MIN:g} · {F12_MEASURES[deciding]}(small "
+                f"batch), filter-normalised, at train losses within a factor {T.F12_LOSS_MATCH_FACTOR:g}")
     base = ev.parents().filter(pl.col("adversarial") == "none")
     if base.height == 0:
         return _not_measured(f, [], "no standard base runs")
-    small = int(base["batch_size"].min())
-    large = ev.runs.filter((pl.col("kind") == "parent") & (pl.col("batch_size") > small)
+    small_bs = int(base["batch_size"].min())
+    large = ev.runs.filter((pl.col("kind") == "parent") & (pl.col("batch_size") > small_bs)
                            & (pl.col("adversarial") == "none") & (pl.col("model") == base["model"][0]))
     if large.height == 0:
         return _not_measured(f, [], "no large-batch runs in this store: add a variant, e.g. "
                                     "[variants.large_batch.optim] batch_size = 512")
-    if miss := ev.missing(["sharpness_1d"]):
+    if miss := ev.missing([deciding]):
         return _not_measured(f, miss)
-    l, s = (_variant_final(ev, "sharpness_1d", large),
-            _variant_final(ev, "sharpness_1d", base.filter(pl.col("batch_size") == small)))
-    if not l or not s:
-        return _not_measured(f, [], "sharpness_1d lacks the large-batch or the small-batch runs")
-    r, how = _ratio(l, s)
-    f.numbers = {"ratio": r.as_dict(), "batch_sizes": [small, int(large["batch_size"].max())]}
-    f.measured = f"σ(batch {int(large['batch_size'].max())})/σ(batch {small}) {r} ({how})"
-    return _combine(f, [("ratio", r.mean >= T.F12_RATIO_MIN)])
+    small_of = {r["seed"]: r["id"] for r in base.filter(pl.col("batch_size") == small_bs).iter_rows(named=True)}
+    loss = ev.at_checkpoints("train_loss")
+    per: dict[str, dict[int, list[dict]]] = {m: {} for m in F12_MEASURES}
+    for r in large.iter_rows(named=True):
+        if r["seed"] not in small_of:
+            continue
+        for m in F12_MEASURES:
+            if ev.has(m) and (got := _at_matched_loss(ev, m, r["id"], small_of[r["seed"]], loss)) is not None:
+                per[m].setdefault(r["seed"], []).append(got)
+    if not per[deciding]:
+        return _not_measured(f, [], f"{deciding} lacks the large-batch or the small-batch runs of one seed")
+
+    def summary(m: str) -> tuple[list[float], list[float], str]:
+        rows = [g for gs in per[m].values() for g in gs]
+        matched = [g["ratio"] for g in rows if g["matched"]]
+        unmatched = [g["ratio"] for g in rows if not g["matched"]]
+        text = (f"{Stat.of(matched)} at matched loss" if matched else "") + (
+            f"{'; ' if matched else ''}{Stat.of(unmatched)} at unmatched loss" if unmatched else "")
+        return matched, unmatched, text
+
+    big = [g for gs in per[deciding].values() for g in gs]
+    matched, unmatched, text = summary(deciding)
+    f.numbers = {"ratio": Stat.of(matched or unmatched).as_dict(), "matched_seeds": len(matched),
+                 "batch_sizes": [small_bs, int(large["batch_size"].max())], "deciding_metric": deciding}
+    bs = f"batch {int(large['batch_size'].max())} / batch {small_bs}"
+    others = []
+    for m, label in F12_MEASURES.items():
+        if m != deciding and per[m]:
+            _, _, t = summary(m)
+            others.append(f"{label} {t}")
+            f.numbers[f"ratio_{m}"] = Stat.of(g["ratio"] for gs in per[m].values() for g in gs).as_dict()
+    f.measured = (f"{bs}: {F12_MEASURES[deciding]} (decides) {text}" + (f"; also {', '.join(others)}" if others else "")
+                  + f"; train loss large {Stat.of(g['loss_large'] for g in big)}, small at the compared checkpoint "
+                  f"{Stat.of(g['loss_small'] for g in big)}")
+    errs = Stat.of(fin["test_error"] for rid in large["id"] if (fin := ev.final(rid)) is not None)
+    f.detail = f"large-batch final test error {errs}"
+    why = "" if matched else (
+        f"not at matched train loss (large {Stat.of(g['loss_large'] for g in big)} vs small "
+        f"{Stat.of(g['loss_small'] for g in big)}, factor > {T.F12_LOSS_MATCH_FACTOR:g}): measure the small-batch "
+        "run where its train loss equals the large-batch one ([probes.flatness] on_checkpoints = \"spawn\" or "
+        "\"all\") or train the large-batch variant until it gets there ([variants.large_batch.optim] epochs)")
+    if matched and unmatched:
+        f.detail = _join(f.detail, f"{len(unmatched)} seed(s) not at matched train loss left out")
+    return _combine(f, [Part.all_of("ratio", [check(matched or unmatched, T.F12_RATIO_MIN, ">=")], why=why)])
+
+
+def _not_at_minimum(ev: Evidence, runs) -> str:
+    """Why some of ``runs`` are not (known to be) at a minimum: their train loss still falls by more than
+    CONVERGED_LOSS_DROP_MAX over the last CONVERGED_WINDOW_FRAC of training, or it cannot be told."""
+    falling: dict[str, list[tuple]] = {}
+    unknown = []
+    for r in runs.iter_rows(named=True):
+        got = ev.loss_drop(r["id"])
+        if got is None:
+            unknown.append(r["id"])
+        elif got[0] > T.CONVERGED_LOSS_DROP_MAX:
+            falling.setdefault(r["variant"], []).append(got)
+    falling = [f"{v} ({len(g)} run{'s' if len(g) != 1 else ''}): −{np.mean([x[0] for x in g]):.0%} from t/T "
+               f"{min(x[1] for x in g):.2g}, final train loss {np.mean([x[2] for x in g]):.3g}"
+               for v, g in falling.items()]
+    texts = []
+    if falling:
+        texts.append(f"not at a minimum: train loss still falls by more than {T.CONVERGED_LOSS_DROP_MAX:.0%} over "
+                     f"the last {T.CONVERGED_WINDOW_FRAC:.0%} of training ({'; '.join(falling)}); train them to "
+                     "convergence (longer [variants.<name>.optim] epochs)")
+    if unknown:
+        texts.append(f"cannot tell whether {len(unknown)} run(s) are at a minimum: no checkpoint at or before t/T "
+                     f"{1 - T.CONVERGED_WINDOW_FRAC:g} besides the final one with a train loss (add one, e.g. "
+                     "[variants.<name>.checkpoints] epochs)")
+    return "; ".join(texts)
 
 
 def f13(ev: Evidence) -> Finding:
-    """F13, more patches give a smaller top Hessian eigenvalue; more parameters per patch a larger one.
+    """F13, more patches give a smaller top Hessian eigenvalue at the minimum; more parameters per patch a larger
+    one.
 
     Patch networks: parents of any variant with model "patchnet", at least two patch counts. Part "patches":
     hessian_top_eigenvalue at the latest checkpoint that has it, λ(most patches)/λ(fewest) per matching seed, else
-    the ratio of means; holds when the mean ≤ F13_RATIO_MAX. Part "parameters per patch", where runs at one patch
-    count differ in num_params: per patch count, Spearman of num_params with the final eigenvalue and with the final
-    train loss (the sign of Pearson's r under 3 runs); holds when the mean is > 0 for the eigenvalue and < 0 for
-    the loss.
+    the ratio of means; holds when its check (≤ F13_RATIO_MAX) passes. Part "parameters per patch", where runs at
+    one patch count differ in num_params: per patch count, Spearman of num_params with the final eigenvalue and with
+    the final train loss (the sign of Pearson's r under 3 runs); holds when the mean is > 0 for the eigenvalue and
+    < 0 for the loss. Precondition for both ("at the minimum"): every patch network compared is converged
+    (``_not_at_minimum``: train loss falling by ≤ CONVERGED_LOSS_DROP_MAX over the last CONVERGED_WINDOW_FRAC).
     """
     import polars as pl
 
     f = Finding("F13", "More patches, smaller top Hessian eigenvalue", "hessian_top_eigenvalue at the final "
-                "checkpoint of patch networks", f"λ(most patches)/λ(fewest) ≤ {T.F13_RATIO_MAX:g}; more "
-                "parameters per patch → larger λ and lower final loss")
+                "checkpoint of patch networks", f"λ(most patches)/λ(fewest) ≤ {T.F13_RATIO_MAX:g} at the minimum; "
+                "more parameters per patch → larger λ and lower final loss")
     patch = ev.runs.filter((pl.col("kind") == "parent") & (pl.col("model") == "patchnet"))
     counts = sorted(set(patch["patches"].to_list()))
     if len(counts) < 2:
@@ -480,9 +762,14 @@ def f13(ev: Evidence) -> Finding:
         return _not_measured(f, [], "hessian_top_eigenvalue lacks the patch networks' final checkpoints")
     r, how = _ratio(lam[hi], lam[lo])
     f.numbers = {"ratio": r.as_dict(), "patches": counts}
-    f.measured = f"λ({hi})/λ({lo}) {r} ({how})"
+    ends = []
+    for n in counts:
+        fins = [fin for rid in patch.filter(pl.col("patches") == n)["id"] if (fin := ev.final(rid)) is not None]
+        ends.append(f"{n}: {Stat.of(x['train_loss'] for x in fins).mean:.3g} / "
+                    f"{Stat.of(x['test_error'] for x in fins).mean:.3g}")
+    f.measured = f"λ({hi})/λ({lo}) {r} ({how}); final train loss / test error by patches {', '.join(ends)}"
     # part 2: a width sweep at a fixed patch count
-    rho_l, rho_loss = [], []
+    rho_l, rho_loss, swept = [], [], []
     for n in counts:
         grp = patch.filter(pl.col("patches") == n)
         if grp["num_params"].n_unique() < 2:
@@ -493,6 +780,7 @@ def f13(ev: Evidence) -> Finding:
             if got and fin:
                 lam_n.append(got[0]), loss_n.append(fin["train_loss"]), params.append(r_["num_params"])
         if len(set(params)) >= 2:
+            swept.append(n)
             rho_l.append(spearman(params, lam_n) if len(params) >= 3 else np.sign(np.corrcoef(params, lam_n)[0, 1]))
             rho_loss.append(spearman(params, loss_n) if len(params) >= 3 else
                             np.sign(np.corrcoef(params, loss_n)[0, 1]))
@@ -500,42 +788,56 @@ def f13(ev: Evidence) -> Finding:
     if rho_l:
         part2 = Stat.of(rho_l).mean > 0 and Stat.of(rho_loss).mean < 0
         f.measured += f"; params vs λ: Spearman {Stat.of(rho_l)}, vs final loss {Stat.of(rho_loss)}"
-    return _combine(f, [("patches", r.mean <= T.F13_RATIO_MAX),
-                        ("parameters per patch (add variants that differ in model.width at one patch "
-                         "count)", part2)])
+    compared = patch.filter(pl.col("patches").is_in(sorted({lo, hi, *swept})))
+    why = _not_at_minimum(ev, compared)
+    return _combine(f, [
+        Part.all_of("patches", [check(r.values, T.F13_RATIO_MAX, "<=")], why=why),
+        Part("parameters per patch", part2, why if part2 is not None else "",
+             "add variants that differ in model.width at one patch count")])
 
 
 def f14(ev: Evidence) -> Finding:
     """F14, merging: late children average well; weight matching halves the barrier across inits.
 
-    Part "averaging late children": loss_barrier_test at each seed's latest spawn, mean ≤ F14_AVERAGE_LOSS_MAX.
-    Part "weight matching across inits" (MERGE_NAIVE, MERGE_MATCHED, latest values): naive mean
-    ≥ F14_NAIVE_BARRIER_MIN and matched mean ≤ F14_MATCHED_RATIO_MAX × naive mean.
+    Part "averaging late children": loss_barrier_test at each seed's latest spawn, check ≤ F14_AVERAGE_LOSS_MAX.
+    Part "weight matching across inits" (the ``merge`` probe: MERGE_NAIVE, MERGE_MATCHED, per anchor run, latest
+    values): the naive barrier's check ≥ F14_NAIVE_BARRIER_MIN and the check of matched/naive ≤
+    F14_MATCHED_RATIO_MAX. Precondition for each part: its path has ≥ PATH_POINTS_MIN α points.
     """
     f = Finding("F14", "Merging: late children average well; matching halves cross-init barriers",
                 f"loss_barrier_test at the latest spawn; {MERGE_NAIVE}, {MERGE_MATCHED}",
                 f"averaging late-spawned children does not raise test loss (loss barrier ≤ "
                 f"{T.F14_AVERAGE_LOSS_MAX:g}); different inits: naive barrier ≥ {T.F14_NAIVE_BARRIER_MIN:g}, "
                 f"weight matching ≤ {T.F14_MATCHED_RATIO_MAX:g} × naive")
-    part_a = part_b = None
+    part_a = Part("averaging late children", None, "", advice("loss_barrier_test"))
+    part_b = Part("weight matching across inits", None, "", advice(MERGE_NAIVE))
     texts = []
     if ev.has("loss_barrier_test"):
-        late = Stat.of(s["value"][-1] for s in ev.base_series("loss_barrier_test").values())
+        values = [s["value"][-1] for s in ev.base_series("loss_barrier_test").values()]
+        late = Stat.of(values)
         if late.n:
-            part_a = late.mean <= T.F14_AVERAGE_LOSS_MAX
+            part_a = Part.all_of(part_a.name, [check(values, T.F14_AVERAGE_LOSS_MAX, "<=")],
+                                 why=_points_why(ev, "barrier"))
             texts.append(f"late-spawn loss barrier {late}")
             f.numbers["late_loss_barrier"] = late.as_dict()
     if ev.has(MERGE_NAIVE) and ev.has(MERGE_MATCHED):
-        naive = Stat.of(s["value"][-1] for s in ev.base_series(MERGE_NAIVE).values())
-        matched = Stat.of(s["value"][-1] for s in ev.base_series(MERGE_MATCHED).values())
-        if naive.n and matched.n:
-            part_b = naive.mean >= T.F14_NAIVE_BARRIER_MIN and matched.mean <= T.F14_MATCHED_RATIO_MAX * naive.mean
-            texts.append(f"cross-init barrier naive {naive}, matched {matched}")
-    if part_a is None and part_b is None:
+        naive_s, matched_s = ev.base_series(MERGE_NAIVE), ev.base_series(MERGE_MATCHED)
+        both = sorted(set(naive_s) & set(matched_s))
+        naive = [float(naive_s[r]["value"][-1]) for r in both]
+        matched = [float(matched_s[r]["value"][-1]) for r in both]
+        ratio = [m / n for m, n in zip(matched, naive) if n > 0]
+        if both:
+            part_b = Part.all_of(part_b.name, [check(naive, T.F14_NAIVE_BARRIER_MIN, ">="),
+                                               check(ratio, T.F14_MATCHED_RATIO_MAX, "<=")],
+                                 why=_points_why(ev, "merge"))
+            texts.append(f"cross-init barrier naive {Stat.of(naive)}, matched {Stat.of(matched)}, matched/naive "
+                         f"{Stat.of(ratio)} (per anchor run)")
+            f.numbers.update(naive_barrier=Stat.of(naive).as_dict(), matched_barrier=Stat.of(matched).as_dict(),
+                             matched_over_naive=Stat.of(ratio).as_dict())
+    if part_a.ok is None and part_b.ok is None:
         return _not_measured(f, ev.missing(["loss_barrier_test"]) or ["loss_barrier_test"])
     f.measured = "; ".join(texts)
-    return _combine(f, [("averaging late children", part_a),
-                        (f"weight matching across inits ({advice(MERGE_NAIVE)})", part_b)])
+    return _combine(f, [part_a, part_b])
 
 
 FINDINGS: dict[str, Callable[[Evidence], Finding]] = {

@@ -1,4 +1,5 @@
-"""Statistics the findings use: seed mean ± std, rank correlation, first crossing, nearest time, ratios.
+"""Statistics the findings use: seed mean ± std, rank correlation, first crossing, nearest time, ratios,
+and whether per-seed values settle a threshold (``check``).
 
 Pure functions of numbers (no store, no verdicts); ``lsdb.query.rules`` applies them per seed.
 """
@@ -6,9 +7,11 @@ Pure functions of numbers (no store, no verdicts); ``lsdb.query.rules`` applies 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from lsdb.query import thresholds as T
 
 
 @dataclass
@@ -18,13 +21,14 @@ class Stat:
     mean: float
     std: float
     n: int
+    values: tuple = field(default=(), repr=False, compare=False)  # the finite per-seed values
 
     @classmethod
     def of(cls, values) -> "Stat":
         v = np.asarray([x for x in values if x is not None], dtype=float)
         v = v[np.isfinite(v)]
         return cls(float(v.mean()) if len(v) else math.nan, float(v.std(ddof=1)) if len(v) > 1 else math.nan,
-                   int(len(v)))
+                   int(len(v)), tuple(float(x) for x in v))
 
     def __str__(self) -> str:
         if self.n == 0:
@@ -71,3 +75,62 @@ def _ratio(num: dict[int, float], den: dict[int, float]) -> tuple[Stat, str]:
     if common:
         return Stat.of(num[s] / den[s] for s in common if den[s] != 0), "per seed"
     return Stat.of([np.mean(list(num.values())) / np.mean(list(den.values()))]), "ratio of means"
+
+
+def bootstrap_interval(values, level: float = T.BOOTSTRAP_LEVEL, resamples: int = T.BOOTSTRAP_RESAMPLES,
+                       seed: int = T.BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (finite floats); (nan, nan) under 2 values."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return math.nan, math.nan
+    means = v[np.random.default_rng(seed).integers(0, len(v), size=(resamples, len(v)))].mean(axis=1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def too_few_seeds(n: int, min_seeds: int = T.MIN_SEEDS) -> str:
+    """Why a verdict over ``n`` seeds is unsettled, or "" when there are enough."""
+    return f"only {n} seed{'s' if n != 1 else ''} measured (minimum {min_seeds})" if n < min_seeds else ""
+
+
+@dataclass(frozen=True)
+class Check:
+    """Whether per-seed values pass a threshold: ``ok`` (None = nothing measured) from their mean, and
+    ``why`` (non-empty) when that outcome is not settled: too few seeds, seeds on both sides, or the
+    seeds' spread (mean ± std) or the bootstrap interval of the mean straddling the threshold."""
+
+    ok: bool | None
+    why: str = ""
+    interval: tuple[float, float] = (math.nan, math.nan)  # the bootstrap interval of the mean
+
+
+def check(values, threshold: float, sense: str, min_seeds: int = T.MIN_SEEDS) -> Check:
+    """``sense`` "<=" or ">=": does the seed mean of ``values`` lie on the passing side of ``threshold``?
+
+    ``values``: one number per seed; None/NaN = not measured there (left out), ±inf = "never" (a seed
+    whose time never comes counts as +inf against an upper bound). With infinities the mean is decided
+    by them and the straddle test is whether some seeds pass and others do not.
+    """
+    if sense not in ("<=", ">="):
+        raise ValueError(f"sense must be '<=' or '>=', got {sense!r}")
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    v = v[~np.isnan(v)]
+    if len(v) == 0:
+        return Check(None)
+    passes = v <= threshold if sense == "<=" else v >= threshold
+    finite = v[np.isfinite(v)]
+    mean = float(v.mean()) if np.isfinite(v).all() else (math.inf if (v == math.inf).any() and not
+                                                          (v == -math.inf).any() else -math.inf)
+    ok = bool(mean <= threshold if sense == "<=" else mean >= threshold)
+    lo, hi = bootstrap_interval(finite) if len(finite) == len(v) else (math.nan, math.nan)
+    if len(v) < min_seeds:
+        return Check(ok, too_few_seeds(len(v), min_seeds), (lo, hi))
+    if len(finite) < len(v):
+        why = "" if passes.all() or not passes.any() else f"{int(passes.sum())} of {len(v)} seeds pass"
+        return Check(ok, why, (lo, hi))
+    std = float(finite.std(ddof=1))
+    if mean - std < threshold < mean + std:
+        return Check(ok, f"seeds' spread {Stat.of(finite)} straddles {threshold:g}", (lo, hi))
+    if lo < threshold < hi:
+        return Check(ok, f"{T.BOOTSTRAP_LEVEL:.0%} bootstrap interval [{_g(lo)}, {_g(hi)}] of the seed mean "
+                         f"straddles {threshold:g}", (lo, hi))
+    return Check(ok, "", (lo, hi))

@@ -1,6 +1,6 @@
 """Every named threshold and fixed choice of the query layer, in one place.
 
-These are decisions made before looking at any data (see ../shared/PAPERS.md, "Findings").
+These are decisions made before looking at any data (see docs/findings.md).
 A finding that fails on the data at hand is reported as failing: never tune a value here to
 make a store pass. Errors are stored as fractions in [0, 1], so one percentage point is 0.01.
 """
@@ -25,6 +25,24 @@ SEED_MAJORITY = 0.5
 #: z-value of a two-sided 95% interval.
 Z95 = 1.959963984540054
 
+# ------------------------------------------------------------------------- uncertainty
+# A verdict is "inconclusive" when the seeds' spread (mean ± std) or a bootstrap interval of the seed
+# mean straddles the threshold, when fewer than MIN_SEEDS seeds were measured, or when a stated
+# precondition fails (F11 matched accuracy, F12 matched train loss, F13 at a minimum, F14 path grid).
+#: Fewest seeds (parent runs; for F14's cross-init part, anchor runs) a verdict rests on. [ours]
+MIN_SEEDS = 2
+#: Percentile bootstrap of the seed mean: level, resamples and the seed of its generator (so the
+#: same store always prints the same interval). [ours]
+BOOTSTRAP_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+#: Fewest α points on an interpolation path (barriers): the design notes ask for a grid of ≥ 21. [ours]
+PATH_POINTS_MIN = 21
+#: "At a minimum" (F13): the train loss fell by at most CONVERGED_LOSS_DROP_MAX (relative) from the latest
+#: checkpoint at or before t/T = 1 − CONVERGED_WINDOW_FRAC to the final one. [ours]
+CONVERGED_WINDOW_FRAC = 0.1
+CONVERGED_LOSS_DROP_MAX = 0.05
+
 # --------------------------------------------------------------- F1 basin fixed early
 F1_SPEARMAN_MAX = -0.6          # barrier vs spawn time
 F1_ERROR_BARRIER_MAX = 2 * POINT  # onset: error barrier below 2 points ...
@@ -42,6 +60,11 @@ F3_LATE_FRAC = 0.5              # "late" = the last half of training
 F3_RATIO_MIN = 3.0              # early median velocity / late median velocity
 F3_PLATEAU_MAXMIN = 3.0         # smoothed max / min over the late plateau
 F3_SMOOTH_WINDOW = 3            # centred rolling median width for the plateau test
+F3_FROZEN_FRAC = 0.01           # late median below 1% of the early one: a frozen kernel, not "holds"
+#: The velocity that decides: the angular velocity θ/Δ = arccos(1 − S)/Δ, which does not depend on the
+#: spacing Δ for steady motion (S/Δ grows like Δ there); S/Δ is reported next to it, and decides only
+#: when no angular velocity is stored. [ours]
+F3_DECIDING_METRIC = "kernel_angular_velocity"
 
 # ----------------------------------------------------------- F4 kernel moves mostly early
 F4_EARLY_FRAC = 0.1
@@ -55,6 +78,8 @@ F5_DEFAULT_FRAC = 0.1           # comparison time when F1's onset is not measure
 F6_TOL_POINTS = 1 * POINT       # err_lin(t) <= err_full(T) + max(1 point, 25%)
 F6_TOL_RELATIVE = 0.25
 F6_FRAC_MAX = 0.5
+# The expansion at the parent's final checkpoint is left out (F5, F6): there the linearised model of a
+# child "trained to the end" trains 0 steps and equals the network, so it always catches up.
 
 # --------------------------------------------------- F7 nonlinear advantage vanishes early
 F7_ADVANTAGE_MAX = 1 * POINT
@@ -78,6 +103,13 @@ F11_MATCH_ERROR = 5 * POINT     # clean test errors within 5 points count as "ma
 
 # ------------------------------------------------------- F12 large batch is sharper
 F12_RATIO_MIN = 1.2
+#: The sharpness that decides: worst-case sharpness in the filter-normalised ball (Keskar et al.'s measure
+#: under Li et al.'s normalisation). σ_1D averages the loss rise over α ∈ [−1, 1], perturbations as large
+#: as the weights, where the loss saturates; it is reported with κ, λ₁ and the Hessian trace. [ours]
+F12_DECIDING_METRIC = "adversarial_sharpness"
+#: Train losses "matched" when within this factor of each other (large batch vs the small-batch
+#: checkpoint, among those with the measure, nearest in train loss). [ours]
+F12_LOSS_MATCH_FACTOR = 1.5
 
 # ------------------------------------------------ F13 more patches, smaller top eigenvalue
 F13_RATIO_MAX = 0.7             # λ(most patches) / λ(fewest patches)

@@ -76,9 +76,11 @@ class StoreBuilder:
                  test_loss=test_loss, test_error=test_error, created_at=datetime(2024, 1, 1))
         return cid
 
-    def metric(self, name: str, anchor: str, value: float, checkpoint_id: str | None = None) -> None:
+    def metric(self, name: str, anchor: str, value: float, checkpoint_id: str | None = None,
+               columns: dict | None = None) -> None:
         """Metric ``name`` landing at checkpoint ``anchor``. Metrics of one table with the same job
-        role and anchor share one row (one job), as a probe would write them."""
+        role and anchor share one row (one job), as a probe would write them; ``columns`` fills other
+        columns of that row (e.g. the ``points`` of a merge row)."""
         table, m = metric_table(name)
         if table is None:
             raise KeyError(f"no table declares metric {name!r}")
@@ -86,6 +88,7 @@ class StoreBuilder:
                       for col, raw, text in _WHERE_EQ.findall(m.where or ""))
         key = (table.name, m.role or "self", fixed, anchor, checkpoint_id or anchor)
         self._pending.setdefault(key, {})[m.column] = value
+        self._pending[key].update(columns or {})
 
     def _write_metrics(self) -> None:
         for (tname, role, fixed, anchor, ckpt), values in self._pending.items():
@@ -122,6 +125,7 @@ class StoreBuilder:
 EPOCHS = 40.0
 PARENT_EPOCHS = (0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40)
 SPAWNS = (0, 0.25, 1, 4, 8)
+LATE_EXPANSIONS = (12, 16, 20, 24, 32)  # expansions of the linearised model after the last spawn
 SEEDS = (0, 1, 2)
 LR_DROP = 30
 
@@ -130,37 +134,126 @@ def _lr(epoch):
     return 0.1 if epoch < LR_DROP else 0.01
 
 
-class Study:
+def _train_loss(epoch):
+    """The base parents' train loss: falls from 2.3 to 0.05 (so a large-batch run ending at 0.2 matches the
+    checkpoint at ~8 epochs)."""
+    import math
+
+    return 0.05 + 2.25 * math.exp(-epoch / 3)
+
+
+class Frames:
+    """Runs, checkpoints and metric rows written once, seen as ``Evidence`` frames or as a real store.
+
+    ``metrics``: (metric, anchor checkpoint id, value, extra columns of the row or None). ``path_points``: the
+    ``points`` of the barrier / merge rows (``Evidence.path_points`` and the rows ``write`` makes).
+    """
+
+    def __init__(self):
+        self.runs: list[dict] = []
+        self.checkpoints: list[dict] = []
+        self.metrics: list[tuple] = []
+        self.path_points: dict[str, int] = {}
+
+    def run(self, id, seed, **kw):
+        self.runs.append({"id": id, "seed": seed, **kw})
+        return id
+
+    def ckpt(self, run_id, epoch, **kw):
+        cid = f"{run_id}@{int(round(epoch * 100))}"
+        self.checkpoints.append({"run_id": run_id, "epoch": float(epoch), "id": cid, "lr": _lr(epoch), **kw})
+        return cid
+
+    def metric(self, name, anchor, value):
+        self.metrics.append((name, anchor, float(value)))
+
+    # ---------------------------------------------------------------- two views of it
+    def evidence(self):
+        """The frames as ``Evidence`` (every metric, whether or not its table exists yet)."""
+        import polars as pl
+
+        from lsdb.query.findings import Evidence
+
+        defaults = {"variant": "base", "kind": "parent", "model": "cnn1d", "patches": 1, "batch_size": 64,
+                    "adversarial": "none", "num_params": 8000, "parent_run_id": None, "parent_checkpoint_id": None,
+                    "spawn_epoch": None, "child_index": None, "status": "finished", "epochs": EPOCHS, "lr": 0.1}
+        runs = pl.DataFrame([{**defaults, **r} for r in self.runs])
+        ck = {c["id"]: c for c in self.checkpoints}
+        finals = {}
+        for c in self.checkpoints:
+            if c["run_id"] not in finals or c["epoch"] > finals[c["run_id"]]["epoch"]:
+                finals[c["run_id"]] = c
+        finals = pl.DataFrame([{"run_id": r, "epoch": c["epoch"], "frac": c["epoch"] / EPOCHS,
+                                "test_error": c.get("test_error", 0.5), "test_loss": 1.0, "train_error": 0.0,
+                                "train_loss": c.get("train_loss", 0.1)} for r, c in finals.items()])
+        rows = [{"run_id": ck[a]["run_id"], "checkpoint_id": a, "epoch": ck[a]["epoch"],
+                 "frac": ck[a]["epoch"] / EPOCHS, "metric": m, "value": float(v)} for m, a, v in self.metrics]
+        for col, default in (("lr", None), ("train_loss", 0.1), ("test_error", 0.5)):
+            rows += [{"run_id": c["run_id"], "checkpoint_id": c["id"], "epoch": c["epoch"],
+                      "frac": c["epoch"] / EPOCHS, "metric": col, "value": float(c.get(col, default))}
+                     for c in self.checkpoints]
+        return Evidence(runs, finals, pl.DataFrame(rows), "mnist1d", self.path_points)
+
+    def write(self, root) -> tuple[Store, set[str]]:
+        """The frames as a real store; returns it and the metrics no table declares yet (left out)."""
+        b = StoreBuilder(root)
+        for r in self.runs:
+            b.run(**r)
+        for c in self.checkpoints:
+            b.checkpoint(c["run_id"], c["epoch"], id=c["id"], lr=c["lr"], test_error=c.get("test_error", 0.5),
+                         train_loss=c.get("train_loss", 0.1), train_error=0.0, test_loss=1.0)
+        skipped = set()
+        for m, a, v in self.metrics:
+            if has_metric(m):
+                table = metric_table(m)[0].name
+                b.metric(m, a, v, columns={"points": self.path_points[table]} if table in self.path_points else None)
+            else:
+                skipped.add(m)
+        return b.flush(), skipped
+
+
+class Study(Frames):
     """A small Fort-style study with closed-form metric curves, written once in memory.
 
     ``holds=True`` draws curves with the shapes F1–F14 expect (fast early change, falling
     barriers, ~C Hessian outliers, ...); ``holds=False`` draws curves that violate each of them.
     ``stable=True`` makes the barrier negligible from spawn 0 (a network stable at init).
+    Seeds differ by a factor ``1 + spread * seed`` on most curves (``spread`` = 0.05: every verdict is
+    settled; larger values make the seeds disagree).
     """
 
-    def __init__(self, holds: bool = True, stable: bool = False):
+    def __init__(self, holds: bool = True, stable: bool = False, seeds=SEEDS, spread: float = 0.05):
         import math
 
-        self.runs: list[dict] = []
-        self.checkpoints: list[dict] = []
-        self.metrics: list[tuple[str, str, float]] = []  # (metric, anchor checkpoint id, value)
+        super().__init__()
         exp = math.exp
-        for seed in SEEDS:
-            j = 1 + 0.05 * seed  # seeds differ a little
+        self.path_points = {"barrier": 21}
+        for seed in seeds:
+            j = 1 + spread * seed  # seeds differ a little
             pid = f"base-s{seed}"
             self._run(pid, seed)
-            for e in PARENT_EPOCHS:
-                c = self._ckpt(pid, e, test_error=0.1 if e == 40 else 0.1 + 0.5 * exp(-e))
+            for k, e in enumerate(PARENT_EPOCHS):
+                c = self._ckpt(pid, e, test_error=0.1 if e == 40 else 0.1 + 0.5 * exp(-e),
+                               train_loss=_train_loss(e))
                 v = (0.05 + exp(-e / 0.5)) * j if holds else 0.05 * j
                 if e != 40:
-                    self.metrics.append(("kernel_velocity", c, v if e < LR_DROP else 0.01 * j))
+                    delta = PARENT_EPOCHS[k + 1] - e
+                    vel = v if e < LR_DROP else 0.01 * j
+                    self.metrics.append(("kernel_velocity", c, vel))
+                    self.metrics.append(("kernel_distance_next", c, vel * delta))
+                    self.metrics.append(("kernel_angular_velocity", c, 10 * vel))
                 self.metrics.append(("kernel_distance_to_init", c,
                                      (0.6 * (1 - exp(-e)) + 0.002 * e) * j if holds else 0.01 * e * j))
                 self.metrics.append(("hessian_top_eigenvalue", c,
                                      (5 + 20 * e * exp(-e / 4)) * j if holds else (1 + 0.1 * e) * j))
+                self.metrics.append(("hessian_trace", c, 10 * (5 + 20 * e * exp(-e / 4)) * j))
                 if e == 40:
                     self.metrics.append(("hessian_outliers", c, 10 if holds else 3))
-                    self.metrics.append(("sharpness_1d", c, 1.0 * j))
+                    for m in ("sharpness_1d", "adversarial_sharpness", "curvature_1d"):
+                        self.metrics.append((m, c, 1.0 * j))
+                if e in LATE_EXPANSIONS or e == 40:  # at 40 the linearised model trains 0 steps: = the net
+                    self.metrics.append(("linearised_test_error", c, 0.1 if e == 40 else
+                                         0.1 + 0.6 * exp(-e / 0.5) if holds else 0.3 + 0.001 * e))
             for s in SPAWNS:
                 c = f"{pid}@{int(round(s * 100))}"
                 if stable:
@@ -186,7 +279,7 @@ class Study:
                 self._run(lid, seed, kind="lowlr_child", parent_run_id=pid, parent_checkpoint_id=c,
                           spawn_epoch=s, child_index=0, lr=0.01)
                 self._ckpt(lid, 40, test_error=0.1 + 0.05 * exp(-s))
-            # variants: adversarial, large batch, patch networks (final checkpoint only)
+            # variants: adversarial, large batch, patch networks (from t/T = 0.9 on: converged)
             for name, kw, sharp, lam in (
                 ("adversarial", {"adversarial": "pgd"}, 1.0 if holds else 0.5, None),
                 ("large_batch", {"batch_size": 512}, 1.5 if holds else 1.0, None),
@@ -196,61 +289,16 @@ class Study:
             ):
                 vid = f"{name}-s{seed}"
                 self._run(vid, seed, variant=name, **kw)
-                self._ckpt(vid, 0, test_error=0.9)
-                c = self._ckpt(vid, 40, test_error=0.12)
+                self._ckpt(vid, 0, test_error=0.9, train_loss=2.3)
+                self._ckpt(vid, 36, test_error=0.12, train_loss=0.051)
+                c = self._ckpt(vid, 40, test_error=0.12, train_loss=0.05)
                 if sharp is not None:
-                    self.metrics.append(("sharpness_1d", c, sharp * j))
+                    for m in ("sharpness_1d", "adversarial_sharpness", "curvature_1d"):
+                        self.metrics.append((m, c, sharp * j))
                 if lam is not None:
                     self.metrics.append(("hessian_top_eigenvalue", c, lam * j))
 
-    def _run(self, id, seed, **kw):
-        self.runs.append({"id": id, "seed": seed, **kw})
-
-    def _ckpt(self, run_id, epoch, **kw):
-        cid = f"{run_id}@{int(round(epoch * 100))}"
-        self.checkpoints.append({"run_id": run_id, "epoch": float(epoch), "id": cid, "lr": _lr(epoch), **kw})
-        return cid
-
-    # ---------------------------------------------------------------- two views of it
-    def evidence(self):
-        """The study as ``Evidence`` frames (every metric, whether or not its table exists yet)."""
-        import polars as pl
-
-        from lsdb.query.findings import Evidence
-
-        defaults = {"variant": "base", "kind": "parent", "model": "cnn1d", "patches": 1, "batch_size": 64,
-                    "adversarial": "none", "num_params": 8000, "parent_run_id": None, "parent_checkpoint_id": None,
-                    "spawn_epoch": None, "child_index": None, "status": "finished", "epochs": EPOCHS, "lr": 0.1}
-        runs = pl.DataFrame([{**defaults, **r} for r in self.runs])
-        ck = {c["id"]: c for c in self.checkpoints}
-        finals = {}
-        for c in self.checkpoints:
-            if c["run_id"] not in finals or c["epoch"] > finals[c["run_id"]]["epoch"]:
-                finals[c["run_id"]] = c
-        finals = pl.DataFrame([{"run_id": r, "epoch": c["epoch"], "frac": c["epoch"] / EPOCHS,
-                                "test_error": c.get("test_error", 0.5), "test_loss": 1.0, "train_error": 0.0,
-                                "train_loss": 0.1} for r, c in finals.items()])
-        rows = [{"run_id": ck[a]["run_id"], "checkpoint_id": a, "epoch": ck[a]["epoch"],
-                 "frac": ck[a]["epoch"] / EPOCHS, "metric": m, "value": float(v)} for m, a, v in self.metrics]
-        rows += [{"run_id": c["run_id"], "checkpoint_id": c["id"], "epoch": c["epoch"], "frac": c["epoch"] / EPOCHS,
-                  "metric": "lr", "value": c["lr"]} for c in self.checkpoints]
-        return Evidence(runs, finals, pl.DataFrame(rows), "mnist1d")
-
-    def write(self, root) -> tuple[Store, set[str]]:
-        """The study as a real store; returns it and the metrics no table declares yet (left out)."""
-        b = StoreBuilder(root)
-        for r in self.runs:
-            b.run(**r)
-        for c in self.checkpoints:
-            b.checkpoint(c["run_id"], c["epoch"], id=c["id"], lr=c["lr"], test_error=c.get("test_error", 0.5),
-                         train_loss=0.1, train_error=0.0, test_loss=1.0)
-        skipped = set()
-        for m, a, v in self.metrics:
-            if has_metric(m):
-                b.metric(m, a, v)
-            else:
-                skipped.add(m)
-        return b.flush(), skipped
+    _run, _ckpt = Frames.run, Frames.ckpt
 
 
 _STORES: dict[tuple, Store] = {}
