@@ -82,7 +82,8 @@ def snapshot(root) -> dict[str, list]:
         cols = [c for c in db.sql(f"SELECT * FROM {table} LIMIT 0").columns if c not in VOLATILE]
         if table == "probe_job":
             cols = [c for c in cols if c != "attempts"]  # a job killed mid-flight may be attempted again
-        out[table] = db.sql(f"SELECT {', '.join(cols)} FROM {table} ORDER BY ALL").rows()
+        quoted = ", ".join(f'"{c}"' for c in cols)  # some columns are keywords (lambda)
+        out[table] = db.sql(f"SELECT {quoted} FROM {table} ORDER BY ALL").rows()
     return out
 
 
