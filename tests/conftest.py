@@ -72,3 +72,45 @@ def cli_env(tmp_path):
     env = dict(os.environ)
     env.pop("LSDB_STORE", None)
     return env
+
+
+# Columns that record when or where something ran, not what was measured.
+VOLATILE = frozenset({"created_at", "started_at", "seconds", "worker", "device", "applied_at"})
+
+
+def stored_rows(root, tables, skip=()) -> dict[str, list]:
+    """Every row of ``tables`` in the store at ``root``, without the volatile columns or ``skip``,
+    in a stable order: what two runs of one study must agree on."""
+    import lsdb
+
+    db = lsdb.open(root)
+    out = {}
+    for table in tables:
+        cols = [c for c in db.sql(f"SELECT * FROM {table} LIMIT 0").columns if c not in VOLATILE and c not in skip]
+        quoted = ", ".join(f'"{c}"' for c in cols)  # some columns are keywords (lambda)
+        out[table] = db.sql(f"SELECT {quoted} FROM {table} ORDER BY ALL").rows()
+    return out
+
+
+def row_differences(a: dict, b: dict, tolerance=lambda table: None) -> list[str]:
+    """Where two ``stored_rows`` differ. Floats of a table compare with ``math.isclose(**tolerance(table))``
+    when it gives keyword arguments, bit for bit when it gives None; everything else exactly."""
+    import math
+
+    out = []
+    for table in a:
+        if len(a[table]) != len(b.get(table, ())):
+            out.append(f"{table}: {len(a[table])} rows vs {len(b.get(table, ()))}")
+            continue
+        tol = tolerance(table)
+        for ra, rb in zip(a[table], b[table]):
+            for x, y in zip(ra, rb):
+                if isinstance(x, float) and isinstance(y, float) and (math.isnan(x) and math.isnan(y)):
+                    continue
+                if isinstance(x, float) and isinstance(y, float) and tol is not None:
+                    ok = math.isclose(x, y, **tol)
+                else:
+                    ok = x == y
+                if not ok:
+                    out.append(f"{table}: {x!r} vs {y!r} in {ra[:2]}")
+    return out

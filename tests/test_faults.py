@@ -10,7 +10,6 @@ that only workers reach, in a worker of the process pool.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -24,7 +23,7 @@ from lsdb.ids import job_id
 from lsdb.integrity import check
 from lsdb.plan import load_spec, parse_spec
 from lsdb.store import Store
-from tests.conftest import lsdb_cmd
+from tests.conftest import lsdb_cmd, row_differences, stored_rows
 
 pytestmark = pytest.mark.slow
 
@@ -68,41 +67,23 @@ train_subset = 64
 init_final = false
 """
 
-# Columns that record when or where something ran, not what was measured.
-VOLATILE = {"created_at", "started_at", "seconds", "worker", "device", "applied_at"}
 TABLES = ("experiment", "run", "checkpoint", "probe_job", "eval", "weights", "ntk", "ntk_distance", "barrier",
           "barrier_curve")
 
 
 def snapshot(root) -> dict[str, list]:
-    """Every stored row but the volatile columns, in a stable order."""
-    db = lsdb.open(root)
-    out = {}
-    for table in TABLES:
-        cols = [c for c in db.sql(f"SELECT * FROM {table} LIMIT 0").columns if c not in VOLATILE]
-        if table == "probe_job":
-            cols = [c for c in cols if c != "attempts"]  # a job killed mid-flight may be attempted again
-        quoted = ", ".join(f'"{c}"' for c in cols)  # some columns are keywords (lambda)
-        out[table] = db.sql(f"SELECT {quoted} FROM {table} ORDER BY ALL").rows()
-    return out
+    """Every stored row but when and where it ran; not attempts: a job killed mid-flight may be
+    attempted again."""
+    return stored_rows(root, TABLES, skip={"attempts"})
 
 
 def same_rows(got: dict, want: dict) -> bool:
-    """Equal row for row; floats to 1e-6 relative, since a probe run in a pool worker (one thread)
-    and inline (two) may round differently. Checkpoint hashes and every key compare exactly."""
-    if got.keys() != want.keys():
-        return False
-    for table in want:
-        if len(got[table]) != len(want[table]):
-            return False
-        for a, b in zip(got[table], want[table]):
-            for x, y in zip(a, b):
-                if isinstance(x, float) and isinstance(y, float):
-                    if not (math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) or (math.isnan(x) and math.isnan(y))):
-                        return False
-                elif x != y:
-                    return False
-    return True
+    """Equal row for row; probe floats to 1e-6 relative, since a probe run in a pool worker (one
+    thread) and inline (two) may round differently. Training, hashes and keys compare exactly."""
+    def tolerance(table):
+        return None if table in ("experiment", "run", "checkpoint") else dict(rel_tol=1e-6, abs_tol=1e-9)
+
+    return got.keys() == want.keys() and not row_differences(got, want, tolerance)
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,19 @@ last bits and chaotic early training amplifies that: README, "Results", gives th
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-import lsdb
 from lsdb import runner
 from lsdb.plan import parse_spec
 from lsdb.schema import result_tables
 from lsdb.store import Store
+from tests.conftest import row_differences, stored_rows
 
 pytestmark = pytest.mark.slow
 
 REL_TOL = 1e-6
 HESSIAN_TOL = dict(rel_tol=1e-3, abs_tol=1e-4)
 HESSIAN = {"hessian", "hessian_eigenvalue", "hessian_density"}
-VOLATILE = {"created_at", "started_at", "seconds", "worker", "device", "applied_at"}
 
 SPEC = """
 [experiment]
@@ -94,32 +91,20 @@ sweeps = 2
 """
 
 
+TABLES = ["experiment", "run", "checkpoint", "probe_job", *result_tables()]
+
+
 def rows(root, skip=()) -> dict[str, list]:
-    db = lsdb.open(root)
-    out = {}
-    for table in ["experiment", "run", "checkpoint", "probe_job", *result_tables()]:
-        cols = [c for c in db.sql(f"SELECT * FROM {table} LIMIT 0").columns if c not in VOLATILE and c not in skip]
-        quoted = ", ".join(f'"{c}"' for c in cols)  # some columns are keywords (lambda)
-        out[table] = db.sql(f"SELECT {quoted} FROM {table} ORDER BY ALL").rows()
-    return out
+    return stored_rows(root, TABLES, skip)
 
 
 def differences(a: dict, b: dict, exact: bool) -> list[str]:
-    out = []
-    for table in a:
-        if len(a[table]) != len(b[table]):
-            out.append(f"{table}: {len(a[table])} rows vs {len(b[table])}")
-            continue
-        bitwise = exact or table in ("experiment", "run", "checkpoint")  # training is bit-reproducible
-        tol = HESSIAN_TOL if table in HESSIAN else dict(rel_tol=REL_TOL, abs_tol=1e-9)
-        for ra, rb in zip(a[table], b[table]):
-            for x, y in zip(ra, rb):
-                if isinstance(x, float) and isinstance(y, float) and not bitwise:
-                    if not (math.isclose(x, y, **tol) or (math.isnan(x) and math.isnan(y))):
-                        out.append(f"{table}: {x!r} vs {y!r} in {ra[:2]}")
-                elif x != y and not (x != x and y != y):
-                    out.append(f"{table}: {x!r} vs {y!r} in {ra[:2]}")
-    return out
+    def tolerance(table):
+        if exact or table in ("experiment", "run", "checkpoint"):  # training is bit-reproducible
+            return None
+        return HESSIAN_TOL if table in HESSIAN else dict(rel_tol=REL_TOL, abs_tol=1e-9)
+
+    return row_differences(a, b, tolerance)
 
 
 @pytest.fixture(scope="module")

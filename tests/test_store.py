@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -48,22 +49,29 @@ def test_missing_store(tmp_path):
         Store.open(tmp_path / "nothing")
 
 
-def test_reader_names_the_process_holding_the_file(tmp_path):
-    s = Store.init(tmp_path / "st")
+@contextlib.contextmanager
+def database_held(store):
+    """Another process holding the store's database file open read-write (for 30 s at most)."""
     holder = subprocess.Popen([sys.executable, "-c",
-                               f"import duckdb, time; c = duckdb.connect({str(s.db_path)!r}); print('ok', flush=True); time.sleep(30)"],
-                              stdout=subprocess.PIPE, text=True)
+                               f"import duckdb, time; c = duckdb.connect({str(store.db_path)!r}); "
+                               f"print('ok', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ok"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_reader_names_the_process_holding_the_file(tmp_path):
+    s = Store.init(tmp_path / "st")
+    with database_held(s) as holder:
         t0 = time.monotonic()
         with pytest.raises(StoreLocked) as e:
             with s.read(timeout=1.0):
                 pass
         assert time.monotonic() - t0 >= 1.0  # it retried before giving up
         assert str(holder.pid) in str(e.value)
-    finally:
-        holder.kill()
-        holder.wait()
     with s.read() as con:  # and once released, reads work again
         assert con.execute("SELECT 1").fetchone() == (1,)
 
@@ -92,19 +100,11 @@ def test_a_second_run_is_refused_before_the_database_is_opened(tmp_path):
     from lsdb.plan import parse_spec
 
     s = Store.init(tmp_path / "st")
-    holder = subprocess.Popen([sys.executable, "-c",
-                               f"import duckdb, time; c = duckdb.connect({str(s.db_path)!r}); print('ok', flush=True); time.sleep(30)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "ok"
-        with s.lock("the first lsdb run"):
-            t0 = time.monotonic()
-            with pytest.raises(StoreLocked, match="the first lsdb run"):
-                runner.run(parse_spec(""), s)
-            assert time.monotonic() - t0 < 5  # not after the 30 s write retry
-    finally:
-        holder.kill()
-        holder.wait()
+    with database_held(s), s.lock("the first lsdb run"):
+        t0 = time.monotonic()
+        with pytest.raises(StoreLocked, match="the first lsdb run"):
+            runner.run(parse_spec(""), s)
+        assert time.monotonic() - t0 < 5  # not after the 30 s write retry
 
 
 def test_temporaries_of_dead_writers_are_cleaned(tmp_path):
