@@ -191,7 +191,7 @@ def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None, p
         if plan(spec, store, damaged).nothing_to_do:
             summary.nothing_to_do = True
             summary.given_up = given_up_jobs(spec, store, runs)
-            summary.rejected = _rejected(store, rejected_before)
+            summary.rejected = _newly_rejected(store, rejected_before)
             summary.seconds = time.perf_counter() - t0
             return summary
         executor = make_executor(workers)
@@ -206,24 +206,25 @@ def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None, p
         ingest(store)
         if probes:
             summary.given_up = given_up_jobs(spec, store, runs)
-        summary.rejected = _rejected(store, rejected_before)
+        summary.rejected = _newly_rejected(store, rejected_before)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _rejected(store: Store, before: dict[str, str] | None = None) -> dict[str, str] | list[str]:
-    """Shards in spool/rejected/ with their reasons; given ``before``, "shard: reason" for the new ones."""
+def _rejected(store: Store) -> dict[str, str]:
+    """Shards set aside in spool/rejected/, with the reason each was refused."""
     folder = store.spool / REJECTED
-    now = {}
-    if folder.exists():
-        for p in folder.iterdir():
-            try:
-                now[p.name] = (p / REASON_FILE).read_text().strip()
-            except OSError:
-                now[p.name] = "no reason recorded"
-    if before is None:
-        return now
-    return [f"{name}: {why}" for name, why in sorted(now.items()) if name not in before]
+    out = {}
+    for p in folder.iterdir() if folder.exists() else ():
+        try:
+            out[p.name] = (p / REASON_FILE).read_text().strip()
+        except OSError:
+            out[p.name] = "no reason recorded"
+    return out
+
+
+def _newly_rejected(store: Store, before: dict[str, str]) -> list[str]:
+    return [f"{name}: {why}" for name, why in sorted(_rejected(store).items()) if name not in before]
 
 
 def experiment_probe_set(store: Store, spec: Spec) -> str:

@@ -258,3 +258,11 @@ def test_a_retried_job_keeps_both_attempts_in_the_log_and_replays_to_done(store)
     state = lsdb.open(store.root).sql(f"SELECT state, attempts FROM probe_job WHERE id = '{jid}'").row(0)
     assert state == ("done", 2)
     assert check(store).ok
+
+
+def test_lsdb_run_names_a_rejected_shard_and_fails(store):
+    bad = replant(store, eval_job(store), lambda m, d: (d / "eval.parquet").write_bytes(b"garbage"))
+    summary = runner.run(parse_spec(SPEC), store)
+    assert summary.nothing_to_do and not summary.ok
+    assert len(summary.rejected) == 1 and summary.rejected[0].startswith(bad.name)
+    assert runner.run(parse_spec(SPEC), store).ok  # said once: the next run has nothing new to say
