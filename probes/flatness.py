@@ -23,6 +23,7 @@ Gaussian directions (``_directions.filter_normalised_direction``, drawn with ``d
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -76,11 +77,30 @@ def sharpness_1d(losses: torch.Tensor, base: float) -> tuple[float, float]:
 
 
 def quadratic_curvature(alphas: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-    """2·c₂ of the least-squares fit c₀ + c₁α + c₂α² to each row of ``losses`` (m, len(alphas))."""
-    a = alphas.double()
-    V = torch.stack([torch.ones_like(a), a, a * a], dim=1)  # (n, 3)
-    coef = torch.linalg.lstsq(V, losses.double().T).solution  # (3, m)
-    return 2 * coef[2]
+    """2·c₂ of the least-squares fit c₀ + c₁α + c₂α² to each row of ``losses`` (m, len(alphas)).
+
+    c₂ = w·y with w the last row of (VᵀV)⁻¹Vᵀ, V = [1, α, α²], computed in plain Python floats with
+    exactly rounded sums: LAPACK's least squares rounds differently with the arrays' memory
+    alignment, and a stored value must not change from one run to the next."""
+    a = [float(x) for x in alphas.double()]
+    rows = [[1.0, x, x * x] for x in a]
+    gram = [[math.fsum(r[i] * r[j] for r in rows) for j in range(3)] for i in range(3)]
+    w = _solve3(gram, [[r[i] for r in rows] for i in range(3)])[2]  # (VᵀV) W = Vᵀ, row c₂
+    y = losses.double().tolist()
+    return torch.tensor([2 * math.fsum(wi * yi for wi, yi in zip(w, row)) for row in y], dtype=torch.float64)
+
+
+def _solve3(m: list[list[float]], rhs: list[list[float]]) -> list[list[float]]:
+    """Gaussian elimination with partial pivoting on a 3×3 system with several right-hand sides."""
+    m = [row[:] + r[:] for row, r in zip(m, rhs)]
+    for col in range(3):
+        pivot = max(range(col, 3), key=lambda i: abs(m[i][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        for i in range(3):
+            if i != col:
+                f = m[i][col] / m[col][col]
+                m[i] = [x - f * y for x, y in zip(m[i], m[col])]
+    return [[x / m[i][i] for x in m[i][3:]] for i in range(3)]
 
 
 def project_to_ball(eps: dict[str, torch.Tensor], w_norms: dict[str, torch.Tensor], rho: float) -> dict[str, torch.Tensor]:
