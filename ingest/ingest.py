@@ -26,7 +26,7 @@ from pathlib import Path
 
 from lsdb import faults
 from lsdb.ids import checkpoint_id, job_id, utcnow
-from lsdb.spool import META, log_shards, pending_shards, retire
+from lsdb.spool import META, arrow_schema, log_shards, pending_shards, retire
 
 BATCH = 2000
 MAX_META_BYTES = 64 * 1024 * 1024
@@ -72,20 +72,22 @@ class _Shard:
 
 def ingest(store, batch: int = BATCH) -> IngestReport:
     """Ingest every pending shard of ``store``; returns what was added and what was rejected."""
-    report = IngestReport()
-    shards = _load(store, pending_shards(store.spool), report, move_bad=True)
-    for i in range(0, len(shards), batch):
-        _ingest_batch(store, shards[i : i + batch], report, retire_to=store.ingested)
-    return report
+    return _ingest_all(store, pending_shards(store.spool), batch, retire_to=store.ingested)
 
 
 def replay_log(store, batch: int = BATCH) -> IngestReport:
     """Ingest every shard of the log (``spool/ingested/``) in place, for ``lsdb rebuild``; shards
     stay where they are, a bad one is reported but never removed from the log."""
+    return _ingest_all(store, log_shards(store.spool), batch, retire_to=None)
+
+
+def _ingest_all(store, paths: list[Path], batch: int, retire_to: Path | None) -> IngestReport:
+    """Ingest ``paths`` in batches; with ``retire_to``, ingested shards move there and bad ones to
+    spool/rejected/, else (the log) every shard stays where it is."""
     report = IngestReport()
-    shards = _load(store, log_shards(store.spool), report, move_bad=False)
+    shards = _load(store, paths, report, move_bad=retire_to is not None)
     for i in range(0, len(shards), batch):
-        _ingest_batch(store, shards[i : i + batch], report, retire_to=None)
+        _ingest_batch(store, shards[i : i + batch], report, retire_to)
     return report
 
 
@@ -290,7 +292,7 @@ def _insert_probe_results(con, shards: list[_Shard], report: IngestReport) -> No
     for table, parts in by_table.items():
         data = pa.concat_tables(parts, promote_options="default")
         con.register("result_rows", data)
-        try:  # ``table`` is a name from the schema (checked in _read_probe_files), quoted
+        try:  # ``table`` is one of the probe's declared tables (checked in _check_probe), quoted
             con.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM result_rows')
         finally:
             con.unregister("result_rows")
@@ -391,7 +393,6 @@ def _read_result(path: Path, table: str, job: dict):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from lsdb.spool import arrow_schema
     from lsdb.schema import Base
 
     try:
@@ -440,7 +441,6 @@ def _typed(table: str, rows: list[dict]):
     a column the table lacks, lacks a required one, or holds a value of the wrong type."""
     import pyarrow as pa
 
-    from lsdb.spool import arrow_schema
     from lsdb.schema import Base
 
     columns = Base.metadata.tables[table].columns

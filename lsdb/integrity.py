@@ -9,15 +9,14 @@ lost or altered checkpoint files before it probes them.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lsdb.errors import StoreError
 from lsdb.ids import job_id, utcnow
-from lsdb.ingest.ingest import IngestReport, replay_log
-from lsdb.spool import META, log_shards, pending_shards
+from lsdb.ingest.ingest import IngestReport, ingest, replay_log
+from lsdb.spool import log_shards, pending_shards, read_meta
 from lsdb.schema import result_tables
 from lsdb.store import Store
 
@@ -137,7 +136,7 @@ def _log_problems(store: Store, con, report: CheckReport) -> list[str]:
     want: dict[str, set[str]] = {"experiment": set(), "run": set(), "checkpoint": set(), "probe_job": set()}
     for s in shards:
         try:
-            meta = json.loads((s / META).read_text())
+            meta = read_meta(s)
         except (OSError, ValueError) as e:
             problems.append(f"log shard {s.name}: unreadable ({e})")
             continue
@@ -174,8 +173,6 @@ class RebuildReport:
 def rebuild(store: Store) -> RebuildReport:
     """Recreate the database from the ingested log (and any shards waiting in the spool); the
     old file, if any, is kept beside it as ``lsdb.duckdb.broken-<time>``. Hold the store's lock."""
-    from lsdb.ingest.ingest import ingest
-
     if not store.root.is_dir():
         raise StoreError(f"no store at {store.root}")
     if not log_shards(store.spool) and not pending_shards(store.spool):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lsdb import faults
 from lsdb.errors import LsdbError
+from lsdb.ids import job_id
 from lsdb.ingest.ingest import REASON_FILE, REJECTED, ingest
 from lsdb.ingest.record import record_experiment
 from lsdb.spool import clean_temporaries, write_checkpoint_shard, write_status_shard
@@ -115,8 +116,6 @@ def needed_steps(r: PlannedRun, state: _State, damaged: dict[str, str]) -> list[
 
 def plan(spec: Spec, store: Store, damaged: dict[str, str] | None = None) -> PlanSummary:
     """What `lsdb run` would do now, without doing it (a store that does not exist yet is empty)."""
-    from lsdb.ids import job_id
-
     runs = expand_runs(spec, _n_train(spec))
     exists = store.db_path.exists()
     state = _state(store, runs) if exists else _State({}, {}, {})
@@ -131,33 +130,31 @@ def plan(spec: Spec, store: Store, damaged: dict[str, str] | None = None) -> Pla
             requests = probe_requests(spec, simulated_study(runs, state.status, steps, con, needs))
     else:
         requests = probe_requests(spec, simulated_study(runs))
-    by_probe: dict[str, int] = {}
-    given_up = 0
+    missing, given_up = _sort_jobs(requests, state.jobs)
+    return PlanSummary(spec.identity(), len(runs), to_train, missing_ckpts, sum(missing.values()), missing,
+                       len(given_up), len(damaged))
+
+
+def _sort_jobs(requests, jobs: dict) -> tuple[dict[str, int], list[str]]:
+    """The requested jobs still to do, counted by probe, and those given up (failed MAX_ATTEMPTS
+    times: rerunning would only fail again), each as "<probe> job <id>: <first line of its error>"."""
+    missing: dict[str, int] = {}
+    given_up = []
     for name, version, _params, phash, req in requests:
-        st, attempts, _error = state.jobs.get(job_id(name, version, phash, req.checkpoint_ids, req.role), ("", 0, None))
+        jid = job_id(name, version, phash, req.checkpoint_ids, req.role)
+        st, attempts, error = jobs.get(jid, ("", 0, None))
         if st == "failed" and attempts >= MAX_ATTEMPTS:
-            given_up += 1  # `lsdb jobs --failed` shows why; rerunning would only fail again
+            given_up.append(f"{name} job {jid[:12]}: {error.splitlines()[0] if error else 'failed'}")
         elif st not in ("done", "skipped"):
-            by_probe[name] = by_probe.get(name, 0) + 1
-    return PlanSummary(spec.identity(), len(runs), to_train, missing_ckpts, sum(by_probe.values()), by_probe,
-                       given_up, len(damaged))
+            missing[name] = missing.get(name, 0) + 1
+    return missing, given_up
 
 
 def given_up_jobs(spec: Spec, store: Store, runs: list[PlannedRun]) -> list[str]:
-    """"probe job <id>: <first line of its error>" for each of the spec's jobs that failed
-    MAX_ATTEMPTS times (they are not retried; `lsdb jobs --failed` shows them whole)."""
-    from lsdb.ids import job_id
-
+    """The spec's jobs that were given up (see ``_sort_jobs``; `lsdb jobs --failed` shows them whole)."""
     state = _state(store, runs)
-    out = []
     with store.read() as con:
-        study = stored_study(runs, con)
-        for name, version, _params, phash, req in probe_requests(spec, study):
-            jid = job_id(name, version, phash, req.checkpoint_ids, req.role)
-            st, attempts, error = state.jobs.get(jid, ("", 0, None))
-            if st == "failed" and attempts >= MAX_ATTEMPTS:
-                out.append(f"{name} job {jid[:12]}: {(error or '').splitlines()[0] if error else 'failed'}")
-    return out
+        return _sort_jobs(probe_requests(spec, stored_study(runs, con)), state.jobs)[1]
 
 
 def ready_jobs(spec: Spec, store: Store, runs: list[PlannedRun] | None = None, probe_sha: str | None = None) -> list:
@@ -298,7 +295,7 @@ def _resume_point(r: PlannedRun, state: _State, damaged: dict[str, str], first_n
     """The latest intact point at or before ``first_needed`` to train from: (step, weights sha,
     optimiser checkpoint id, optimiser sha); weights None = a fresh initialisation at step 0."""
     candidates = [(s, sha, cid, opt) for s, (cid, sha, opt) in state.steps.get(r.id, {}).items()
-                  if cid not in damaged and s <= first_needed]
+                  if cid not in damaged]
     if r.parent_id is None:
         candidates.append((0, None, None, None))
     else:

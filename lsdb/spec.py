@@ -111,14 +111,6 @@ def _path_ok(v: str) -> bool:
     return v.isprintable() and len(b) <= MAX_PATH and all(len(p) <= MAX_PATH_PART for p in b.split(b"/"))
 
 
-def _positive(v):
-    return v > 0
-
-
-def _non_negative(v):
-    return v >= 0
-
-
 @dataclass(frozen=True)
 class DataSpec:
     """Which data set, and the fixed probe set drawn from its training split."""
@@ -147,13 +139,13 @@ class ModelSpec:
 class OptimSpec:
     """SGD with momentum and a step learning-rate schedule (times in epochs)."""
 
-    lr: float = field(default=0.1, metadata=check(_positive, "must be > 0"))
+    lr: float = field(default=0.1, metadata=positive())
     momentum: float = field(default=0.9, metadata=check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
-    weight_decay: float = field(default=0.0, metadata=check(_non_negative, "must be >= 0"))
+    weight_decay: float = field(default=0.0, metadata=non_negative())
     batch_size: int = field(default=64, metadata=positive(MAX_BATCH))
     epochs: float = field(default=40.0, metadata=positive(MAX_EPOCHS))
     lr_drops: tuple[float, ...] = (30.0,)
-    lr_drop_factor: float = field(default=0.1, metadata=check(_positive, "must be > 0"))
+    lr_drop_factor: float = field(default=0.1, metadata=positive())
 
 
 @dataclass(frozen=True)
@@ -161,10 +153,10 @@ class TrainSpec:
     """Training options beyond the optimiser: adversarial augmentation and divergence detection."""
 
     adversarial: str = field(default="none", metadata=check(lambda v: v in ("none", "fgsm", "pgd"), "must be none, fgsm or pgd"))
-    adv_epsilon: float = field(default=0.1, metadata=check(_non_negative, "must be >= 0"))
+    adv_epsilon: float = field(default=0.1, metadata=non_negative())
     adv_steps: int = field(default=5, metadata=positive(MAX_COUNT))
     adv_mix: float = field(default=0.5, metadata=check(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
-    chance_after_epochs: float = field(default=2.0, metadata=check(_non_negative, "must be >= 0"))
+    chance_after_epochs: float = field(default=2.0, metadata=non_negative())
 
 
 @dataclass(frozen=True)
@@ -175,7 +167,7 @@ class CheckpointSpec:
 
     log_points: int = field(default=8, metadata=between(0, MAX_COUNT))
     log_until: float = field(default=1.0, metadata=between(0, MAX_EPOCHS))
-    every_epochs: float = field(default=1.0, metadata=check(_non_negative, "must be >= 0 (0 = off)"))
+    every_epochs: float = field(default=1.0, metadata=non_negative(note=" (0 = off)"))
     every_steps: int = field(default=0, metadata=between(0, MAX_STEPS, " (0 = off)"))
     epochs: tuple[float, ...] = field(default=(), metadata=between(0, MAX_EPOCHS))
 
@@ -188,7 +180,7 @@ class SpawnSpec:
     times: tuple[float, ...] = ()
     children: int = field(default=2, metadata=between(0, MAX_COUNT))
     lowlr_children: int = field(default=0, metadata=between(0, MAX_COUNT))
-    lowlr_factor: float = field(default=0.1, metadata=check(_positive, "must be > 0"))
+    lowlr_factor: float = field(default=0.1, metadata=positive())
     child_checkpoints: str = field(default="schedule", metadata=check(
         lambda v: v in ("schedule", "final"), "must be 'schedule' (the parent's schedule after the spawn) or 'final'"))
 

@@ -13,7 +13,7 @@ from lsdb.errors import LsdbError
 from lsdb.probes.base import CheckpointRef, RunRef, dataclass_from_dict
 from lsdb.probes.worker import JobSpec, run_probe_job
 from lsdb.spec import DataSpec, ModelSpec
-from lsdb.spool import read_meta
+from lsdb.spool import read_meta, shard_key
 
 
 def job_to_dict(job: JobSpec) -> dict:
@@ -59,10 +59,10 @@ def _finished_jobs(spool: Path) -> set[str]:
         if not folder.exists():
             continue
         for s in folder.iterdir():
-            if s.name.startswith("job-") and not s.name.startswith("."):
+            if s.name.startswith("job-"):
                 try:
                     if read_meta(s)["job"]["state"] in ("done", "skipped"):
-                        out.add(s.name[len("job-"):].split(".", 1)[0])
+                        out.add(shard_key(s)[len("job-"):])
                 except (OSError, ValueError, KeyError, TypeError):
                     continue  # ingest judges a damaged shard; here it just does not count
     return out

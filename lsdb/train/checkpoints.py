@@ -43,7 +43,9 @@ def save_weights(directory: Path, state: dict[str, torch.Tensor]) -> str:
     damaged one is replaced)."""
     sha = tensors_sha256(state)
     path = Path(directory) / f"{sha}.safetensors"
-    if not path.exists() or not _intact(path, sha):
+    try:
+        _load_verified(path, sha, "checkpoint file")
+    except CheckpointCorrupt:  # missing or damaged
         atomic_save(state, path)
     return sha
 
@@ -52,24 +54,26 @@ def optimizer_path(directory: Path, checkpoint_id: str) -> Path:
     return Path(directory) / f"{checkpoint_id}.optim.safetensors"
 
 
+def _as_stored(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors files hold at least one tensor: no momentum yet (step 0) is stored as a placeholder
+    return tensors or {"_empty": torch.zeros(0)}
+
+
+def optimizer_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """The hash ``save_optimizer`` records for these optimiser tensors."""
+    return tensors_sha256(_as_stored(tensors))
+
+
 def save_optimizer(directory: Path, checkpoint_id: str, tensors: dict[str, torch.Tensor]) -> str:
     """Write the optimiser state of a checkpoint; returns its hash (stored in the checkpoint row)."""
-    tensors = tensors or {"_empty": torch.zeros(0)}
-    atomic_save(tensors, optimizer_path(directory, checkpoint_id))
-    return tensors_sha256(tensors)
+    atomic_save(_as_stored(tensors), optimizer_path(directory, checkpoint_id))
+    return optimizer_sha256(tensors)
 
 
 def load_optimizer(directory: Path, checkpoint_id: str, sha: str) -> dict[str, torch.Tensor]:
     """The optimiser state saved with checkpoint ``checkpoint_id``, verified against ``sha``."""
     path = optimizer_path(directory, checkpoint_id)
     return _load_verified(path, sha, "optimizer state")
-
-
-def _intact(path: Path, sha: str) -> bool:
-    try:
-        return tensors_sha256(load_file(str(path))) == sha
-    except Exception:
-        return False
 
 
 def load_weights(directory: Path, sha: str) -> dict[str, torch.Tensor]:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from lsdb.ids import utcnow
 from lsdb.spec import RunConfig
-from lsdb.train.checkpoints import load_optimizer, load_weights, save_optimizer, save_weights, tensors_sha256
+from lsdb.train.checkpoints import (load_optimizer, load_weights, optimizer_sha256, save_optimizer, save_weights,
+                                    tensors_sha256)
 from lsdb.train.data import load_data
 from lsdb.train.models import build_model
 
@@ -167,7 +168,7 @@ def _train(task: TrainTask, emit) -> dict:
         if step in task.expected:  # replacing a lost file: training must reproduce it bit for bit
             want, want_opt = task.expected[step]
             got = tensors_sha256(model.state_dict())
-            got_opt = tensors_sha256(optimizer_tensors(opt, model) or {"_empty": torch.zeros(0)})
+            got_opt = optimizer_sha256(optimizer_tensors(opt, model))
             if (got, got_opt) != (want, want_opt):
                 problems.append(f"checkpoint {task.checkpoint_ids[step]} (run {task.run_id} step {step}): "
                                 f"retraining gave weights {got[:12]}…/optimiser {got_opt[:12]}… but the store "
