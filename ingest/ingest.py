@@ -167,24 +167,21 @@ def _apply(con, shards: list[_Shard], report: IngestReport):
     runs = _existing(con, "run", runs_named + [r["parent_run_id"] for s in by_kind["experiment"]
                                                for r in s.meta["runs"] if r.get("parent_run_id")])
 
+    runs |= _existing(con, "run", [x for s in by_kind["experiment"] for x in _links(s.meta)])
     for s in by_kind["experiment"]:
-        exp, rows = s.meta["experiment"], s.meta["runs"]
-        known = experiments | {exp["id"]}
-        for r in rows:
-            if r["experiment_id"] not in known:
-                bad.append((s, f"run {r['id']} names experiment {r['experiment_id']}, which is not stored"))
-                break
-            if r.get("parent_run_id") and r["parent_run_id"] not in runs | {x["id"] for x in rows}:
-                bad.append((s, f"run {r['id']} names parent run {r['parent_run_id']}, which is not stored"))
-                break
-        else:
-            report.experiments += _insert_rows(con, "experiment", [exp])
-            for parents in (True, False):  # parents first: children reference them
-                chunk = [r for r in rows if (r.get("parent_run_id") is None) == parents]
-                report.runs += _insert_rows(con, "run", chunk)
-            experiments.add(exp["id"])
-            runs |= {r["id"] for r in rows}
-            accepted.append(s)
+        exp, rows, links = s.meta["experiment"], s.meta["runs"], _links(s.meta)
+        problem = _experiment_problem(exp, rows, links, experiments, runs)
+        if problem:
+            bad.append((s, problem))
+            continue
+        report.experiments += _insert_rows(con, "experiment", [exp])
+        for parents in (True, False):  # parents first: children reference them
+            chunk = [r for r in rows if (r.get("parent_run_id") is None) == parents]
+            report.runs += _insert_rows(con, "run", chunk)
+        _insert_rows(con, "experiment_run", [dict(experiment_id=exp["id"], run_id=x) for x in links])
+        experiments.add(exp["id"])
+        runs |= {r["id"] for r in rows}
+        accepted.append(s)
 
     ckpt_ok = []
     for s in by_kind["checkpoint"]:
@@ -224,6 +221,26 @@ def _apply(con, shards: list[_Shard], report: IngestReport):
         _insert_probe_results(con, ok, report)
         accepted += ok
     return accepted, bad
+
+
+def _links(meta: dict) -> list[str]:
+    """The ids of the runs an experiment shard declares (shards of schema 2 declare only the runs
+    they record)."""
+    return meta["links"] if "links" in meta else [r["id"] for r in meta["runs"]]
+
+
+def _experiment_problem(exp: dict, rows: list[dict], links: list[dict], experiments: set, runs: set) -> str | None:
+    known = experiments | {exp["id"]}
+    here = runs | {r["id"] for r in rows}
+    for r in rows:
+        if r["experiment_id"] not in known:
+            return f"run {r['id']} names experiment {r['experiment_id']}, which is not stored"
+        if r.get("parent_run_id") and r["parent_run_id"] not in here:
+            return f"run {r['id']} names parent run {r['parent_run_id']}, which is not stored"
+    for x in links:
+        if x not in here:
+            return f"experiment {exp['id']} declares run {x}, which is not stored"
+    return None
 
 
 def _existing(con, table: str, ids: list[str]) -> set[str]:
@@ -338,6 +355,9 @@ def _check_experiment(shard: _Shard) -> None:
             raise ShardRejected(f"run id {r['id']!r} is not a content id")
         if r["status"] not in RUN_STATES:
             raise ShardRejected(f"run {r['id']} has unknown status {r['status']!r}")
+    links = shard.meta.get("links", [])
+    if not isinstance(links, list) or not all(isinstance(x, str) and _ID.match(x) for x in links):
+        raise ShardRejected("links must be a list of run ids")
 
 
 def _check_checkpoint(shard: _Shard) -> None:

@@ -17,8 +17,8 @@ from lsdb.spec import Spec
 
 
 def record_experiment(spec: Spec, store, runs: list[PlannedRun]) -> None:
-    """Record ``spec``'s experiment row (with its probe set, stored as an artifact) and every run
-    it declares that the store lacks."""
+    """Record ``spec``'s experiment row (with its probe set, stored as an artifact), every run it
+    declares that the store lacks, and the experiment's membership of all of them."""
     from lsdb.train.data import load_data, probe_indices
     from lsdb.train.models import build_model, num_params
 
@@ -26,8 +26,11 @@ def record_experiment(spec: Spec, store, runs: list[PlannedRun]) -> None:
         have_exp = con.execute("SELECT count(*) FROM experiment WHERE id = ?", [spec.identity()]).fetchone()[0] > 0
         have_runs = {r[0] for r in con.execute("SELECT id FROM run WHERE id IN (SELECT unnest(?::VARCHAR[]))",
                                                [[r.id for r in runs]]).fetchall()}
+        have_links = {r[0] for r in con.execute("SELECT run_id FROM experiment_run WHERE experiment_id = ?",
+                                                [spec.identity()]).fetchall()}
     new = [r for r in runs if r.id not in have_runs]
-    if have_exp and not new:
+    links = sorted({r.id for r in runs})
+    if have_exp and not new and set(links) <= have_links:
         return
     data = load_data(spec.data)
     indices = probe_indices(data, spec.data.probe_set_size, spec.data.probe_set_seed)
@@ -41,7 +44,7 @@ def record_experiment(spec: Spec, store, runs: list[PlannedRun]) -> None:
                       probe_set_sha256=probe_sha, created_at=utcnow().isoformat())
     rows = [run_row(r, spec.identity(), sizes[r.config.model]) for r in new]
     rows.sort(key=lambda row: row["parent_run_id"] is not None)  # parents first: children reference them
-    write_experiment_shard(store.spool, experiment, rows)
+    write_experiment_shard(store.spool, experiment, rows, links)
     report = ingest(store)
     if report.rejected:
         from lsdb.errors import StoreError

@@ -82,7 +82,8 @@ def orphan_rows(con) -> list[str]:
     problems = []
     pairs = [("run", "experiment_id", "experiment"), ("run", "parent_run_id", "run"),
              ("checkpoint", "run_id", "run"), ("probe_job", "checkpoint_id", "checkpoint"),
-             ("probe_job", "other_checkpoint_id", "checkpoint"), ("probe_job", "anchor_checkpoint_id", "checkpoint")]
+             ("probe_job", "other_checkpoint_id", "checkpoint"), ("probe_job", "anchor_checkpoint_id", "checkpoint"),
+             ("experiment_run", "experiment_id", "experiment"), ("experiment_run", "run_id", "run")]
     for name in result_tables():
         pairs += [(name, "job_id", "probe_job"), (name, "checkpoint_id", "checkpoint"),
                   (name, "anchor_checkpoint_id", "checkpoint"), (name, "other_checkpoint_id", "checkpoint")]

@@ -84,10 +84,11 @@ def shard_key(shard: Path) -> str:
     return Path(shard).name.split(".", 1)[0]
 
 
-def write_experiment_shard(spool: Path, experiment: dict, runs: list[dict]) -> Path:
-    """The shard that records an experiment and its runs (parents before children)."""
+def write_experiment_shard(spool: Path, experiment: dict, runs: list[dict], links: list[str]) -> Path:
+    """The shard that records an experiment, the runs the store lacks (parents before children)
+    and the ids of every run the experiment declares (``links``)."""
     return write_shard(spool, f"exp-{experiment['id'][:16]}", {"kind": "experiment", "experiment": experiment,
-                                                               "runs": runs})
+                                                               "runs": runs, "links": links})
 
 
 def write_checkpoint_shard(spool: Path, row: dict) -> Path:

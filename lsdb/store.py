@@ -76,7 +76,7 @@ class Store:
         import sqlalchemy as sa
 
         from lsdb._version import __version__
-        from lsdb.schema import MIN_SCHEMA_VERSION, SCHEMA_VERSION, UPGRADES, Base, SchemaVersion, metric_series_sql
+        from lsdb.schema import MIN_SCHEMA_VERSION, SCHEMA_VERSION, UPGRADES, Base, SchemaVersion, views_sql
 
         with self.write() as conn:
             current = self._stored_version(conn)
@@ -92,7 +92,8 @@ class Store:
             if current != SCHEMA_VERSION:
                 conn.execute(sa.insert(SchemaVersion).values(version=SCHEMA_VERSION, applied_at=utcnow(),
                                                               lsdb_version=__version__))
-            conn.execute(sa.text(metric_series_sql()))
+            for statement in views_sql():
+                conn.execute(sa.text(statement))
 
     def check_version(self) -> None:
         from lsdb.schema import MIN_SCHEMA_VERSION, SCHEMA_VERSION

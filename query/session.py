@@ -1,22 +1,86 @@
-"""``lsdb.open(store)`` → a ``Session``: the Python twin of the read commands of the CLI."""
+"""``lsdb.open(store)`` → a ``Session``: the Python twin of the read commands of the CLI.
+
+A session can be scoped to one experiment (and one of its variants): every query it runs then
+sees only that experiment's runs, their checkpoints, jobs and results. The scope is a set of temporary views with the tables' own names on
+the query's connection, so the same SQL serves a whole store and one experiment.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from lsdb.errors import QueryError
 from lsdb.store import Store
 
-class Session:
-    """Read-only access to a store. Every method opens the database briefly, so a running
-    ``lsdb run`` can still ingest between calls."""
 
-    def __init__(self, store: Store):
+@dataclass(frozen=True)
+class Scope:
+    """One experiment (its most recent version by default) and optionally one variant."""
+
+    experiment_id: str
+    name: str
+    variant: str | None
+    run_ids: tuple[str, ...]
+
+
+class Session:
+    """Read-only access to a store, whole or scoped to one experiment.
+
+    Every method opens the database briefly, so a running ``lsdb run`` can still ingest between
+    calls. Open one with ``lsdb.open(store, experiment=None, variant=None)``."""
+
+    def __init__(self, store: Store, scope: Scope | None = None):
         self.store = store
+        self.scope = scope
 
     @classmethod
-    def open(cls, store=None) -> "Session":
-        return cls(store if isinstance(store, Store) else Store.open(store))
+    def open(cls, store=None, experiment: str | None = None, variant: str | None = None) -> "Session":
+        """Open ``store`` (a path, a ``Store``, or None for ``$LSDB_STORE`` / ``./lsdb-store``).
+
+        ``experiment`` (a name, or an id prefix for an earlier version of an edited spec) and
+        ``variant`` scope every query; unknown names raise ``QueryError`` listing the valid ones."""
+        session = cls(store if isinstance(store, Store) else Store.open(store))
+        return session.within(experiment, variant) if experiment or variant else session
+
+    # ------------------------------------------------------------------------ scoping
+    def experiments(self):
+        """Every experiment recorded in the store: name, id, data set, runs it declares, when it
+        was recorded, and whether it is the current (most recent) version of its name."""
+        return Session(self.store).sql(EXPERIMENTS_SQL)
+
+    def within(self, experiment: str | None = None, variant: str | None = None) -> "Session":
+        """A session that sees only ``experiment`` (default: the only one in the store) and, if
+        given, only its runs of ``variant``."""
+        whole = Session(self.store)
+        exps = whole.sql(EXPERIMENTS_SQL)
+        if exps.height == 0:
+            raise QueryError(f"store {self.store.root} holds no experiment yet; run one with: lsdb run SPEC")
+        if experiment is None and self.scope is not None:
+            row = exps.filter(exps["id"] == self.scope.experiment_id).row(0, named=True)
+        else:
+            row = _pick_experiment(exps, experiment, self.store.root)
+        links = whole.sql("SELECT l.run_id, r.variant FROM experiment_run l JOIN run r ON r.id = l.run_id "
+                          "WHERE l.experiment_id = ? ORDER BY l.run_id", [row["id"]])
+        if variant is not None:
+            have = sorted(set(links["variant"].to_list()))
+            if variant not in have:
+                raise QueryError(f"experiment {row['name']} has no variant '{variant}'; its variants: "
+                                 f"{', '.join(have) or '(none)'}")
+            links = links.filter(links["variant"] == variant)
+        return Session(self.store, Scope(row["id"], row["name"], variant, tuple(links["run_id"].to_list())))
+
+    def for_analysis(self) -> "Session":
+        """This session if it is scoped; else scoped to the store's only experiment. Pooling runs
+        of different experiments (data sets, models) into one finding or chart is never what a
+        researcher means, so a store with several asks for the choice."""
+        if self.scope is not None:
+            return self
+        names = sorted(set(Session(self.store).sql("SELECT name FROM experiment")["name"].to_list()))
+        if len(names) > 1:
+            raise QueryError(f"store {self.store.root} holds {len(names)} experiments ({', '.join(names)}); "
+                             f"choose one with --experiment NAME (Python: lsdb.open(store, experiment=NAME))")
+        return self.within(names[0]) if names else self
 
     # ------------------------------------------------------------------------------- SQL
     def sql(self, query: str, params: list | None = None, *, allow_files: bool = False):
@@ -25,37 +89,69 @@ class Session:
         The query is checked statement by statement with DuckDB's own parser (see
         ``check_read_only``) and runs on a connection that cannot touch files, load extensions or
         change settings. ``allow_files=True`` lets it read local files (``read_csv``,
-        ``read_parquet``, ...); writing stays refused."""
+        ``read_parquet``, ...); writing stays refused. In a scoped session the tables and views
+        hold only the experiment's rows."""
         import duckdb
 
         with self.store.read(untrusted=True, allow_files=allow_files) as con:
             check_read_only(con, query)
+            self._narrow(con)
             try:
                 return con.execute(query, params or []).pl()
             except duckdb.Error as e:
                 raise QueryError(_error_line(e)) from None
 
     def sql_batches(self, query: str, batch_rows: int = 100_000, *, allow_files: bool = False):
-        """Stream a large result as Arrow record batches (the CLI uses this for big exports)."""
+        """Stream a large result as Arrow record batches (the CLI uses this for big exports);
+        checked and scoped like ``sql``."""
         import duckdb
 
         with self.store.read(untrusted=True, allow_files=allow_files) as con:
             check_read_only(con, query)
+            self._narrow(con)
             try:
                 reader = con.execute(query).to_arrow_reader(batch_rows)
             except duckdb.Error as e:
                 raise QueryError(_error_line(e)) from None
             yield from reader
 
+    def _narrow(self, con) -> None:
+        """Shadow the store's tables with views of the scope's rows (temporary objects come first
+        in DuckDB's name lookup; the views read the originals through the database's own name)."""
+        if self.scope is None:
+            return
+        from lsdb.schema import result_tables
+
+        db = '"' + con.execute("SELECT current_database()").fetchone()[0].replace('"', '""') + '"'
+        con.execute("CREATE TEMP TABLE lsdb_scope_run AS SELECT unnest(?::VARCHAR[]) AS run_id",
+                    [list(self.scope.run_ids)])
+        con.execute("CREATE TEMP TABLE lsdb_scope_experiment AS SELECT ?::VARCHAR AS id", [self.scope.experiment_id])
+        # table names below are the schema's own, never input
+        views = {
+            "experiment": f"SELECT * FROM {db}.main.experiment WHERE id IN (SELECT id FROM lsdb_scope_experiment)",
+            "experiment_run": f"SELECT * FROM {db}.main.experiment_run WHERE run_id IN "
+                              f"(SELECT run_id FROM lsdb_scope_run) AND experiment_id IN (SELECT id FROM lsdb_scope_experiment)",
+            "run": f"SELECT * FROM {db}.main.run WHERE id IN (SELECT run_id FROM lsdb_scope_run)",
+            "checkpoint": f"SELECT * FROM {db}.main.checkpoint WHERE run_id IN (SELECT run_id FROM lsdb_scope_run)",
+            "probe_job": f"SELECT * FROM {db}.main.probe_job WHERE checkpoint_id IN (SELECT id FROM checkpoint)",
+        }
+        for name in result_tables():
+            views[name] = f'SELECT * FROM {db}.main."{name}" WHERE job_id IN (SELECT id FROM probe_job)'
+        for name, body in views.items():
+            con.execute(f'CREATE TEMP VIEW "{name}" AS {body}')
+
     # ------------------------------------------------------------------------- overview
     def runs(self):
+        """Every run (one row per experiment that declares it): experiment, variant, kind, seed,
+        data set, model and hyperparameters, status, checkpoints stored and final test error."""
         return self.sql(RUNS_SQL)
 
     def show(self, run_id: str):
-        """One run: its hyperparameters (a one-row frame) and its checkpoints."""
+        """One run: its hyperparameters (a one-row frame) and its checkpoints. ``run_id`` may be
+        a unique prefix."""
         runs = self.sql("SELECT * FROM run WHERE id = ? OR id LIKE ? || '%'", [run_id, run_id])
         if runs.height == 0:
-            raise QueryError(f"no run '{run_id}' in {self.store.root}; list runs with: lsdb runs")
+            raise QueryError(f"no run '{run_id}' in {self._where()}; list runs with: lsdb runs")
         if runs.height > 1:
             raise QueryError(f"run prefix '{run_id}' is ambiguous ({runs.height} runs); give more characters")
         rid = runs["id"][0]
@@ -65,42 +161,90 @@ class Session:
         return runs, checkpoints
 
     def metrics(self):
-        return self.sql("SELECT metric, count(*) AS n, count(DISTINCT run_id) AS runs "
-                        "FROM metric_series GROUP BY metric ORDER BY metric")
+        """Every metric with rows: its name, where it comes from (the trainer or a probe's table),
+        what it measures when two names look alike, how many values and runs."""
+        import polars as pl
+
+        from lsdb.schema import metric_sources
+
+        counts = self.sql("SELECT metric, count(*) AS n, count(DISTINCT run_id) AS runs "
+                          "FROM metric_series GROUP BY metric ORDER BY metric")
+        sources = pl.DataFrame(metric_sources(), schema=["metric", "source", "meaning"], orient="row")
+        return counts.join(sources, on="metric", how="left").select("metric", "source", "meaning", "n", "runs")
+
+    def _where(self) -> str:
+        scope = f" (experiment {self.scope.name})" if self.scope else ""
+        return f"{self.store.root}{scope}"
 
     # --------------------------------------------------------------------- analysis twins
+    # Each scopes itself first (for_analysis): see the function's own docstring for its arguments.
     def correlate(self, *args, **kwargs):
+        """``lsdb correlate``: see ``lsdb.query.correlate.correlate``."""
         from lsdb.query.correlate import correlate
 
-        return correlate(self, *args, **kwargs)
+        return correlate(self.for_analysis(), *args, **kwargs)
 
     def transition(self, *args, **kwargs):
+        """``lsdb transition``: see ``lsdb.query.transition.transition``."""
         from lsdb.query.transition import transition
 
-        return transition(self, *args, **kwargs)
+        return transition(self.for_analysis(), *args, **kwargs)
 
     def findings(self, *args, **kwargs):
+        """``lsdb findings``: see ``lsdb.query.findings.findings``."""
         from lsdb.query.findings import findings
 
-        return findings(self, *args, **kwargs)
+        return findings(self.for_analysis(), *args, **kwargs)
 
     def report(self, out, **kwargs):
+        """``lsdb findings --report OUT``: see ``lsdb.query.report.report``."""
         from lsdb.query.report import report
 
-        return report(self, out, **kwargs)
+        return report(self.for_analysis(), out, **kwargs)
 
     def chart(self, *args, **kwargs):
+        """``lsdb chart``: see ``lsdb.query.charts.chart``."""
         from lsdb.query.charts import chart
 
-        return chart(self, *args, **kwargs)
+        return chart(self.for_analysis(), *args, **kwargs)
+
+
+def _pick_experiment(exps, wanted: str | None, root) -> dict:
+    """The current version of experiment name ``wanted``, or the version whose id starts with it."""
+    current = exps.filter(exps["current"])
+    if wanted is None:
+        if current.height > 1:
+            raise QueryError(f"store {root} holds {current.height} experiments "
+                             f"({', '.join(current['name'].to_list())}); choose one with --experiment NAME")
+        return current.row(0, named=True)
+    by_name = current.filter(current["name"] == wanted)
+    if by_name.height:
+        return by_name.row(0, named=True)
+    by_id = exps.filter(exps["id"].str.starts_with(wanted)) if len(wanted) >= 4 else exps.clear()
+    if by_id.height == 1:
+        return by_id.row(0, named=True)
+    if by_id.height > 1:
+        raise QueryError(f"experiment id prefix '{wanted}' is ambiguous ({by_id.height} versions); give more characters")
+    raise QueryError(f"no experiment '{wanted}' in {root}; experiments: {', '.join(current['name'].to_list())} "
+                     f"(list them with: lsdb experiments)")
 
 
 RUNS_SQL = """
-SELECT r.id, r.variant, r.kind, r.seed, r.model, r.width, r.lr, r.batch_size, r.epochs,
-       r.spawn_epoch, r.child_index, r.status, count(c.id) AS checkpoints,
+SELECT e.name AS experiment, r.id, r.variant, r.kind, r.seed, r.dataset, r.model,
+       r.width, r.lr, r.batch_size, r.epochs, r.spawn_epoch, r.child_index, r.status, count(c.id) AS checkpoints,
        arg_max(c.test_error, c.step) AS final_test_error
-FROM run r LEFT JOIN checkpoint c ON c.run_id = r.id
-GROUP BY ALL ORDER BY r.variant, r.seed, r.kind DESC, r.spawn_epoch NULLS FIRST, r.child_index NULLS FIRST
+FROM run r
+LEFT JOIN (experiment_run l JOIN experiment_current e ON e.id = l.experiment_id) ON l.run_id = r.id
+LEFT JOIN checkpoint c ON c.run_id = r.id
+GROUP BY ALL
+ORDER BY experiment NULLS LAST, variant, r.seed, r.kind DESC, r.spawn_epoch NULLS FIRST, r.child_index NULLS FIRST
+"""
+
+EXPERIMENTS_SQL = """
+SELECT e.name, e.id, e.dataset, count(l.run_id) AS runs, e.created_at,
+       e.id IN (SELECT id FROM experiment_current) AS current
+FROM experiment e LEFT JOIN experiment_run l ON l.experiment_id = e.id
+GROUP BY ALL ORDER BY e.name, e.created_at DESC
 """
 
 

@@ -6,23 +6,28 @@ result tables in their own module (``probes`` for eval/weights, ``kernel``, ``ge
 
 from . import core, geometry, kernel, merge, probes  # noqa: F401  (registers the tables)
 from .base import KEY_COLUMNS, Base, Metric, ProbeRow, metrics_of
-from .core import Checkpoint, Experiment, ProbeJob, Run, SchemaVersion
-from .views import metric_names, metric_series_sql
+from .core import Checkpoint, Experiment, ExperimentRun, ProbeJob, Run, SchemaVersion
+from .views import metric_names, metric_series_sql, metric_sources, views_sql
 
 # Bump with every change to a table; add an entry to UPGRADES that brings the previous version up.
 # 2: run ids no longer hash the checkpoint schedule; checkpoints record their optimiser state's
 #    hash. Stores of schema 1 cannot be upgraded (their children's data order derives from the old
 #    ids), so they are refused with a message (lsdb.store).
-SCHEMA_VERSION = 2
+# 3: experiment_run says which experiments declare a run (edited specs share runs); metric_series
+#    carries the experiment's name. A schema-2 store links each run to the experiment that
+#    recorded it.
+SCHEMA_VERSION = 3
 MIN_SCHEMA_VERSION = 2
 
 # version -> SQL statements that upgrade a store from version-1 to version (new tables need none:
 # ``create_all`` adds them).
-UPGRADES: dict[int, list[str]] = {}
+UPGRADES: dict[int, list[str]] = {
+    3: ["INSERT INTO experiment_run SELECT experiment_id, id FROM run ON CONFLICT DO NOTHING"],
+}
 
 __all__ = [
-    "Base", "Metric", "ProbeRow", "KEY_COLUMNS", "metrics_of", "Checkpoint", "Experiment", "ProbeJob",
-    "Run", "SchemaVersion", "SCHEMA_VERSION", "MIN_SCHEMA_VERSION", "UPGRADES", "metric_series_sql", "metric_names",
+    "Base", "Metric", "ProbeRow", "KEY_COLUMNS", "metrics_of", "Checkpoint", "Experiment", "ExperimentRun", "ProbeJob",
+    "Run", "SchemaVersion", "SCHEMA_VERSION", "MIN_SCHEMA_VERSION", "UPGRADES", "metric_series_sql", "views_sql", "metric_names", "metric_sources",
     "result_tables",
 ]
 

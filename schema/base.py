@@ -22,6 +22,7 @@ class Metric:
     column: str
     role: str | None = None
     where: str | None = None
+    meaning: str | None = None  # for names that look alike (``lsdb metrics`` prints it)
 
 
 class ProbeRow:

@@ -1,4 +1,4 @@
-"""The core tables: experiment, run, checkpoint, probe_job, schema_version."""
+"""The core tables: experiment, run, experiment_run, checkpoint, probe_job, schema_version."""
 
 from __future__ import annotations
 
@@ -73,13 +73,28 @@ class Run(Base):
     config_json: Mapped[str] = mapped_column(Text)
 
 
+class ExperimentRun(Base):
+    """Which runs an experiment declares.
+
+    A run id hashes only what shapes the weights (and the variant's name), so an edited spec (a
+    new experiment id) shares the runs it did not change, and two specs with the same variant
+    share its runs. Membership therefore lives here; ``run.experiment_id`` is only the
+    experiment that first recorded the run."""
+
+    __tablename__ = "experiment_run"
+    experiment_id: Mapped[str] = mapped_column(String, ForeignKey("experiment.id"), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String, ForeignKey("run.id"), primary_key=True)
+
+
 class Checkpoint(Base):
     """Weights at one step, stored as ``checkpoints/<sha256>.safetensors``."""
 
     __tablename__ = "checkpoint"
     __table_args__ = (
         Index("ix_checkpoint_run_step", "run_id", "step", unique=True),
-        {"info": {"metrics": [Metric(m, m) for m in ("train_loss", "train_error", "test_loss", "test_error", "lr")]}},
+        {"info": {"metrics": [Metric(m, m, meaning=f"{m.replace('_', ' ')} the trainer measured on the whole split when it saved the checkpoint")
+                              for m in ("train_loss", "train_error", "test_loss", "test_error")]
+                  + [Metric("lr", "lr", meaning="learning rate at the checkpoint's step")]}},
     )
     id: Mapped[str] = mapped_column(String, primary_key=True)
     run_id: Mapped[str] = mapped_column(String, ForeignKey("run.id"))

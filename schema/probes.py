@@ -13,8 +13,9 @@ class EvalResult(ProbeRow, Base):
 
     __tablename__ = "eval"
     __table_args__ = {"info": {"metrics": [
-        Metric("eval_train_loss", "train_loss"), Metric("eval_train_error", "train_error"),
-        Metric("eval_test_loss", "test_loss"), Metric("eval_test_error", "test_error"),
+        Metric(f"eval_{m}", m, meaning=f"{m.replace('_', ' ')} of the eval probe: the trainer's {m} when "
+               f"max_train/max_test are 0 (the whole split), else on the first examples only")
+        for m in ("train_loss", "train_error", "test_loss", "test_error")
     ]}}
     n_train: Mapped[int] = mapped_column(Integer)
     n_test: Mapped[int] = mapped_column(Integer)

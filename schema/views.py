@@ -1,4 +1,10 @@
-"""``metric_series``: every scalar metric on the time axis of the run it belongs to.
+"""The views: ``experiment_current`` and ``metric_series``.
+
+``experiment_current`` holds the most recently recorded version of each experiment name (editing
+a spec records a new experiment id under the same name). ``metric_series`` is every scalar metric
+on the time axis of the run it belongs to, with the name of each current experiment that declares
+the run (``experiment``): a run two experiments share appears once per experiment, so filter on
+``experiment`` before aggregating.
 
 Each table lists its metrics in ``__table_args__["info"]["metrics"]``. A result row lands at its
 ``anchor_checkpoint_id`` (the planner's time rule: pointwise → itself; velocity → the earlier
@@ -35,8 +41,28 @@ def metric_series_sql() -> str:
                 f"JOIN probe_job j ON j.id = t.job_id JOIN checkpoint c ON c.id = t.anchor_checkpoint_id "
                 f"WHERE j.state = 'done' AND " + " AND ".join(cond)
             )
-    return "CREATE OR REPLACE VIEW metric_series AS\n" + "\nUNION ALL\n".join(parts)
+    return ("CREATE OR REPLACE VIEW metric_series AS\nSELECT s.*, e.name AS experiment FROM (\n"
+            + "\nUNION ALL\n".join(parts)
+            + "\n) s JOIN experiment_run l ON l.run_id = s.run_id JOIN experiment_current e ON e.id = l.experiment_id")
+
+
+EXPERIMENT_CURRENT_SQL = """CREATE OR REPLACE VIEW experiment_current AS
+SELECT * FROM experiment QUALIFY row_number() OVER (PARTITION BY name ORDER BY created_at DESC, id DESC) = 1"""
+
+
+def views_sql() -> list[str]:
+    """Statements that (re)create every view, in dependency order."""
+    return [EXPERIMENT_CURRENT_SQL, metric_series_sql()]
 
 
 def metric_names() -> list[str]:
     return sorted({m.name for t in Base.metadata.sorted_tables for m in metrics_of(t)})
+
+
+def metric_sources() -> list[tuple[str, str, str | None]]:
+    """(metric, table it is read from, meaning) for every metric ``metric_series`` can hold."""
+    out = {}
+    for table in Base.metadata.sorted_tables:
+        for m in metrics_of(table):
+            out.setdefault(m.name, (m.name, table.name, m.meaning))
+    return sorted(out.values())

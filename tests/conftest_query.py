@@ -57,6 +57,7 @@ class StoreBuilder:
     def run(self, id: str, *, seed=0, variant="base", kind="parent", epochs=40.0, lr=0.1, batch_size=64,
             model="cnn1d", width=32, patches=1, num_params=8000, adversarial="none", parent_run_id=None,
             parent_checkpoint_id=None, spawn_epoch=None, child_index=None, status="finished", steps_per_epoch=100):
+        self.add("experiment_run", experiment_id="exp", run_id=id)
         return self.add(
             "run", id=id, experiment_id="exp", variant=variant, kind=kind, seed=seed, data_seed=seed,
             dataset="mnist1d", train_subset=0, model=model, width=width, depth=3, kernels="5,3,3",
