@@ -17,12 +17,15 @@ def demo_spec(quick: bool) -> Spec:
     return parse_spec(text, source=f"lsdb/examples/{name}")
 
 
-def run_demo(store, quick: bool = False, workers: int = 1, device: str | None = None, progress: bool = False):
-    """Train and probe the demo study into ``store``; returns (run summary, findings)."""
+def run_demo(store, quick: bool = False, workers: int = 1, device: str | None = None,
+             progress: str | bool | None = None):
+    """Train and probe the demo study into ``store``; returns (run summary, findings of the demo's
+    own experiment, whatever else the store holds). ``progress`` as for ``lsdb.runner.run``
+    (silent by default)."""
     from lsdb import runner
     from lsdb.query.findings import findings_results
     from lsdb.query.session import Session
 
     spec = demo_spec(quick)
     summary = runner.run(spec, store, workers=workers, device=device, progress=progress)
-    return summary, findings_results(Session(store))
+    return summary, findings_results(Session(store).within(spec.identity()))

@@ -24,6 +24,7 @@ from lsdb.spool import clean_temporaries, write_checkpoint_shard, write_status_s
 from lsdb.plan import MAX_ATTEMPTS, PlannedRun, expand_runs, probe_jobs, probe_requests, simulated_study, stored_study
 from lsdb.probes.executors import make_executor
 from lsdb.probes.worker import run_probe_job
+from lsdb.progress import PROBE, TRAIN, Progress
 from lsdb.spec import Spec
 from lsdb.store import Store
 from lsdb.integrity import damaged_checkpoints
@@ -168,9 +169,13 @@ def ready_jobs(spec: Spec, store: Store, runs: list[PlannedRun] | None = None, p
         return probe_jobs(spec, study, runs, probe_sha, states)
 
 
-def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None, progress: bool = False,
-        probes: bool = True) -> RunSummary:
+def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None,
+        progress: str | bool | None = None, probes: bool = True) -> RunSummary:
     """Train and probe everything missing. Safe to interrupt at any point and rerun.
+
+    ``progress`` (on stderr): None or False is silent (the default); "bars" draws progress bars;
+    "lines" prints a plain line every 10 % or 30 s and at each phase end (for logs and CI);
+    "auto" or True picks bars on a terminal and lines otherwise.
 
     Check ``summary.ok``: failed, given-up jobs and unrestorable checkpoints are listed in the
     summary, not raised."""
@@ -185,14 +190,15 @@ def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None, p
         record_experiment(spec, store, runs)
         faults.point("recorded")
         damaged = damaged_checkpoints(store, [r.id for r in runs])
-        if plan(spec, store, damaged).nothing_to_do:
+        todo = plan(spec, store, damaged)
+        if todo.nothing_to_do:
             summary.nothing_to_do = True
             summary.given_up = given_up_jobs(spec, store, runs)
             summary.rejected = _newly_rejected(store, rejected_before)
             summary.seconds = time.perf_counter() - t0
             return summary
         executor = make_executor(workers)
-        bars = _Progress(progress)
+        bars = Progress(progress, {TRAIN: len(todo.runs_to_train), PROBE: todo.jobs_missing if probes else 0})
         try:
             with bars:
                 _train_all(store, runs, executor, summary, bars, damaged)
@@ -237,20 +243,20 @@ def experiment_probe_set(store: Store, spec: Spec) -> str:
 def _train_all(store: Store, runs: list[PlannedRun], executor, summary: RunSummary, bars,
                damaged: dict[str, str]) -> None:
     damaged = dict(damaged)
-    task_bar = None
     for _wave in range(3):  # parents, then children (whose spawn checkpoints now exist)
         state = _state(store, runs)
         tasks = [t for t in (_train_task(store, r, state, damaged) for r in runs) if t is not None]
         if not tasks:
             break
-        task_bar = bars.add_or_extend(task_bar, "training runs", len(tasks))
-        for result in _drain(store, executor, _train_entry, [(t,) for t in tasks], bars, task_bar):
+        bars.begin(TRAIN, len(tasks))
+        for result in _drain(store, executor, _train_entry, [(t,) for t in tasks], bars, TRAIN):
             summary.trained += 1
             summary.checkpoints += len(result["saved"])
             summary.problems += result["problems"]
             summary.repaired += sum(damaged.pop(cid, None) is not None for cid in result["saved"])
             if result["status"] == "diverged" and result["emitted"]:
                 summary.diverged.append(f"{result['run_id']}: {result['diverged_reason']} at step {result['diverged_step']}")
+    bars.end(TRAIN)
     _skip_orphans(store, runs)
 
 
@@ -335,7 +341,6 @@ def _probe_all(spec, store, runs, executor, summary: RunSummary, bars, device) -
     if not spec.probes:
         return
     probe_sha = experiment_probe_set(store, spec)
-    job_bar = None
     attempted: set[str] = set()
     for _ in range(10):  # re-plan until no probe asks for more (dependent probes need a pass each)
         # one attempt per job per `lsdb run`
@@ -343,8 +348,8 @@ def _probe_all(spec, store, runs, executor, summary: RunSummary, bars, device) -
         if not ready:
             break
         attempted.update(j.id for j in ready)
-        job_bar = bars.add_or_extend(job_bar, "probe jobs", len(ready))
-        for meta in _drain(store, executor, run_probe_job, [(str(store.root), j, device) for j in ready], bars, job_bar):
+        bars.begin(PROBE, len(ready))
+        for meta in _drain(store, executor, run_probe_job, [(str(store.root), j, device) for j in ready], bars, PROBE):
             if meta["state"] == "done":
                 summary.jobs_done += 1
             elif meta["state"] == "skipped":
@@ -352,9 +357,10 @@ def _probe_all(spec, store, runs, executor, summary: RunSummary, bars, device) -
             else:
                 summary.jobs_failed += 1
                 summary.failures.append(f"{meta['probe']} job {meta['id'][:10]}: {meta['error'].splitlines()[0]}")
+    bars.end(PROBE)
 
 
-def _drain(store: Store, executor, fn, tasks: list[tuple], bars, bar):
+def _drain(store: Store, executor, fn, tasks: list[tuple], bars, phase: str):
     """Yield each task's result as it completes, ingesting the spool every few seconds (short
     write transactions, so readers get in between) and once at the end."""
     last = time.monotonic()
@@ -362,45 +368,9 @@ def _drain(store: Store, executor, fn, tasks: list[tuple], bars, bar):
         for result in executor.map(fn, tasks):
             faults.point("task_done")
             yield result
-            bars.advance(bar)
+            bars.advance(phase)
             if time.monotonic() - last > INGEST_EVERY_S:
                 ingest(store)
                 last = time.monotonic()
     finally:  # also when a worker died: keep everything that finished
         ingest(store)
-
-
-class _Progress:
-    """Rich progress bars (runs trained, jobs done, ETA) when asked for; silent otherwise."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.progress = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def add_or_extend(self, task, name, more):
-        """A new bar the first time, then a longer total for the same bar."""
-        if self.progress is None:
-            return None
-        if task is None:
-            return self.progress.add_task(name, total=more)
-        self.progress.update(task, total=self.progress.tasks[task].total + more)
-        return task
-
-    def advance(self, task):
-        if self.progress is not None:
-            self.progress.advance(task)
-

@@ -2,14 +2,20 @@
 
     import lsdb
     db = lsdb.open("lsdb-store")
-    db.chart(["test_error", "kernel_velocity"], out="metrics.html")   # metric vs time, seed band
-    db.chart("barrier", out="barrier.svg")                             # a named chart (CHARTS)
+    db.chart(["test_error", "kernel_velocity"], out="metrics.html")    # metric vs time, seed band
+    db.chart(["test_error"], x="kernel_velocity", out="tradeoff.pdf")  # one metric against another
+    db.chart("barrier", out="barrier.svg")                              # a named chart (CHARTS)
 
 Data is aggregated in DuckDB (``load_series`` averages per checkpoint) and polars (seed mean ±
 std per variant and time) before it reaches Altair, so specs stay small. Time axes are
-log-scaled on epoch + LOG_TIME_OFFSET so that epoch 0 shows. ``save`` writes ``.html``
-(self-contained, Vega JS inlined, works offline), ``.svg``, ``.png`` (both via vl-convert) and
-``.json`` (the Vega-Lite spec).
+log-scaled on epoch + LOG_TIME_OFFSET so that epoch 0 shows (TIME_TITLE says so in words) and
+end at the data's first and last time, not at the next power of ten. With ``x=METRIC`` each
+point is one (run, checkpoint) that has both metrics, joined per checkpoint, a line per run in
+time order. Every chart takes a ``width`` in pixels (the report passes a page-wide one); axis
+titles are set once per view and legends label numbers with a short format.
+
+``save`` writes ``.html`` (self-contained, Vega JS inlined, works offline), ``.svg``, ``.png``,
+``.pdf`` (all three via vl-convert) and ``.json`` (the Vega-Lite spec).
 """
 
 from __future__ import annotations
@@ -22,12 +28,17 @@ from lsdb.errors import QueryError
 from lsdb.query.correlate import check_metrics, load_series, resolve_runs
 from lsdb.query.thresholds import LOG_TIME_OFFSET
 
-WIDTH, HEIGHT = 420, 220
-TIME_TITLE = f"epoch (log scale, +{LOG_TIME_OFFSET:g})"
+WIDTH, HEIGHT = 420, 220  # a chart on its own; the report passes a wider width
+TIME_TITLE = f"epoch (log scale; epoch 0 drawn at {LOG_TIME_OFFSET:g})"
 SPAWN_METRICS = ("error_barrier_test", "loss_barrier_test", "entezari_loss_barrier_test", "child_disagreement",
                  "sibling_kernel_distance", "relative_sibling_distance", "sibling_weight_distance",
                  "kernel_distance_spawn_to_final")
-FORMATS = (".html", ".svg", ".png", ".json")
+FORMATS = (".html", ".svg", ".png", ".pdf", ".json")
+# Heatmap cells: below CELL_MIN px the metric names on the axes (font 10) overlap; the r values
+# are printed in the cells only from TEXT_CELL px, where "-0.9" at font 9 fits.
+CELL_MIN, CELL_MAX, TEXT_CELL = 14, 40, 26
+LEGEND_FORMAT = ".3~g"  # d3 format: 3 significant digits, no trailing zeros (0.3, 12, 0.05)
+SOLID_LEGEND = {"symbolOpacity": 1}  # a legend merged from faint layers (bands, run lines) would be faint
 
 
 class NoChartData(QueryError):
@@ -40,9 +51,30 @@ def _alt():
     return alt
 
 
-def _time_x(field: str = "t", title: str = TIME_TITLE):
+def _time_x(field: str = "t", title: str = TIME_TITLE, domain=None, padding: int = 0):
+    """A log time axis. nice=False and the data's extent as domain: a nice log scale rounds its end
+    up to the next power of ten, which drew a 20-epoch run out to 100 epochs. Layers share one
+    scale, so pass every layer the same title (different ones are joined into one long title).
+    ``padding`` (px) keeps point marks at the first and last time off the plot's edges."""
     alt = _alt()
-    return alt.X(f"{field}:Q", scale=alt.Scale(type="log"), title=title)
+    extra = {"domain": list(domain)} if domain else {}
+    if padding:
+        extra["padding"] = padding
+    return alt.X(f"{field}:Q", scale=alt.Scale(type="log", nice=False, **extra), title=title)
+
+
+def _extent(*columns):
+    """(min, max) of the positive values in some polars columns, for a log axis; None if none."""
+    values = [v for col in columns for v in col.drop_nulls().to_list() if v > 0]
+    return (min(values), max(values)) if values else None
+
+
+def _height(width: int) -> int:
+    return max(HEIGHT, round(width * 0.35))  # wide report charts get taller too, not flatter
+
+
+def _square(width: int) -> int:
+    return min(width, max(300, width // 2))
 
 
 def _parents(session, runs):
@@ -73,7 +105,7 @@ def _band(df):
             .sort("variant", "metric", "epoch"))
 
 
-def metric_chart(session, metrics: list[str], runs=None, points: bool = False):
+def metric_chart(session, metrics: list[str], runs=None, points: bool = False, width: int = WIDTH):
     """Each metric vs time: one thin line per run, the seed mean as a thick line, ± std as a band."""
     import polars as pl
 
@@ -86,66 +118,140 @@ def metric_chart(session, metrics: list[str], runs=None, points: bool = False):
         d, b = df.filter(pl.col("metric") == m), band.filter(pl.col("metric") == m)
         if d.height == 0:
             continue
-        color = alt.Color("variant:N", title="variant")
-        area = alt.Chart(b).mark_area(opacity=0.2).encode(_time_x(), alt.Y("lo:Q", title=m), alt.Y2("hi:Q"), color)
+        x = _time_x(domain=_extent(d["t"]))
+        color = alt.Color("variant:N", title="variant", legend=SOLID_LEGEND)
+        area = alt.Chart(b).mark_area(opacity=0.2).encode(x, alt.Y("lo:Q", title=m), alt.Y2("hi:Q"), color)
         mean = alt.Chart(b).mark_line(point=points, strokeWidth=2.5).encode(
-            _time_x(), alt.Y("mean:Q", title=m), color,
+            x, alt.Y("mean:Q", title=m), color,
             tooltip=["variant", "epoch", alt.Tooltip("mean:Q", format=".4g"), alt.Tooltip("std:Q", format=".3g"),
                      "seeds"])
         lines = alt.Chart(d).mark_line(opacity=0.35, strokeWidth=1).encode(
-            _time_x(), alt.Y("value:Q", title=m), color, detail="run_id:N",
+            x, alt.Y("value:Q", title=m), color, detail="run_id:N",
             tooltip=["run_id", "seed", "epoch", alt.Tooltip("value:Q", format=".4g")])
-        panels.append(alt.layer(area, lines, mean).properties(width=WIDTH, height=HEIGHT, title=m))
+        panels.append(alt.layer(area, lines, mean).properties(width=width, height=_height(width), title=m))
     return alt.vconcat(*panels) if len(panels) > 1 else panels[0]
 
 
-def spawn_chart(session, runs=None, metrics=SPAWN_METRICS):
+def xy_chart(session, metrics: list[str], x: str, runs=None, width: int = WIDTH):
+    """Each metric against metric ``x``: one point per (run, checkpoint) where both were measured
+    (each averaged per checkpoint, as ``load_series`` does), a line per run in time order."""
+    import polars as pl
+
+    alt = _alt()
+    try:
+        check_metrics(session, [*metrics, x])
+    except QueryError as e:
+        raise QueryError(f"{e} (see: lsdb metrics)") from None
+    df = load_series(session, [*metrics, x], _parents(session, runs))
+    xs = df.filter(pl.col("metric") == x).select("run_id", "checkpoint_id", pl.col("value").alias("x"))
+    panels = []
+    for m in metrics:
+        d = df.filter(pl.col("metric") == m).join(xs, on=["run_id", "checkpoint_id"]).sort("run_id", "epoch")
+        if d.height == 0:
+            raise NoChartData(f"no checkpoint has both {m} and {x}, so there is nothing to pair "
+                              "(see which metrics have rows: lsdb metrics)")
+        base = alt.Chart(d).encode(
+            alt.X("x:Q", title=x, scale=alt.Scale(zero=False)), alt.Y("value:Q", title=m, scale=alt.Scale(zero=False)),
+            alt.Color("variant:N", title="variant", legend=SOLID_LEGEND), detail="run_id:N", order="epoch:Q",
+            tooltip=["run_id", "seed", "epoch", alt.Tooltip("x:Q", title=x, format=".4g"),
+                     alt.Tooltip("value:Q", title=m, format=".4g")])
+        panels.append((base.mark_line(opacity=0.35, strokeWidth=1) + base.mark_point(filled=True, size=30))
+                      .properties(width=width, height=_height(width),
+                                  title=f"{m} against {x} (a point per checkpoint, a line per run)"))
+    return alt.vconcat(*panels) if len(panels) > 1 else panels[0]
+
+
+def spawn_chart(session, runs=None, metrics=SPAWN_METRICS, width: int = WIDTH):
     """Every spawn-indexed metric (barriers, disagreement, sibling distances) vs spawn time."""
     have = set(session.sql("SELECT DISTINCT metric FROM metric_series")["metric"].to_list())
     present = [m for m in metrics if m in have]
     if not present:
         raise NoChartData("no spawn-indexed metrics (add [probes.barrier] and [spawn] times to the spec)")
-    return metric_chart(session, present, runs, points=True).properties(
+    return metric_chart(session, present, runs, points=True, width=width).properties(
         title="Spawn-indexed measures vs spawn time (children spawned from the parent at that time)")
 
 
-def barrier_chart(session, runs=None):
-    return spawn_chart(session, runs, ("error_barrier_test", "loss_barrier_test"))
+def barrier_chart(session, runs=None, width: int = WIDTH):
+    return spawn_chart(session, runs, ("error_barrier_test", "loss_barrier_test"), width=width)
 
 
-def kernel_velocity_chart(session, runs=None):
+def kernel_velocity_chart(session, runs=None, width: int = WIDTH):
     _need(session, "kernel_velocity", "ntk_distance")
-    return metric_chart(session, ["kernel_velocity"], runs)
+    return metric_chart(session, ["kernel_velocity"], runs, width=width)
 
 
-def correlation_chart(session, runs=None, method: str = "spearman"):
+def correlation_chart(session, runs=None, method: str = "spearman", width: int = WIDTH):
     """Heatmap of the pooled (Fisher-z) correlation between every pair of metrics over time."""
     import polars as pl
 
     from lsdb.query.correlate import correlate
 
-    alt = _alt()
     df = correlate(session, None, runs, by="pooled", method=method)
     df = df.filter(pl.col("r").is_not_nan() & pl.col("r").is_not_null())
     if df.height == 0:
         raise NoChartData("no pair of metrics with enough aligned samples to correlate")
-    both = pl.concat([df.select("metric_a", "metric_b", "r", "n"),
-                      df.select(pl.col("metric_b").alias("metric_a"), pl.col("metric_a").alias("metric_b"), "r", "n")])
-    names = sorted(set(both["metric_a"]))
+    return correlation_heatmap(df, method, width)
+
+
+def correlation_heatmap(pairs, method: str = "spearman", width: int = WIDTH):
+    """Heatmap of ``pairs`` (columns metric_a, metric_b, r, n; each pair once).
+
+    At 50 metrics a sorted grid with a number in every cell is unreadable. We keep every metric
+    (dropping some would hide exactly the pair a reader looks for) and instead order them by
+    hierarchical clustering on 1 - |r|, so measures that move together, in either direction, form
+    blocks along the diagonal; cells shrink to fit ``width`` but not below CELL_MIN, and the r values
+    are printed only while a cell is at least TEXT_CELL wide (the tooltip always has them)."""
+    import polars as pl
+
+    alt = _alt()
+    flipped = pairs.select(pl.col("metric_b").alias("metric_a"), pl.col("metric_a").alias("metric_b"), "r", "n")
+    both = pl.concat([pairs.select("metric_a", "metric_b", "r", "n"), flipped])
+    names = cluster_order(both)
     diag = pl.DataFrame({"metric_a": names, "metric_b": names, "r": [1.0] * len(names), "n": [None] * len(names)},
                         schema=both.schema)
     data = pl.concat([both, diag])
-    base = alt.Chart(data).encode(alt.X("metric_a:N", title=None, sort=names), alt.Y("metric_b:N", title=None, sort=names))
+    base = alt.Chart(data).encode(alt.X("metric_a:N", title=None, sort=names, axis=alt.Axis(labelAngle=-45)),
+                                  alt.Y("metric_b:N", title=None, sort=names))
     rect = base.mark_rect().encode(
         alt.Color("r:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue", reverse=True), title=f"{method} r"),
         tooltip=["metric_a", "metric_b", alt.Tooltip("r:Q", format=".2f"), "n"])
-    text = base.mark_text(fontSize=8).encode(alt.Text("r:Q", format=".1f"))
-    side = max(200, 18 * len(names))
-    return (rect + text).properties(width=side, height=side,
-                                    title=f"Pooled {method} correlation over training time (Fisher-z across runs)")
+    cell = heatmap_cell(len(names), width)
+    layers = [rect]
+    if cell >= TEXT_CELL:
+        layers.append(base.mark_text(fontSize=9).encode(alt.Text("r:Q", format=".1f")))
+    order = ", metrics clustered by |r|" if len(names) > 3 else ""
+    return alt.layer(*layers).properties(
+        width=cell * len(names), height=cell * len(names),
+        title=f"Pooled {method} correlation over training time (Fisher-z across runs){order}")
 
 
-def transition_chart(session, runs=None, metrics=None):
+def heatmap_cell(n: int, width: int) -> int:
+    """Side of one heatmap cell in px: the grid fills about ``width``, within CELL_MIN..CELL_MAX."""
+    return max(CELL_MIN, min(CELL_MAX, width // max(n, 1)))
+
+
+def cluster_order(pairs) -> list[str]:
+    """Metric names ordered by average-linkage clustering on the distance 1 - |r| (a missing pair
+    counts as uncorrelated), leaves in optimal order; three or fewer metrics stay sorted."""
+    import numpy as np
+
+    names = sorted(set(pairs["metric_a"]) | set(pairs["metric_b"]))
+    if len(names) <= 3:
+        return names
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    index = {m: i for i, m in enumerate(names)}
+    dist = np.ones((len(names), len(names)))
+    for a, b, r in pairs.select("metric_a", "metric_b", "r").iter_rows():
+        if r is not None and np.isfinite(r):
+            dist[index[a], index[b]] = dist[index[b], index[a]] = 1 - min(abs(r), 1.0)
+    np.fill_diagonal(dist, 0)
+    tree = linkage(squareform(dist, checks=False), method="average", optimal_ordering=True)
+    return [names[i] for i in leaves_list(tree)]
+
+
+def transition_chart(session, runs=None, metrics=None, width: int = WIDTH):
     """Transition time (end of the fast phase) of each metric, per run, with its interval."""
     import polars as pl
 
@@ -157,16 +263,17 @@ def transition_chart(session, runs=None, metrics=None):
         raise NoChartData("no metric with a fast-then-slow shape and enough checkpoints")
     df = df.with_columns(*(pl.col(c) + LOG_TIME_OFFSET for c in ("t_break", "t_low", "t_high")),
                          pl.col("seed").cast(pl.Utf8))
-    base = alt.Chart(df).encode(alt.Y("metric:N", title=None), alt.Color("seed:N", title="seed"))
-    bars = base.mark_rule(opacity=0.5).encode(_time_x("t_low"), alt.X2("t_high:Q"))
+    title, domain = f"end of the fast phase, {TIME_TITLE}", _extent(df["t_low"], df["t_break"], df["t_high"])
+    base = alt.Chart(df).encode(alt.Y("metric:N", title=None), alt.Color("seed:N", title="seed", legend=SOLID_LEGEND))
+    bars = base.mark_rule(opacity=0.5).encode(_time_x("t_low", title, domain, padding=12), alt.X2("t_high:Q"))
     pts = base.mark_point(filled=True, size=50).encode(
-        _time_x("t_break", title=f"end of the fast phase, {TIME_TITLE}"),
+        _time_x("t_break", title, domain, padding=12),
         tooltip=["metric", "run_id", alt.Tooltip("t_break:Q", format=".3g"), alt.Tooltip("frac_break:Q", format=".2f")])
-    return (bars + pts).properties(width=WIDTH, height=max(120, 16 * df["metric"].n_unique()),
+    return (bars + pts).properties(width=width, height=max(120, 16 * df["metric"].n_unique()),
                                    title="Transition times (three-segment fit in log-time; bars: 95% profile interval)")
 
 
-def hessian_spectrum_chart(session, runs=None, max_checkpoints: int = 6):
+def hessian_spectrum_chart(session, runs=None, max_checkpoints: int = 6, width: int = WIDTH):
     """Top-k Hessian eigenvalues by rank at up to ``max_checkpoints`` checkpoints of one parent run."""
     import polars as pl
 
@@ -186,12 +293,13 @@ def hessian_spectrum_chart(session, runs=None, max_checkpoints: int = 6):
     step = max(1, len(epochs) // max_checkpoints)
     keep = set(epochs[::step][: max_checkpoints - 1] + [epochs[-1]])
     df = df.filter(pl.col("epoch").is_in(list(keep)))
+    # epochs are floats summed from steps (0.30000000000000004): the legend prints them short
     return alt.Chart(df).mark_line(point=True).encode(
         alt.X("rank:O", title="rank (1 = largest)"),
         alt.Y("value:Q", scale=alt.Scale(type="symlog"), title="eigenvalue (symlog)"),
-        alt.Color("epoch:O", scale=alt.Scale(scheme="viridis"), title="epoch"),
-        tooltip=["epoch", "rank", alt.Tooltip("value:Q", format=".4g")],
-    ).properties(width=WIDTH, height=HEIGHT, title=f"Hessian spectrum (top-k), run {run[:12]}")
+        alt.Color("epoch:O", scale=alt.Scale(scheme="viridis"), title="epoch", legend=alt.Legend(format=LEGEND_FORMAT)),
+        tooltip=[alt.Tooltip("epoch:Q", format=LEGEND_FORMAT), "rank", alt.Tooltip("value:Q", format=".4g")],
+    ).properties(width=width, height=_height(width), title=f"Hessian spectrum (top-k), run {run[:12]}")
 
 
 def _slice_frame(session, runs, dims: int):
@@ -211,18 +319,18 @@ def _slice_frame(session, runs, dims: int):
     return df
 
 
-def slice_1d_chart(session, runs=None):
+def slice_1d_chart(session, runs=None, width: int = WIDTH):
     """Filter-normalised 1D loss slice L(w + a·d) around the latest sliced checkpoint."""
     alt = _alt()
     df = _slice_frame(session, runs, 1)
     return alt.Chart(df).mark_line(point=True).encode(
         alt.X("a:Q", title="a (filter-normalised direction)"), alt.Y("loss:Q", title="loss"), alt.Color("split:N"),
         tooltip=["split", "a", alt.Tooltip("loss:Q", format=".4g"), alt.Tooltip("error:Q", format=".3f")],
-    ).properties(width=WIDTH, height=HEIGHT,
+    ).properties(width=width, height=_height(width),
                  title=f"1D loss slice, run {df['run_id'][0][:12]} at epoch {df['epoch'][0]:g}")
 
 
-def slice_2d_chart(session, runs=None, split: str | None = None):
+def slice_2d_chart(session, runs=None, split: str | None = None, width: int = WIDTH):
     """Filter-normalised 2D loss surface L(w + a·d₁ + b·d₂) as a heatmap (log colour)."""
     import polars as pl
 
@@ -235,11 +343,11 @@ def slice_2d_chart(session, runs=None, split: str | None = None):
         alt.Y("b:O", title="b (direction 2)", sort="descending", axis=alt.Axis(labelOverlap=True, format=".2f")),
         alt.Color("loss:Q", scale=alt.Scale(type="log", scheme="viridis"), title=f"{split} loss"),
         tooltip=["a", "b", alt.Tooltip("loss:Q", format=".4g"), alt.Tooltip("error:Q", format=".3f")],
-    ).properties(width=300, height=300,
+    ).properties(width=_square(width), height=_square(width),
                  title=f"2D loss surface ({split}), run {df['run_id'][0][:12]} at epoch {df['epoch'][0]:g}")
 
 
-def kernel_accuracy_chart(session, runs=None):
+def kernel_accuracy_chart(session, runs=None, width: int = WIDTH):
     """Linearised-model (and kernel-regression) test error vs expansion time, with the low-lr
     children's final error at the same spawn times and the full network's final test error as a
     dashed reference line."""
@@ -271,11 +379,11 @@ def kernel_accuracy_chart(session, runs=None):
         f"WHERE run_id IN ({', '.join('?' * len(ids))}) AND run_id IN (SELECT DISTINCT run_id FROM metric_series "
         "WHERE metric IN ('linearised_test_error', 'kernel_regression_test_error')) GROUP BY run_id)", ids)
     color = alt.Color("metric:N", title="model")
+    x = _time_x(title=f"expansion / spawn time, {TIME_TITLE}", domain=_extent(df["t"]))
     lines = alt.Chart(df).mark_line(point=True).encode(
-        _time_x(title=f"expansion / spawn time, {TIME_TITLE}"), alt.Y("mean:Q", title="test error"), color,
-        strokeDash=alt.StrokeDash("variant:N"),
+        x, alt.Y("mean:Q", title="test error"), color, strokeDash=alt.StrokeDash("variant:N"),
         tooltip=["metric", "variant", "epoch", alt.Tooltip("mean:Q", format=".3f"), "seeds"])
-    band = alt.Chart(df).mark_area(opacity=0.15).encode(_time_x(), alt.Y("lo:Q"), alt.Y2("hi:Q"), color,
+    band = alt.Chart(df).mark_area(opacity=0.15).encode(x, alt.Y("lo:Q", title="test error"), alt.Y2("hi:Q"), color,
                                                         detail="variant:N")
     layers = [band, lines]
     if final.height and final["final"][0] is not None:
@@ -284,7 +392,7 @@ def kernel_accuracy_chart(session, runs=None):
             alt.Y("final:Q"), tooltip=["label", alt.Tooltip("final:Q", format=".3f")]))
         layers.append(alt.Chart(ref).mark_text(align="left", dx=4, dy=-6, fontSize=10).encode(
             alt.Y("final:Q"), text="label:N", x=alt.value(0)))
-    return alt.layer(*layers).properties(width=WIDTH, height=HEIGHT,
+    return alt.layer(*layers).properties(width=width, height=_height(width),
                                          title="Kernel accuracy: test error of the model linearised at time t")
 
 
@@ -313,19 +421,22 @@ CHARTS: dict[str, Callable] = {
 }
 
 
-def build(session, what, runs=None):
-    """An Altair chart: ``what`` is a chart name from CHARTS, a metric name, or a list of metrics."""
+def build(session, what, runs=None, x: str | None = None, width: int = WIDTH):
+    """An Altair chart: ``what`` is a chart name from CHARTS, a metric name, or a list of metrics,
+    drawn against time, or against metric ``x`` when given (then ``what`` is always metrics)."""
     if isinstance(what, str):
-        if what in CHARTS:
-            return CHARTS[what](session, runs)
+        if what in CHARTS and x is None:
+            return CHARTS[what](session, runs, width=width)
         what = [what]
     if not what:
         raise QueryError(f"name a chart ({', '.join(CHARTS)}) or one or more metrics")
-    return metric_chart(session, list(what), runs)
+    if x is not None:
+        return xy_chart(session, list(what), x, runs, width=width)
+    return metric_chart(session, list(what), runs, width=width)
 
 
 def save(chart, out) -> Path:
-    """Write ``chart`` as .html (self-contained, offline), .svg, .png or .json by suffix."""
+    """Write ``chart`` as .html (self-contained, offline), .svg, .png, .pdf or .json by suffix."""
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in FORMATS:
@@ -365,9 +476,12 @@ def html_page(spec: dict, title: str = "lsdb chart") -> str:
             "</script></body></html>\n")
 
 
-def chart(session, what, runs=None, out=None):
-    """Build a chart (see ``build``) and, when ``out`` is given, save it there. Returns the chart."""
-    c = build(session, what, runs)
+def chart(session, what, runs=None, out=None, x: str | None = None, width: int = WIDTH):
+    """Build a chart (see ``build``) and, when ``out`` is given, save it there. Returns the chart.
+
+    ``chart(session, ["test_error"], x="kernel_velocity", out="f.pdf")`` plots test error against
+    kernel velocity, a point per (run, checkpoint)."""
+    c = build(session, what, runs, x=x, width=width)
     if out is not None:
         save(c, out)
     return c

@@ -17,6 +17,11 @@ from pathlib import Path
 
 from lsdb.query.charts import NoChartData, build, vega_bundle
 
+# The page is PAGE_WIDTH px wide at most; a chart's plot area is narrower by its axis labels
+# and legend (up to about 250 px), so the whole chart fills the column without scrolling.
+PAGE_WIDTH = 1100
+CHART_WIDTH = 800
+
 #: (chart name or metric list, heading, caption for a newcomer)
 SECTIONS = [
     (["test_error", "train_loss"], "Training curves",
@@ -42,7 +47,8 @@ SECTIONS = [
      "fit in log-time; bars show an approximate 95% interval). Fort et al. claim these coincide."),
     ("correlation", "How the measures move together",
      "Spearman correlation over training time between every pair of measures, combined across runs "
-     "(Fisher z). Red: rise and fall together; blue: one rises as the other falls."),
+     "(Fisher z). Red: rise and fall together; blue: one rises as the other falls. Measures that move "
+     "together (either way) are placed next to each other; hover over a cell for its r and sample count."),
     ("hessian_spectrum", "Hessian spectrum (F9, F10)",
      "The largest eigenvalues of the loss Hessian at a few checkpoints. A few large outliers (about one "
      "per class) above a bulk near zero is the expected picture."),
@@ -63,7 +69,7 @@ def report(session, out, only: list[str] | None = None) -> Path:
     charts, skipped = [], []
     for what, heading, caption in SECTIONS:
         try:
-            spec = build(session, what).to_dict()
+            spec = build(session, what, width=CHART_WIDTH).to_dict()
         except NoChartData as e:
             skipped.append((heading, str(e)))
             continue
@@ -116,7 +122,7 @@ def _page(session, results, charts, skipped) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>lsdb findings report</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }}
+body {{ font-family: system-ui, sans-serif; max-width: {PAGE_WIDTH}px; margin: 2em auto; padding: 0 1em; color: #222; }}
 h1 {{ margin-bottom: 0.2em; }} .small {{ font-size: 0.85em; color: #555; }} .caption {{ max-width: 60em; }}
 table.findings {{ border-collapse: collapse; width: 100%; font-size: 0.92em; }}
 table.findings td, table.findings th {{ border: 1px solid #ccc; padding: 0.35em 0.5em; vertical-align: top; text-align: left; }}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -245,3 +246,40 @@ def ink_fraction(png: bytes) -> float:
     keys = (px[:, 0].astype(np.uint32) << 16) | (px[:, 1].astype(np.uint32) << 8) | px[:, 2]
     values, counts = np.unique(keys, return_counts=True)
     return float(1 - counts.max() / len(keys))
+
+
+# ------------------------------------------------------------------------------- Vega text
+#: JS for ``render(probe=...)``: per ``.chart`` element, what Vega drew as SVG: the marks, the axis
+#: titles of each view (a concat cell, else the whole chart), the legend labels, and the drawn
+#: width against the width of the element around the chart.
+VEGA_TEXT_PROBE = """Array.from(document.querySelectorAll('.chart')).map(div => {
+  const views = new Map();
+  div.querySelectorAll('.role-axis-title text').forEach(t => {
+    const view = t.closest('.role-scope') || div;
+    if (!views.has(view)) views.set(view, []);
+    views.get(view).push(t.textContent);
+  });
+  const svg = div.querySelector('svg');
+  return {marks: div.querySelectorAll('.role-mark path, .role-mark text, .role-mark line').length,
+          views: Array.from(views.values()),
+          legend: Array.from(div.querySelectorAll('.role-legend-label text')).map(t => t.textContent),
+          width: svg ? svg.getBoundingClientRect().width : 0,
+          room: div.parentElement.clientWidth};
+})"""
+
+# a float printed raw (0.30000000000000004) or a long run of digits (an unformatted id or count)
+RAW_NUMBER = re.compile(r"\d\.\d{6,}|\d{7,}")
+
+
+def repeated_titles(titles: list[str]) -> list[str]:
+    """Titles that appear twice in one view, or a title that repeats a part of itself (Vega-Lite
+    joins the different titles of layers sharing an axis with ', ')."""
+    parts = [p for t in titles for p in t.split(", ")]
+    return sorted({p for p in parts if parts.count(p) > 1})
+
+
+def vega_text_problems(chart: dict) -> list[str]:
+    """What reads badly in one chart of ``VEGA_TEXT_PROBE``'s answer; [] when nothing does."""
+    problems = [f"axis title repeated in a view: {r!r}" for view in chart["views"] for r in repeated_titles(view)]
+    problems += [f"unformatted legend label {label!r}" for label in chart["legend"] if RAW_NUMBER.search(label)]
+    return problems

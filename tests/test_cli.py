@@ -10,12 +10,14 @@ from typer.testing import CliRunner
 
 from lsdb.cli import app
 from tests.conftest import lsdb_cmd
+from tests.timeouts import hang_timeout
 
 runner = CliRunner()
 
 
 def lsdb(*args, env=None, cwd=None):
-    return subprocess.run(lsdb_cmd() + list(args), capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return subprocess.run(lsdb_cmd() + list(args), capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=hang_timeout(300))
 
 
 def test_every_command_has_help():

@@ -10,10 +10,11 @@ import pytest
 import lsdb
 from tests.chromium import external_requests, render, require_chromium
 from tests.conftest import REPO, lsdb_cmd
+from tests.timeouts import hang_timeout
 
 
 def lsdb_run(*args, env):
-    r = subprocess.run(lsdb_cmd() + list(args), capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run(lsdb_cmd() + list(args), capture_output=True, text=True, env=env, timeout=hang_timeout(900))
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -58,6 +59,7 @@ def test_quick_example_end_to_end(tmp_path, cli_env):
 @pytest.mark.slow
 @pytest.mark.chromium
 def test_demo_quick_gives_a_verdict_for_every_finding_and_a_report(tmp_path, cli_env):
+    binary = require_chromium()  # before the demo: minutes of training for a test that would skip
     store = str(tmp_path / "store")
     report = tmp_path / "report.html"
     out = lsdb_run("demo", "--quick", "--store", store, "--report", str(report), env=cli_env)
@@ -70,7 +72,6 @@ def test_demo_quick_gives_a_verdict_for_every_finding_and_a_report(tmp_path, cli
     # the same store gives the same findings, line for line (verdicts, numbers, notes)
     findings_part = out[out.index("F1 "):out.index("report written")].strip()
     assert again.strip() == findings_part
-    binary = require_chromium()
     got = render(report, binary=binary, ready="document.body.dataset.rendered || document.body.dataset.failed",
                  probe="document.querySelectorAll('.chart svg').length")
     assert got.errors == [] and external_requests(got) == []

@@ -13,6 +13,7 @@ from lsdb.plan import load_spec
 from lsdb.store import Store
 from tests.conftest import lsdb_cmd
 from tests.test_pipeline import snapshot
+from tests.timeouts import hang_timeout
 
 
 @pytest.mark.slow
@@ -25,7 +26,7 @@ def test_sigkill_and_rerun_matches_a_clean_run(tiny_spec_path, tmp_path, cli_env
     root = tmp_path / "killed"
     proc = subprocess.Popen(lsdb_cmd() + ["run", str(tiny_spec_path), "--store", str(root), "--no-progress"],
                             env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + hang_timeout(120)
     # wait until the run has written (and partly ingested) some shards, then kill it hard
     while time.monotonic() < deadline and proc.poll() is None:
         done = len(list((root / "spool" / "ingested").glob("*"))) if (root / "spool" / "ingested").exists() else 0
@@ -37,11 +38,11 @@ def test_sigkill_and_rerun_matches_a_clean_run(tiny_spec_path, tmp_path, cli_env
     proc.wait()
 
     rerun = subprocess.run(lsdb_cmd() + ["run", str(tiny_spec_path), "--store", str(root), "--no-progress"],
-                           env=cli_env, capture_output=True, text=True, timeout=300)
+                           env=cli_env, capture_output=True, text=True, timeout=hang_timeout(300))
     assert rerun.returncode == 0, rerun.stderr
     assert snapshot(Store.open(root)) == snapshot(clean)
     again = subprocess.run(lsdb_cmd() + ["run", str(tiny_spec_path), "--store", str(root)],
-                           env=cli_env, capture_output=True, text=True, timeout=120)
+                           env=cli_env, capture_output=True, text=True, timeout=hang_timeout(120))
     assert "nothing to do" in again.stdout
 
 
@@ -57,7 +58,7 @@ def test_a_killed_worker_is_one_clear_error_and_rerun_finishes(tiny_spec_path, t
     proc = subprocess.Popen(lsdb_cmd() + ["run", str(tiny_spec_path), "--store", str(root), "--workers", "2",
                                           "--no-progress"], env=cli_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + hang_timeout(120)
     victim = None
     while time.monotonic() < deadline and victim is None and proc.poll() is None:
         workers = [pid for pid in _children(proc.pid) if "spawn_main" in _cmdline(pid)]
@@ -66,11 +67,11 @@ def test_a_killed_worker_is_one_clear_error_and_rerun_finishes(tiny_spec_path, t
         time.sleep(0.05)
     assert victim is not None, "no worker process to kill"
     os.kill(victim, signal.SIGKILL)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=hang_timeout(120))
     assert proc.returncode == 1, (out, err)
     assert "a worker process died" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     rerun = subprocess.run(lsdb_cmd() + ["run", str(tiny_spec_path), "--store", str(root), "--no-progress"],
-                           env=cli_env, capture_output=True, text=True, timeout=300)
+                           env=cli_env, capture_output=True, text=True, timeout=hang_timeout(300))
     assert rerun.returncode == 0, rerun.stderr
     assert snapshot(Store.open(root)) == snapshot(clean)
 

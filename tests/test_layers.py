@@ -19,7 +19,7 @@ LAYERS = [
     {"lsdb.runner"},
     {"lsdb.plan", "lsdb.ingest", "lsdb.probes", "lsdb.query", "lsdb.integrity"},
     {"lsdb.train", "lsdb.schema", "lsdb.store", "lsdb.spec", "lsdb.spool", "lsdb.artifacts"},
-    {"lsdb.ids", "lsdb.errors", "lsdb.atomic", "lsdb.faults", "lsdb._version"},
+    {"lsdb.ids", "lsdb.errors", "lsdb.atomic", "lsdb.faults", "lsdb._version", "lsdb.progress"},
 ]
 
 

@@ -1,14 +1,18 @@
-"""The HTML report: self-contained, every chart draws in headless Chromium, not blank."""
+"""The HTML report: self-contained, every chart draws in headless Chromium, not blank, fills the
+page's width and reads well (one title per axis, short legend labels)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from typer.testing import CliRunner
 
-from lsdb.query.report import SECTIONS, report
+from lsdb.query.report import CHART_WIDTH, PAGE_WIDTH, SECTIONS, report
 from lsdb.query.session import Session
 
-from .chromium import external_requests, ink_fraction, png_pixels, render, require_chromium
+from .chromium import (VEGA_TEXT_PROBE, external_requests, ink_fraction, png_pixels, render, require_chromium,
+                       vega_text_problems)
 from .conftest_query import StoreBuilder, study_store
 
 
@@ -27,14 +31,24 @@ def test_report_is_self_contained(page):
     assert "Not drawn (no data)" in text  # Hessian spectrum and slices have no rows in this store
 
 
+def test_report_charts_are_page_wide(page):
+    text = page.read_text()
+    specs = json.loads(text.split('id="specs">')[1].split("</script>")[0])
+    widths = [s.get("width") or s["vconcat"][0]["width"] for s in specs]
+    assert widths.count(CHART_WIDTH) >= 5, widths  # the heatmap's width is its cells'
+    assert CHART_WIDTH <= PAGE_WIDTH and f"max-width: {PAGE_WIDTH}px" in text
+
+
 @pytest.mark.chromium
 def test_report_renders_every_chart_in_chromium(page, tmp_path):
     binary = require_chromium()
     got = render(page, binary=binary, ready="document.body.dataset.rendered || document.body.dataset.failed",
-                 probe="Array.from(document.querySelectorAll('.chart')).map("
-                       "d => d.querySelectorAll('svg .role-mark path, svg .role-mark text, svg .role-mark line').length)")
+                 probe=VEGA_TEXT_PROBE)
     assert got.value == "7", got.value
-    assert all(n > 0 for n in got.probe), got.probe  # every chart has marks
+    assert all(c["marks"] > 0 for c in got.probe), got.probe  # every chart has marks
+    assert [vega_text_problems(c) for c in got.probe] == [[]] * 7
+    # each chart fills most of the text column and none runs past it
+    assert all(0.75 * c["room"] <= c["width"] <= c["room"] for c in got.probe), got.probe
     assert got.errors == [] and external_requests(got) == []
     (tmp_path / "report.png").write_bytes(got.screenshot)
     w, h, _, _ = png_pixels(got.screenshot)

@@ -33,6 +33,7 @@ from lsdb.plan import expand_runs, load_spec, parse_spec  # noqa: E402
 from lsdb.probes import PARAMS, PROBES  # noqa: E402
 from lsdb.spec import SECTIONS, SELECTOR_KEYS, VARIANT_SECTIONS  # noqa: E402
 from tests.conftest import lsdb_cmd  # noqa: E402
+from tests.timeouts import hang_timeout  # noqa: E402
 
 N_TRAIN = (1437, 4000, 60000, 1)
 DEADLINE_MS = 5000  # per example; the loader itself takes milliseconds
@@ -435,10 +436,10 @@ def test_lsdb_plan_refuses_nasty_specs_with_one_error_line(tmp_path, cli_env):
     wrong = []
     for name, p in procs.items():
         try:
-            _out, err = p.communicate(timeout=240)
+            _out, err = p.communicate(timeout=hang_timeout(240))
         except subprocess.TimeoutExpired:
             p.kill()
-            wrong.append(f"{name}: no answer after 240 s")
+            wrong.append(f"{name}: no answer after {hang_timeout(240):.0f} s")
             continue
         lines = [line for line in err.splitlines() if line.strip()]
         if p.returncode != 1 or len(lines) != 1 or not lines[0].startswith("error:") or "Traceback" in err:

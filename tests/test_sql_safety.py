@@ -19,6 +19,7 @@ from lsdb.errors import QueryError
 from lsdb.query.session import Session
 from lsdb.store import Store
 from tests.conftest import lsdb_cmd
+from tests.timeouts import hang_timeout
 
 runner = CliRunner()
 
@@ -315,7 +316,7 @@ def test_default_connection_is_unchanged(db):
 
 # ----------------------------------------------------------------------------------- CLI
 def lsdb(*args):
-    return subprocess.run(lsdb_cmd() + list(args), capture_output=True, text=True, timeout=300)
+    return subprocess.run(lsdb_cmd() + list(args), capture_output=True, text=True, timeout=hang_timeout(300))
 
 
 def test_cli_empty_query_is_one_line(db):
