@@ -39,7 +39,7 @@ def record_experiment(spec: Spec, store, runs: list[PlannedRun]) -> None:
     for r in new:
         if r.config.model not in sizes:
             sizes[r.config.model] = num_params(build_model(r.config.model, data.input_shape, data.num_classes))
-    experiment = dict(id=spec.identity(), name=spec.name, spec_toml=_spec_text(spec), dataset=spec.data.name,
+    experiment = dict(id=spec.identity(), name=spec.name, spec_toml=_spec_text(spec), dataset=spec.data.label,
                       probe_set_size=spec.data.probe_set_size, probe_set_seed=spec.data.probe_set_seed,
                       probe_set_sha256=probe_sha, created_at=utcnow().isoformat())
     rows = [run_row(r, spec.identity(), sizes[r.config.model]) for r in new]

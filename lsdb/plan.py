@@ -142,7 +142,7 @@ def expand_runs(spec: Spec, n_train: int) -> list[PlannedRun]:
     checkpoints or spawn times trains only what is new."""
     if spec.data.probe_set_size > n_train:
         raise SpecError(f"{spec.source}: data.probe_set_size = {spec.data.probe_set_size} is more than the "
-                        f"{n_train} training examples of {spec.data.name}; lower it")
+                        f"{n_train} training examples of {spec.data.label}; lower it")
     work = []
     for cfg in spec.run_configs():
         where = spec.source if cfg.variant == "base" else f"{spec.source} (variant {cfg.variant})"
@@ -179,7 +179,7 @@ def run_row(r: PlannedRun, experiment_id: str, num_params: int) -> dict:
     cfg = r.config
     return dict(
         id=r.id, experiment_id=experiment_id, variant=r.variant, kind=r.kind, seed=r.seed, data_seed=r.data_seed,
-        dataset=cfg.data.name, train_subset=cfg.data.train_subset, model=cfg.model.name, width=cfg.model.width,
+        dataset=cfg.data.label, train_subset=cfg.data.train_subset, model=cfg.model.label, width=cfg.model.width,
         depth=cfg.model.depth, kernels=",".join(map(str, cfg.model.kernels)), patches=cfg.model.patches,
         num_params=num_params, lr=cfg.optim.lr * r.lr_factor, momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay, batch_size=cfg.optim.batch_size, epochs=cfg.optim.epochs,

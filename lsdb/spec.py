@@ -99,6 +99,21 @@ def non_negative(hi=None, note: str = "") -> dict:
     return between(0, hi, note)
 
 
+FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+FACTORY_MESSAGE = "must be 'package.module:function' (the module importable where lsdb runs; see lsdb run --path)"
+MAX_KWARGS = 64
+
+
+def _factory_ok(v: str) -> bool:
+    return v == "" or (len(v) <= 4 * MAX_PATH_PART and FACTORY.fullmatch(v) is not None)
+
+
+def table_field() -> dict:
+    """Field metadata: a TOML table of keyword arguments (scalars or lists of scalars), kept as
+    sorted ``(key, value)`` pairs so the spec stays hashable and its identity stable."""
+    return {"table": True}
+
+
 MAX_PATH = 4095  # bytes of a path the OS takes (PATH_MAX less the terminating NUL)
 MAX_PATH_PART = 255  # bytes of one folder or file name
 
@@ -122,6 +137,15 @@ class DataSpec:
     root: str = field(default="", metadata=check(  # user-owned data on disk (cifar10)
         _path_ok, f"must be a path of printable characters, at most {MAX_PATH} bytes "
                                f"and {MAX_PATH_PART} per folder name"))
+    # the researcher's own data: function(**kwargs) -> (x_train, y_train, x_test, y_test) or two
+    # Datasets of (x, y); ``name`` is then ignored
+    factory: str = field(default="", metadata=check(_factory_ok, FACTORY_MESSAGE))
+    kwargs: tuple[tuple[str, Any], ...] = field(default=(), metadata=table_field())
+
+    @property
+    def label(self) -> str:
+        """What rows call this data set: its name, or its factory."""
+        return self.factory or self.name
 
 
 @dataclass(frozen=True)
@@ -133,6 +157,15 @@ class ModelSpec:
     depth: int = field(default=3, metadata=positive(MAX_DEPTH))
     kernels: tuple[int, ...] = field(default=(5, 3, 3), metadata=between(1, 1024))
     patches: int = field(default=1, metadata=positive(MAX_WIDTH))
+    # the researcher's own network: function(input_shape, num_classes, **kwargs) -> nn.Module;
+    # ``name``, ``width``, ``depth``, ``kernels`` and ``patches`` are then ignored
+    factory: str = field(default="", metadata=check(_factory_ok, FACTORY_MESSAGE))
+    kwargs: tuple[tuple[str, Any], ...] = field(default=(), metadata=table_field())
+
+    @property
+    def label(self) -> str:
+        """What rows call this model: its name, or its factory."""
+        return self.factory or self.name
 
 
 @dataclass(frozen=True)
@@ -401,6 +434,8 @@ def _coerce(value, f, where, path):
     default = f.default
     name = _label(path, f.name)
     want = type(default)
+    if f.metadata.get("table"):
+        return _coerce_table(value, name, where, path, f.name)
     if isinstance(default, tuple):
         if not isinstance(value, list):
             raise SpecError(f"{where.at(path, f.name)}: {name} must be a list, got {_value(value)}")
@@ -408,6 +443,25 @@ def _coerce(value, f, where, path):
         item = float if "float" in hint else int if "int" in hint else str
         return tuple(_coerce_scalar(v, item, name, where, path, f.name) for v in value)
     return _coerce_scalar(value, want, name, where, path, f.name)
+
+
+def _coerce_table(value, name, where, path, key) -> tuple:
+    if not isinstance(value, dict):
+        raise SpecError(f"{where.at(path, key)}: {name} must be a table, e.g. {{ width = 64 }}, got {_value(value)}")
+    if len(value) > MAX_KWARGS:
+        raise SpecError(f"{where.at(path, key)}: {name} has {len(value)} entries; at most {MAX_KWARGS}")
+    out = []
+    for k, v in value.items():
+        if not (isinstance(k, str) and k.isidentifier()):
+            raise SpecError(f"{where.at(path, key)}: {name} key {_value(k)} is not a Python identifier")
+        items = v if isinstance(v, list) else [v]
+        if not all(isinstance(x, (str, int, float, bool)) for x in items) or len(items) > MAX_COUNT:
+            raise SpecError(f"{where.at(path, key)}: {name}.{k} must be a number, string, boolean or a list of "
+                            f"them, got {_value(v)}")
+        if any(isinstance(x, float) and not math.isfinite(x) for x in items):
+            raise SpecError(f"{where.at(path, key)}: {name}.{k} must be finite, got {_value(v)}")
+        out.append((k, tuple(v) if isinstance(v, list) else v))
+    return tuple(sorted(out))
 
 
 def _coerce_scalar(value, want, name, where, path, key):
@@ -518,11 +572,23 @@ def _parse_variants(table, sections, where) -> tuple:
     return tuple(out)
 
 
+def _check_factory_keys(section, name: str, keys: tuple[str, ...], at: str) -> None:
+    """With a factory, the built-in model's (data set's) keys would change the run id and nothing
+    else: refuse them."""
+    if not section.factory:
+        return
+    for key in keys:
+        if getattr(section, key) != getattr(type(section)(), key):
+            raise SpecError(f"{at}: {name}.{key} has no effect with {name}.factory; pass it in {name}.kwargs "
+                            f"(the factory's keyword arguments)")
+
+
 def _check_cross_fields(spec: Spec, where, catalog: Catalog | None):
     _check_name(spec.experiment.name, "experiment.name", where.at(("experiment",), "name"))
-    if catalog is not None and spec.data.name not in catalog.datasets:
+    if catalog is not None and not spec.data.factory and spec.data.name not in catalog.datasets:
         raise SpecError(f"{where.at(('data',), 'name')}: data.name = {_value(spec.data.name)} must be one of "
                         f"{', '.join(catalog.datasets)}")
+    _check_factory_keys(spec.data, "data", ("name", "root"), where.at(("data",), "factory"))
     seeds = spec.experiment.seeds
     if not seeds:
         raise SpecError(f"{where.at(('experiment',), 'seeds')}: experiment.seeds must list at least one seed")
@@ -534,9 +600,11 @@ def _check_cross_fields(spec: Spec, where, catalog: Catalog | None):
     runs = 0
     for cfg in spec.run_configs():
         prefix = () if cfg.variant == "base" else ("variants", cfg.variant)
-        if catalog is not None and cfg.model.name not in catalog.models:
+        if catalog is not None and not cfg.model.factory and cfg.model.name not in catalog.models:
             raise SpecError(f"{where.at(prefix + ('model',), 'name')}: model.name = {_value(cfg.model.name)} must be "
                             f"one of {', '.join(catalog.models)}")
+        _check_factory_keys(cfg.model, "model", ("name", "width", "depth", "kernels", "patches"),
+                            where.at(prefix + ("model",), "factory"))
         for t in cfg.spawn.times:
             if t < 0 or t >= cfg.optim.epochs:
                 raise SpecError(f"{where.at(prefix + ('spawn',), 'times')}: spawn time {t} must be in "
@@ -548,7 +616,7 @@ def _check_cross_fields(spec: Spec, where, catalog: Catalog | None):
             if t <= 0 or t >= cfg.optim.epochs:
                 raise SpecError(f"{where.at(prefix + ('optim',), 'lr_drops')}: lr drop at {t} must be in "
                                 f"(0, epochs = {cfg.optim.epochs})")
-        if cfg.model.name == "cnn1d" and len(cfg.model.kernels) != cfg.model.depth:
+        if not cfg.model.factory and cfg.model.name == "cnn1d" and len(cfg.model.kernels) != cfg.model.depth:
             raise SpecError(
                 f"{where.at(prefix + ('model',), 'kernels')}: model.kernels has {len(cfg.model.kernels)} entries "
                 f"but model.depth = {cfg.model.depth}; give one kernel size per conv layer"

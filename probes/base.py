@@ -192,8 +192,14 @@ def to_parent_pairs(study: Study) -> list[JobRequest]:
 
 
 def dataclass_from_dict(cls, values: dict[str, Any]):
+    """``cls`` from JSON-like values: lists become tuples, nested ones too (a spec's ``kwargs``
+    pairs), so the result stays hashable."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names})
+    return cls(**{k: _tuples(v) for k, v in values.items() if k in names})
+
+
+def _tuples(v):
+    return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 PlanFn = Callable[[Study, Any], list[JobRequest]]

@@ -72,7 +72,7 @@ def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> d
     from lsdb.spool import write_shard
     from lsdb.train.checkpoints import load_weights
     from lsdb.train.data import load_data
-    from lsdb.train.models import build_model
+    from lsdb.train.models import build_model, check_fits
 
     root = Path(store_root)
     dev = pick_device(device)
@@ -96,6 +96,8 @@ def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> d
                           lambda: torch.from_numpy(artifacts.get(job.probe_set_sha256)).to(dev))
         states = [{k: v.to(dev) for k, v in load_weights(root / "checkpoints", c.sha256).items()}
                   for c in job.checkpoints]
+        for c, state in zip(job.checkpoints, states):
+            check_fits(model, state, f"checkpoint {c.id}")
         ctx = ProbeContext(model=model, states=states, checkpoints=list(job.checkpoints), runs=list(job.runs),
                            data=data, probe_indices=indices, device=dev, dtype=torch.float32,
                            artifacts=artifacts, role=job.role, inputs=dict(job.inputs), seed=job.seed)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lsdb.errors import SpecError
+from lsdb.train import factories
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,13 @@ _CACHE: dict[tuple, Data] = {}
 
 
 def load_data(spec) -> Data:
-    """Load the data set named by ``spec`` (an ``lsdb.spec.DataSpec``), cached per process."""
-    key = (spec.name, spec.train_subset, spec.root)
+    """Load the data set named by ``spec`` (an ``lsdb.spec.DataSpec``) or made by its factory,
+    cached per process."""
+    key = (spec.name, spec.train_subset, spec.root, spec.factory, spec.kwargs)
     if key not in _CACHE:
-        if spec.name not in LOADERS:
+        if not spec.factory and spec.name not in LOADERS:
             raise SpecError(f"unknown data set '{spec.name}'; valid: {', '.join(LOADERS)}")
-        data = LOADERS[spec.name](spec)
+        data = _from_factory(spec) if spec.factory else LOADERS[spec.name](spec)
         if spec.train_subset:
             data = replace(data, x_train=data.x_train[: spec.train_subset], y_train=data.y_train[: spec.train_subset])
         _CACHE[key] = data
@@ -108,6 +110,52 @@ def _cifar10(spec) -> Data:
 
 
 LOADERS = {"mnist1d": _mnist1d, "digits": _digits, "cifar10": _cifar10}
+
+
+def _from_factory(spec) -> Data:
+    """``factory(**kwargs)`` returns (x_train, y_train, x_test, y_test) as tensors or arrays, or two
+    ``Dataset``s of (x, y) pairs; inputs become float32, labels int64 in 0..C-1."""
+    out = factories.call(spec.factory, "data", **dict(spec.kwargs))
+    where = f"data factory {spec.factory}"
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        (x, y), (xt, yt) = (_from_dataset(ds, where, split) for ds, split in zip(out, ("train", "test")))
+    elif isinstance(out, (tuple, list)) and len(out) == 4:
+        x, y, xt, yt = (_tensor(v, where, name) for v, name in zip(out, ("x_train", "y_train", "x_test", "y_test")))
+    else:
+        raise SpecError(f"{where} returned {type(out).__name__}; return (x_train, y_train, x_test, y_test) "
+                        f"or (train_dataset, test_dataset)")
+    for xs, ys, split in ((x, y, "train"), (xt, yt, "test")):
+        if xs.ndim < 2 or ys.ndim != 1 or xs.shape[0] != ys.shape[0] or xs.shape[0] == 0:
+            raise SpecError(f"{where}: {split} inputs {tuple(xs.shape)} and labels {tuple(ys.shape)} must be "
+                            f"(N, ...) and (N,) with N > 0")
+        if ys.is_floating_point() or ys.is_complex() or (ys < 0).any():
+            raise SpecError(f"{where}: {split} labels must be integers >= 0 (class indices)")
+    if x.shape[1:] != xt.shape[1:]:
+        raise SpecError(f"{where}: train inputs are {tuple(x.shape[1:])} per example, test inputs {tuple(xt.shape[1:])}")
+    classes = int(max(y.max(), yt.max())) + 1
+    if classes < 2:
+        raise SpecError(f"{where}: the labels name a single class; a classifier needs at least 2")
+    return Data(spec.factory, x.float(), y.long(), xt.float(), yt.long(), classes)
+
+
+def _tensor(value, where: str, name: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value.detach().cpu()
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"{where}: {name} is not an array ({e})") from None
+
+
+def _from_dataset(ds, where: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        pairs = [ds[i] for i in range(len(ds))]
+        xs = torch.stack([_tensor(p[0], where, f"{split} input") for p in pairs])
+        ys = torch.as_tensor([int(p[1]) for p in pairs])
+    except SpecError:
+        raise
+    except Exception as e:  # a Dataset of another shape
+        raise SpecError(f"{where}: the {split} Dataset must give (x, y) pairs with integer y "
+                        f"({type(e).__name__}: {e})") from None
+    return xs, ys
 
 
 def probe_indices(data: Data, size: int, seed: int) -> torch.Tensor:

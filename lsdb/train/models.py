@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lsdb.errors import SpecError
+from lsdb.train import factories
 
 
 # Models that list their layers: ``prepare(x)`` reshapes the input, ``steps()`` names the modules the
@@ -152,12 +153,35 @@ MODELS = {
 
 
 def build_model(model_spec, input_shape, num_classes, seed: int | None = None) -> nn.Module:
-    """Build the model named by ``model_spec`` (an ``lsdb.spec.ModelSpec``); seed its init if given."""
-    if model_spec.name not in MODELS:
+    """Build the model ``model_spec`` (an ``lsdb.spec.ModelSpec``) names, or its factory makes;
+    seed its init if given."""
+    if not model_spec.factory and model_spec.name not in MODELS:
         raise SpecError(f"unknown model '{model_spec.name}'; valid models: {', '.join(MODELS)}")
     if seed is not None:
         torch.manual_seed(seed)
-    return MODELS[model_spec.name](model_spec, tuple(input_shape), num_classes)
+    if not model_spec.factory:
+        return MODELS[model_spec.name](model_spec, tuple(input_shape), num_classes)
+    model = factories.call(model_spec.factory, "model", tuple(input_shape), num_classes, **dict(model_spec.kwargs))
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"model factory {model_spec.factory} returned {type(model).__name__}, not a torch.nn.Module")
+    if not any(True for _ in model.parameters()):
+        raise SpecError(f"model factory {model_spec.factory} returned a module without parameters")
+    return model
+
+
+def check_fits(model: nn.Module, state: dict, what: str) -> None:
+    """Raise ``SpecError`` naming the first key or shape of ``state`` that ``model`` does not have
+    (a checkpoint of another architecture, or a factory that changed since it was saved)."""
+    own = model.state_dict()
+    for key, value in own.items():
+        if key not in state:
+            raise SpecError(f"{what} does not fit the model: it has no {key} (the model's {tuple(value.shape)})")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise SpecError(f"{what} does not fit the model: {key} is {tuple(state[key].shape)}, "
+                            f"the model's is {tuple(value.shape)}")
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise SpecError(f"{what} does not fit the model: the model has no {extra[0]}")
 
 
 def num_params(model: nn.Module) -> int:

@@ -19,7 +19,7 @@ from lsdb.spec import RunConfig
 from lsdb.train.checkpoints import (load_optimizer, load_weights, optimizer_sha256, save_optimizer, save_weights,
                                     tensors_sha256)
 from lsdb.train.data import load_data
-from lsdb.train.models import build_model
+from lsdb.train.models import build_model, check_fits
 
 EVAL_BATCH = 2048
 
@@ -152,7 +152,9 @@ def _train(task: TrainTask, emit) -> dict:
     spe = task.steps_per_epoch
     opt = make_optimizer(model, cfg, lr_at(task.start_step, cfg, spe, task.lr_factor))
     if task.start_weights:
-        model.load_state_dict(load_weights(ckdir, task.start_weights))
+        start = load_weights(ckdir, task.start_weights)
+        check_fits(model, start, f"checkpoint file {task.start_weights[:16]}")
+        model.load_state_dict(start)
         if task.start_optimizer:
             load_optimizer_tensors(opt, model, load_optimizer(ckdir, task.start_optimizer, task.start_optimizer_sha))
 
