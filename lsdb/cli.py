@@ -14,7 +14,8 @@ from typing import Annotated, Optional
 import typer
 
 from lsdb import cli_query
-from lsdb.cli_common import Format, FormatOpt, OutOpt, StoreOpt, emit
+from lsdb.cli_common import (ExperimentOpt, Format, FormatOpt, HelpGroup, OutOpt, StoreOpt, VariantOpt, VersionOpt,
+                             emit, emit_batches, emit_sections)
 from lsdb.errors import LsdbError
 
 app = typer.Typer(
@@ -23,11 +24,21 @@ app = typer.Typer(
     "Declare an experiment in TOML; `lsdb run` trains what is missing, probes every checkpoint "
     "(NTK, barriers, Hessian, flatness …) and stores every number in DuckDB; `lsdb sql`, "
     "`lsdb correlate`, `lsdb findings` and `lsdb chart` answer questions.\n\n"
-    "Quick start:  lsdb run examples/quick.toml && lsdb sql \"SELECT * FROM metric_series LIMIT 5\"",
+    "\b\nQuick start:\n"
+    "  lsdb run examples/quick.toml\n"
+    "  lsdb sql \"SELECT * FROM metric_series LIMIT 5\"",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # plain click help: text as written ([i] is not Rich markup) and paragraphs re-flowed
+    rich_markup_mode=None,
+    cls=HelpGroup,
 )
+
+
+@app.callback()
+def _options(version: VersionOpt = False) -> None:
+    """Options given before the command (lsdb --version)."""
 
 SpecArg = Annotated[Path, typer.Argument(help="Experiment spec (TOML). See README, 'The spec'.", show_default=False)]
 WorkersOpt = Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes (1 = run inline).")]
@@ -79,9 +90,19 @@ def plan(spec: SpecArg, store: StoreOpt = None,
 
 @app.command()
 def run(spec: SpecArg, store: StoreOpt = None, workers: WorkersOpt = 1, device: DeviceOpt = None,
-        progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+        progress: Annotated[bool, typer.Option(help="Show progress on stderr: bars on a terminal, otherwise "
+                                                       "a line every 10 % or 30 s.")] = True,
         probes: Annotated[bool, typer.Option(help="Run probe jobs (--no-probes: train only, e.g. to probe "
-                                                  "elsewhere with `lsdb plan --manifest` and `lsdb worker`).")] = True):
+                                                  "elsewhere with `lsdb plan --manifest` and `lsdb worker`).")] = True,
+        executor: Annotated[Optional[str], typer.Option(
+            help="inline, process or ray (default: inline for --workers 1, else process). ray runs each job "
+                 "as a Ray task: pip install 'lsdb[ray]'; see docs/cluster.md.", show_default=False)] = None,
+        address: Annotated[Optional[str], typer.Option(
+            help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray with --workers CPUs).",
+            show_default=False)] = None,
+        gpus_per_job: Annotated[Optional[float], typer.Option(
+            help="GPUs each Ray probe task asks for (default: 1 where the cluster has GPUs, else 0).",
+            show_default=False)] = None):
     """Train and probe everything SPEC declares that the store lacks. Safe to interrupt and rerun.
 
     Checkpoint files that were lost or altered are retrained first. Exits 1 when a probe job
@@ -92,7 +113,8 @@ def run(spec: SpecArg, store: StoreOpt = None, workers: WorkersOpt = 1, device: 
 
     sp = load_spec(spec)
     st = Store(resolve_store_path(store))  # created under the store's lock, by runner.run
-    s = runner.run(sp, st, workers=workers, device=device, progress=progress and sys.stderr.isatty(), probes=probes)
+    s = runner.run(sp, st, workers=workers, device=device, progress="auto" if progress else None, probes=probes,
+                   executor=executor, address=address, gpus_per_job=gpus_per_job)
     _report_run(s)
 
 
@@ -125,7 +147,8 @@ def _report_run(s) -> None:
 @app.command()
 def demo(quick: Annotated[bool, typer.Option("--quick", help="The reduced study (a few minutes on 2 cores).")] = False,
          store: StoreOpt = None, workers: WorkersOpt = 2, device: DeviceOpt = None,
-         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+         progress: Annotated[bool, typer.Option(help="Show progress on stderr: bars on a terminal, otherwise "
+                                                        "a line every 10 % or 30 s.")] = True,
          report: Annotated[Optional[Path], typer.Option(help="Also write the offline HTML report here.")] = None):
     """Run the embedded Fort et al. (2020) style study on MNIST-1D and print the findings table."""
     from lsdb.demo import demo_spec, run_demo
@@ -135,7 +158,8 @@ def demo(quick: Annotated[bool, typer.Option("--quick", help="The reduced study 
     st = Store(resolve_store_path(store))
     sp = demo_spec(quick)
     typer.echo(f"running {sp.name} into {st.root} (rerun to resume; nothing is redone)")
-    s, results = run_demo(st, quick=quick, workers=workers, device=device, progress=progress and sys.stderr.isatty())
+    s, results = run_demo(st, quick=quick, workers=workers, device=device,
+                          progress="auto" if progress else None)
     typer.echo(f"trained {s.trained} runs, {s.jobs_done} probe jobs done, {s.jobs_failed} failed in {s.seconds:.0f} s")
     for f in s.failures[:10]:
         typer.echo(f"failed: {f}", err=True)
@@ -144,7 +168,7 @@ def demo(quick: Annotated[bool, typer.Option("--quick", help="The reduced study 
         from lsdb.query.report import report as write_report
         from lsdb.query.session import Session
 
-        write_report(Session(st), report)
+        write_report(Session(st).within(sp.identity()), report)
         typer.echo(f"report written to {report}")
 
 
@@ -229,17 +253,19 @@ def worker(manifest: Annotated[Path, typer.Argument(help="A job manifest written
 
 @app.command()
 def sql(query: Annotated[str, typer.Argument(help="A read-only SQL query (DuckDB dialect).")],
-        store: StoreOpt = None, format: FormatOpt = Format.table, out: OutOpt = None,
+        store: StoreOpt = None, experiment: ExperimentOpt = None, variant: VariantOpt = None,
+        format: FormatOpt = Format.table, out: OutOpt = None,
         allow_files: Annotated[bool, typer.Option(
             "--allow-files", help="Let the query read local files (read_csv, read_parquet, ...); "
                                   "writing stays refused.")] = False):
     """Run a read-only SQL query: SELECT, WITH, PIVOT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN and
     read-only PRAGMAs; anything that writes or changes a setting is refused. Tables: experiment,
-    run, checkpoint, probe_job, one per probe; the view metric_series(run_id, checkpoint_id, step,
-    epoch, frac, metric, value)."""
+    experiment_run, run, checkpoint, probe_job, one per probe; the views metric_series(run_id,
+    checkpoint_id, step, epoch, frac, metric, value, experiment) and experiment_current. With
+    --experiment every table holds only that experiment's rows."""
     from lsdb.query.session import Session
 
-    db = Session.open(store)
+    db = Session.open(store, experiment, variant)
     if format in (Format.csv, Format.parquet) and out is not None:
         _stream(db, query, format, out, allow_files)
         return
@@ -248,62 +274,69 @@ def sql(query: Annotated[str, typer.Argument(help="A read-only SQL query (DuckDB
 
 def _stream(db, query, format, out, allow_files=False):
     """Large exports stream in record batches instead of building one frame in memory."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    writer = None
-    for batch in db.sql_batches(query, allow_files=allow_files):
-        if writer is None:
-            writer = (pq.ParquetWriter(out, batch.schema) if format == Format.parquet
-                      else pacsv.CSVWriter(out, batch.schema))
-        writer.write_batch(batch)
-    if writer is not None:
-        writer.close()
+    emit_batches(db.sql_batches(query, allow_files=allow_files), format, out)
 
 
 @app.command()
-def runs(store: StoreOpt = None, format: FormatOpt = Format.table, out: OutOpt = None):
-    """List the runs in the store with their status and final test error."""
+def experiments(store: StoreOpt = None, format: FormatOpt = Format.table, out: OutOpt = None):
+    """List the experiments in the store: name, id, data set, runs, when recorded, and whether it
+    is the current version of its name (editing a spec records a new version)."""
     from lsdb.query.session import Session
 
-    emit(Session.open(store).runs(), format, out)
+    emit(Session.open(store).experiments(), format, out)
+
+
+@app.command()
+def runs(store: StoreOpt = None, experiment: ExperimentOpt = None, variant: VariantOpt = None,
+         format: FormatOpt = Format.table, out: OutOpt = None):
+    """List the runs with their experiment, data set, model, status and final test error."""
+    from lsdb.query.session import Session
+
+    emit(Session.open(store, experiment, variant).runs(), format, out)
 
 
 @app.command()
 def show(run_id: Annotated[str, typer.Argument(help="Run id (a unique prefix is enough).")],
-         store: StoreOpt = None, format: FormatOpt = Format.table):
-    """Show one run: hyperparameters and checkpoints."""
+         store: StoreOpt = None, experiment: ExperimentOpt = None, format: FormatOpt = Format.table,
+         out: OutOpt = None):
+    """Show one run: hyperparameters and checkpoints (JSON: one document {run, checkpoints}; CSV
+    and parquet: the checkpoints, the run's own row being in lsdb runs)."""
     from lsdb.query.session import Session
 
-    info, checkpoints = Session.open(store).show(run_id)
+    info, checkpoints = Session.open(store, experiment).show(run_id)
+    if format == Format.json:
+        emit_sections({"run": info, "checkpoints": checkpoints}, out)
+        return
     if format == Format.table:
         for k, v in info.row(0, named=True).items():
             typer.echo(f"{k:>22}: {v}")
-    else:
-        emit(info, format)
-    emit(checkpoints, format)
+    emit(checkpoints, format, out)
 
 
 @app.command()
-def metrics(store: StoreOpt = None, format: FormatOpt = Format.table):
-    """List the metrics in metric_series with how many values and runs each has."""
+def metrics(store: StoreOpt = None, experiment: ExperimentOpt = None, variant: VariantOpt = None,
+            format: FormatOpt = Format.table, out: OutOpt = None):
+    """List the metrics in metric_series: the table each is read from, what alike-looking names
+    mean (test_error is the trainer's, eval_test_error the eval probe's), values and runs."""
     from lsdb.query.session import Session
 
-    emit(Session.open(store).metrics(), format)
+    emit(Session.open(store, experiment, variant).metrics(), format, out)
 
 
 @app.command()
-def jobs(store: StoreOpt = None, failed: Annotated[bool, typer.Option(help="Only failed or skipped jobs.")] = False,
-         format: FormatOpt = Format.table):
+def jobs(store: StoreOpt = None, experiment: ExperimentOpt = None,
+         failed: Annotated[bool, typer.Option(help="Only failed or skipped jobs.")] = False,
+         format: FormatOpt = Format.table, out: OutOpt = None):
     """Probe jobs by probe and state (with --failed: each failed job and its error)."""
     from lsdb.query.session import Session
 
-    db = Session.open(store)
+    db = Session.open(store, experiment)
     if failed:
-        emit(db.sql("SELECT id, probe, role, state, attempts, error FROM probe_job WHERE state <> 'done' ORDER BY probe"), format)
+        emit(db.sql("SELECT id, probe, role, state, attempts, error FROM probe_job WHERE state <> 'done' "
+                    "ORDER BY probe"), format, out)
     else:
         emit(db.sql("SELECT probe, state, count(*) AS jobs, round(sum(seconds), 2) AS seconds FROM probe_job "
-                    "GROUP BY ALL ORDER BY probe, state"), format)
+                    "GROUP BY ALL ORDER BY probe, state"), format, out)
 
 
 cli_query.register(app)
@@ -332,7 +365,7 @@ def environment_error(e: BaseException) -> str | None:
 def main() -> None:
     """Console entry point: user errors → one line on stderr, exit code 1."""
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="lsdb", standalone_mode=False)  # not "python -m lsdb" or __main__.py
     except LsdbError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lsdb.cli_common import Format, FormatOpt, OutOpt, StoreOpt, emit
+from lsdb.cli_common import ExperimentOpt, Format, FormatOpt, OutOpt, StoreOpt, VariantOpt, emit
 
 
 class By(str, enum.Enum):
@@ -44,17 +44,23 @@ def _split(values: list[str] | None) -> list[str] | None:
     return out or None
 
 
-def _session(store):
+def _session(store, experiment=None, variant=None):
+    """The session an aggregating command reads: scoped to the experiment chosen, or to the
+    store's only one (several without a choice is an error naming them)."""
     from lsdb.query.session import Session
 
-    return Session.open(store)
+    return Session.open(store, experiment, variant).for_analysis()
 
 
 def correlate(
     metrics: MetricsArg = None,
     runs: RunsOpt = None,
     by: Annotated[By, typer.Option(help="One correlation per run, per (variant, seed), or only the pooled summary.")] = By.run,
-    method: Annotated[Method, typer.Option(help="Correlation coefficient.")] = Method.spearman,
+    method: Annotated[Method, typer.Option(help=(
+        "Correlation coefficient. p_value is exact up to 8 pairs (a permutation test over all n! "
+        "pairings: 1/3, not 0, for a perfect r of 3 pairs), scipy's asymptotic p above (never below "
+        "1/n!), null under 3 pairs; the pooled p combines the groups' p-values (weighted "
+        "Stouffer)."))] = Method.spearman,
     lag: Annotated[int, typer.Option(help="Pair a[i] with b[i+LAG] on the aligned grid (positive: does B follow A?).")] = 0,
     since: Annotated[Optional[float], typer.Option(help="Only times at or after this epoch.")] = None,
     until: Annotated[Optional[float], typer.Option(help="Only times at or before this epoch.")] = None,
@@ -62,6 +68,8 @@ def correlate(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the intervals (0: Fisher-z intervals).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
     store: StoreOpt = None,
+    experiment: ExperimentOpt = None,
+    variant: VariantOpt = None,
     format: FormatOpt = Format.table,
     out: OutOpt = None,
 ):
@@ -77,7 +85,7 @@ def correlate(
     from lsdb.query.correlate import alignment_rule
     from lsdb.query.correlate import correlate as run
 
-    df = run(_session(store), _split(metrics), _split(runs), by=by.value, method=method.value, lag=lag,
+    df = run(_session(store, experiment, variant), _split(metrics), _split(runs), by=by.value, method=method.value, lag=lag,
              since=since, until=until, align=align.value, bootstrap=bootstrap, seed=seed)
     typer.echo(f"alignment: {alignment_rule(align.value)}", err=True)
     emit(df.drop("align") if format == Format.table else df, format, out)
@@ -87,6 +95,8 @@ def transition(
     metrics: MetricsArg = None,
     runs: RunsOpt = None,
     store: StoreOpt = None,
+    experiment: ExperimentOpt = None,
+    variant: VariantOpt = None,
     format: FormatOpt = Format.table,
     out: OutOpt = None,
 ):
@@ -102,7 +112,7 @@ def transition(
     from lsdb.query.transition import METHOD
     from lsdb.query.transition import transition as run
 
-    df = run(_session(store), _split(metrics), _split(runs))
+    df = run(_session(store, experiment, variant), _split(metrics), _split(runs))
     typer.echo(f"method: {METHOD}", err=True)
     emit(df, format, out)
 
@@ -113,6 +123,8 @@ def findings(
         help="Also write a self-contained HTML report (findings table and every chart) to this file.",
         show_default=False)] = None,
     store: StoreOpt = None,
+    experiment: ExperimentOpt = None,
+    variant: VariantOpt = None,
     format: FormatOpt = Format.table,
     out: OutOpt = None,
 ):
@@ -127,7 +139,7 @@ def findings(
     """
     from lsdb.query.findings import as_text, findings_results, to_frame
 
-    session = _session(store)
+    session = _session(store, experiment, variant)
     ids = _split([only]) if only else None
     results = findings_results(session, ids)
     if format == Format.table and out is None:
@@ -146,14 +158,21 @@ def chart(
     name: Annotated[Optional[str], typer.Option(
         "--name", "-n", help="A named chart instead of metrics: barrier, spawn, kernel_velocity, kernel_accuracy, "
         "correlation, transition, hessian_spectrum, slice_1d, slice_2d.", show_default=False)] = None,
+    x: Annotated[Optional[str], typer.Option(
+        "--x", help="Draw the METRICs against this metric instead of time: a point per (run, checkpoint) "
+        "that has both, a line per run.", metavar="METRIC", show_default=False)] = None,
     runs: RunsOpt = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .html (offline), .svg, .png or .json.",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .html (offline), .svg, .png, .pdf or .json.",
                                       show_default=False)] = ...,
     store: StoreOpt = None,
+    experiment: ExperimentOpt = None,
+    variant: VariantOpt = None,
 ):
-    """Draw METRICs against training time (seed mean ± std band, log time axis) or a named chart.
+    """Draw METRICs against training time (seed mean ± std band, log time axis), against another
+    metric (--x), or a named chart.
 
     Examples: lsdb chart test_error kernel_velocity --out curves.html
+              lsdb chart test_error --x kernel_velocity --out tradeoff.pdf
               lsdb chart --name barrier --out barrier.svg
     """
     from lsdb.errors import QueryError
@@ -161,13 +180,15 @@ def chart(
     from lsdb.query.charts import chart as draw
 
     what = _split(metrics)
+    if name and x:
+        raise QueryError("--x draws metrics against a metric; give METRICs, not --name")
     if name and what:
         raise QueryError("give either metrics or --name, not both")
     if name and name not in CHARTS:
         raise QueryError(f"unknown chart '{name}'; valid: {', '.join(CHARTS)}")
     if not name and not what:
         raise QueryError(f"name one or more metrics (see: lsdb metrics) or a chart with --name ({', '.join(CHARTS)})")
-    draw(_session(store), name or what, _split(runs), out=out)
+    draw(_session(store, experiment, variant), name or what, _split(runs), out=out, x=x)
     typer.echo(f"wrote {out}", err=True)
 
 

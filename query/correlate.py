@@ -20,20 +20,33 @@ Method
 4. Per group. ``by="run"``: one correlation per run; ``by="seed"``: the aligned pairs of all runs
    with one (variant, seed) pooled into one sample (runs are aligned separately first);
    ``by="pooled"``: only the pooled summary below.
-5. Interval. Without bootstrap, a 95% interval from Fisher's z = atanh(r) with standard error
+5. p-value (two-sided, of no correlation). For n <= EXACT_MAX_N (8) pairs it is exact: the
+   share of all n! pairings of b with a whose |r| is at least the observed |r| (a permutation
+   test, valid for every method without assuming normality; tied values stay tied). So it is
+   never below 1/n!, nor below 2/n! for Spearman and Kendall without ties (1/3 at n = 3).
+   Above that, scipy's asymptotic p (Pearson: t-test under normality; Spearman: t approximation;
+   Kendall: scipy's default), floored at 1/n!: no pairing of n samples is rarer than that, and a
+   t statistic that is infinite at |r| = 1 would otherwise print p = 0. n < 3: r and p are null.
+   The pairs of a time series are not independent, so read every p as optimistic.
+6. Interval. Without bootstrap, a 95% interval from Fisher's z = atanh(r) with standard error
    sqrt(c / (n - d)): Pearson c = 1, d = 3; Spearman c = 1.06, d = 3; Kendall c = 0.437, d = 4
    (Fieller, Hartley & Pearson 1957). With ``bootstrap = B``, the 2.5/97.5 percentiles of r over
    B resamples of the aligned pairs (pairs resampled independently: this ignores autocorrelation
    in time, so read such intervals as optimistic).
-6. Pooled. ``r_mean ± r_std`` over groups (sample std), and a Fisher-z combination
+7. Pooled. ``r_mean ± r_std`` over groups (sample std), and a Fisher-z combination
    z = Σ w_i atanh(r_i) / Σ w_i with w_i = (n_i - d) / c, r = tanh(z), interval
-   tanh(z ± 1.96 / sqrt(Σ w_i)) (or, with bootstrap, percentiles over resampled groups),
-   p from z·sqrt(Σ w_i) ~ N(0, 1).
+   tanh(z ± 1.96 / sqrt(Σ w_i)) (or, with bootstrap, percentiles over resampled groups).
+   Its p combines the groups' p-values (weighted Stouffer): Z = Σ sqrt(w_i) z_i / sqrt(Σ w_i) with
+   z_i = sign(r_i) Φ⁻¹(1 - p_i / 2), p = 2 Φ(-|Z|). Were every p_i the Fisher-z one, this would be
+   exactly z·sqrt(Σ w_i) ~ N(0, 1); using the groups' own p keeps a perfect r in a small group at
+   the evidence its exact test gives, not an infinite z. Groups with n <= d carry no weight.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import itertools
 import math
 from typing import Literal
 
@@ -52,6 +65,10 @@ ALIGNS = ("nearest", "interp")
 
 # Fisher-z variance c / (n - d) of each coefficient (Fieller, Hartley & Pearson 1957).
 _FISHER = {"pearson": (1.0, 3), "spearman": (1.06, 3), "kendall": (0.437, 4)}
+
+# Up to this many pairs p is an exact permutation test over all n! pairings (8! = 40320: milliseconds).
+EXACT_MAX_N = 8
+MIN_N = 3  # fewer pairs: r and p are null
 
 COLUMNS = ["scope", "group", "metric_a", "metric_b", "lag", "n", "r", "p_value", "ci_low", "ci_high",
            "r_mean", "r_std", "groups", "method", "align"]
@@ -172,22 +189,67 @@ def apply_lag(a, b, lag: int):
 
 
 # --------------------------------------------------------------------------- statistics
+def coefficient(x, y, method: str = "spearman") -> float:
+    """r alone (no p-value: cheap); nan for n < 3 or a constant input."""
+    return _coefficient(np.asarray(x, dtype=float), np.asarray(y, dtype=float), method)[0]
+
+
 def corr(x, y, method: str = "spearman") -> tuple[float, float]:
-    """(r, two-sided p) with scipy.stats; (nan, nan) for n < 3 or a constant input."""
+    """(r, two-sided p); (nan, nan) for n < 3 or a constant input.
+
+    p is exact (``exact_p``) for n <= EXACT_MAX_N, else scipy's asymptotic p floored at 1/n!
+    (the module docstring, step 5, says why)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    r, p = _coefficient(x, y, method)
+    if not np.isfinite(r):
+        return r, p
+    if len(x) <= EXACT_MAX_N:
+        return r, exact_p(x, y, method)
+    return r, float(max(p, p_floor(len(x))))
+
+
+def _coefficient(x, y, method: str) -> tuple[float, float]:
+    """scipy's (r, asymptotic p)."""
     from scipy import stats
 
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan, math.nan
-    if method == "spearman":
-        res = stats.spearmanr(x, y)
-    elif method == "pearson":
-        res = stats.pearsonr(x, y)
-    elif method == "kendall":
-        res = stats.kendalltau(x, y)
-    else:
+    if method not in METHODS:
         raise QueryError(f"unknown method '{method}'; valid: {', '.join(METHODS)}")
+    if len(x) < MIN_N or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan, math.nan
+    res = {"spearman": stats.spearmanr, "pearson": stats.pearsonr, "kendall": stats.kendalltau}[method](x, y)
     return float(res.statistic), float(res.pvalue)
+
+
+def p_floor(n: int) -> float:
+    """1/n!, the chance of one given pairing of n samples (never 0, even where n! overflows)."""
+    return max(math.exp(-math.lgamma(n + 1)), np.finfo(float).tiny)
+
+
+def exact_p(x, y, method: str) -> float:
+    """Two-sided permutation p: the share of the n! pairings of y with x whose |r| >= the observed |r|.
+
+    Only r's numerator changes under a pairing (the spreads of x and y do not), so it alone is
+    compared: sum (rx - mean)(ry - mean) over ranks (Spearman) or values (Pearson), and the sum of
+    sign products over pairs of samples (Kendall's tau-b numerator, concordant minus discordant)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    perms = _all_pairings(len(x))  # row 0 is the identity: the observed pairing
+    if method == "kendall":
+        i, j = np.triu_indices(len(x), 1)
+        yp = y[perms]
+        s = np.sign(yp[:, j] - yp[:, i]) @ np.sign(x[j] - x[i])
+    else:
+        if method == "spearman":
+            from scipy import stats
+
+            x, y = stats.rankdata(x), stats.rankdata(y)
+        s = (y - y.mean())[perms] @ (x - x.mean())
+    tol = 1e-9 * max(abs(s[0]), 1.0)  # the same sum in another order may differ in its last bit
+    return float(np.mean(np.abs(s) >= abs(s[0]) - tol))
+
+
+@functools.lru_cache(maxsize=EXACT_MAX_N + 1)
+def _all_pairings(n: int) -> np.ndarray:
+    return np.array(list(itertools.permutations(range(n))), dtype=np.intp)
 
 
 def _corr_rows(X, Y, method: str):
@@ -195,7 +257,7 @@ def _corr_rows(X, Y, method: str):
     from scipy import stats
 
     if method == "kendall":
-        return np.array([corr(x, y, "kendall")[0] for x, y in zip(X, Y)])
+        return np.array([coefficient(x, y, "kendall") for x, y in zip(X, Y)])
     if method == "spearman":
         X, Y = stats.rankdata(X, axis=1), stats.rankdata(Y, axis=1)
     Xc, Yc = X - X.mean(axis=1, keepdims=True), Y - Y.mean(axis=1, keepdims=True)
@@ -231,21 +293,33 @@ def bootstrap_interval(x, y, method: str, B: int, rng) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def fisher_combine(rs, ns, method: str) -> tuple[float, float, float, float]:
-    """Fisher-z combination of per-group r's → (r, ci_low, ci_high, p)."""
-    from scipy import stats
-
+def fisher_combine(rs, ns, method: str) -> tuple[float, float, float]:
+    """Fisher-z combination of per-group r's → (r, ci_low, ci_high)."""
     rs, ns = np.asarray(rs, float), np.asarray(ns, int)
     w = np.array([fisher_weight(n, method) for n in ns])
     ok = np.isfinite(rs) & (w > 0)
     if not ok.any():
-        return math.nan, math.nan, math.nan, math.nan
+        return math.nan, math.nan, math.nan
     z = np.arctanh(np.clip(rs[ok], -1 + 1e-12, 1 - 1e-12))
     W = w[ok].sum()
     zbar = float((w[ok] * z).sum() / W)
     h = Z95 / math.sqrt(W)
-    p = float(2 * stats.norm.sf(abs(zbar) * math.sqrt(W)))
-    return math.tanh(zbar), math.tanh(zbar - h), math.tanh(zbar + h), p
+    return math.tanh(zbar), math.tanh(zbar - h), math.tanh(zbar + h)
+
+
+def stouffer_p(rs, ps, ns, method: str) -> float:
+    """Pooled two-sided p from per-group (r, p): weighted Stouffer with the Fisher weights (step 7)."""
+    from scipy import stats
+
+    rs, ps = np.asarray(rs, float), np.asarray(ps, float)
+    w = np.array([fisher_weight(n, method) for n in ns])
+    ok = np.isfinite(rs) & np.isfinite(ps) & (w > 0)
+    if not ok.any():
+        return math.nan
+    z = np.sign(rs[ok]) * stats.norm.isf(ps[ok] / 2)
+    Z = float((np.sqrt(w[ok]) * z).sum() / math.sqrt(w[ok].sum()))
+    # underflows only beyond ~37 standard errors: report the smallest float, not an impossible 0
+    return max(float(2 * stats.norm.sf(abs(Z))), np.finfo(float).tiny)
 
 
 def _clip(r: float) -> float:
@@ -330,7 +404,8 @@ def _pooled(per_group: list[dict], method: str, bootstrap: int, rng) -> dict:
     rs = np.array([g["r"] for g in per_group], float)
     ns = np.array([g["n"] for g in per_group], int)
     finite = rs[np.isfinite(rs)]
-    r, lo, hi, p = fisher_combine(rs, ns, method)
+    r, lo, hi = fisher_combine(rs, ns, method)
+    p = stouffer_p(rs, [g["p_value"] for g in per_group], ns, method)
     if bootstrap and len(per_group) > 1:
         picks = rng.integers(0, len(per_group), size=(bootstrap, len(per_group)))
         boot = np.array([fisher_combine(rs[i], ns[i], method)[0] for i in picks])

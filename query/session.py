@@ -113,7 +113,14 @@ class Session:
                 reader = con.execute(query).to_arrow_reader(batch_rows)
             except duckdb.Error as e:
                 raise QueryError(_error_line(e)) from None
-            yield from reader
+            empty = True
+            for batch in reader:
+                empty = False
+                yield batch
+            if empty:  # an empty result still has columns: the caller writes a header-only file
+                import pyarrow as pa
+
+                yield pa.RecordBatch.from_pylist([], schema=reader.schema)
 
     def _narrow(self, con) -> None:
         """Shadow the store's tables with views of the scope's rows (temporary objects come first

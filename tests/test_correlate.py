@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -11,8 +12,8 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from lsdb.errors import QueryError
-from lsdb.query.correlate import (align_pair, apply_lag, corr, correlate, fisher_combine, fisher_interval,
-                                  log_time, matrix)
+from lsdb.query.correlate import (EXACT_MAX_N, align_pair, apply_lag, corr, correlate, exact_p, fisher_combine,
+                                  fisher_interval, log_time, matrix, p_floor, stouffer_p)
 from lsdb.query.session import Session
 from lsdb.query.thresholds import LOG_TIME_OFFSET
 
@@ -62,15 +63,76 @@ def test_corr_matches_scipy(method, ref):
 
 def test_fisher_combination_by_hand():
     rs, ns = [0.5, 0.8], [13, 23]
-    r, lo, hi, p = fisher_combine(rs, ns, "pearson")
+    r, lo, hi = fisher_combine(rs, ns, "pearson")
     w = np.array([10, 20.0])
     z = (w * np.arctanh(rs)).sum() / w.sum()
     assert r == pytest.approx(math.tanh(z))
     assert (lo, hi) == pytest.approx((math.tanh(z - 1.959963984540054 / math.sqrt(30)),
                                       math.tanh(z + 1.959963984540054 / math.sqrt(30))))
-    assert p == pytest.approx(2 * stats.norm.sf(z * math.sqrt(30)))
+    # fed the groups' Fisher-z p-values, Stouffer's pooled p is Fisher's z·sqrt(Σw) ~ N(0, 1)
+    ps = 2 * stats.norm.sf(np.arctanh(rs) * np.sqrt(w))
+    assert stouffer_p(rs, ps, ns, "pearson") == pytest.approx(2 * stats.norm.sf(z * math.sqrt(30)))
     lo1, hi1 = fisher_interval(0.5, 13, "spearman")  # Spearman's variance is 1.06/(n-3)
     assert hi1 - lo1 > hi - lo
+
+
+def brute_force_p(x, y, ref):
+    """Two-sided permutation p by a plain loop over every pairing, with scipy's coefficient."""
+    r0 = abs(ref(x, y).statistic)
+    rs = [abs(ref(x, np.asarray(y)[list(perm)]).statistic) for perm in itertools.permutations(range(len(y)))]
+    return np.mean([r >= r0 - 1e-9 for r in rs])
+
+
+@pytest.mark.parametrize("x,y", [
+    ([0.3, 1.2, 0.7, 2.5, 1.9, 3.1], [1.0, 0.2, 0.9, 1.7, 2.2, 1.1]),  # no ties
+    ([1, 2, 2, 3, 5, 5, 7], [2, 1, 3, 3, 6, 4, 4]),  # ties in both
+])
+def test_exact_spearman_p_matches_enumerating_every_pairing(x, y):
+    r, p = corr(x, y, "spearman")
+    assert r == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert p == pytest.approx(brute_force_p(x, y, stats.spearmanr), abs=1e-12)
+    assert exact_p(x, y, "pearson") == pytest.approx(brute_force_p(x, y, stats.pearsonr), abs=1e-12)
+
+
+def test_exact_kendall_p_is_scipys_exact_distribution():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=7), rng.normal(size=7)
+    assert corr(x, y, "kendall")[1] == pytest.approx(stats.kendalltau(x, y, method="exact").pvalue)
+
+
+@pytest.mark.parametrize("method", ["spearman", "pearson", "kendall"])
+def test_perfect_correlation_of_three_points_is_not_p_zero(method):
+    r, p = corr([1, 2, 3], [3, 2, 1], method)
+    assert r == pytest.approx(-1.0) and p == pytest.approx(1 / 3)  # 2 of the 3! pairings are as extreme
+
+
+def test_asymptotic_p_is_floored_at_one_over_n_factorial():
+    n = EXACT_MAX_N + 4
+    r, p = corr(np.arange(n), -np.arange(n) ** 3, "spearman")  # scipy's t approximation says p = 0
+    assert r == -1.0 and p == pytest.approx(1 / math.factorial(n)) and p > 0
+    assert p_floor(500) > 0 and math.isnan(corr([1, 2], [2, 1])[1])
+
+
+def test_pooled_p_of_small_perfect_groups_is_their_exact_evidence():
+    """Three runs of n = 5 with r = -1 each: exact p = 2/5! per run; Stouffer pools those (not atanh(±1))."""
+    rs, ns = [-1.0] * 3, [5] * 3
+    ps = [corr(np.arange(5.0), -np.arange(5.0), "spearman")[1]] * 3
+    assert ps[0] == pytest.approx(2 / 120)
+    want = 2 * stats.norm.sf(stats.norm.isf(1 / 120) * math.sqrt(3))
+    assert stouffer_p(rs, ps, ns, "spearman") == pytest.approx(want)
+
+
+def test_no_p_value_is_zero_in_a_store_of_tiny_perfect_runs(tmp_path):
+    b = StoreBuilder(tmp_path / "tiny")
+    for rid, seed in (("p0", 0), ("p1", 1)):
+        b.run(rid, seed=seed)
+        for i, e in enumerate((1, 2, 4)):  # three checkpoints: train_loss falls as test_loss rises
+            b.checkpoint(rid, e, train_loss=3.0 - i, test_loss=1.0 + i * i)
+    df = correlate(Session.open(b.flush()), ["train_loss", "test_loss"], method="pearson")
+    runs = df.filter(pl.col("scope") == "run")
+    assert runs["n"].to_list() == [3, 3] and (runs["p_value"] > 0.1).all()
+    pooled = df.filter(pl.col("scope") == "pooled").row(0, named=True)
+    assert pooled["p_value"] is None or math.isnan(pooled["p_value"])  # n = 3 groups weigh nothing
 
 
 @pytest.fixture(scope="module")
