@@ -170,8 +170,13 @@ def ready_jobs(spec: Spec, store: Store, runs: list[PlannedRun] | None = None, p
 
 
 def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None,
-        progress: str | bool | None = None, probes: bool = True) -> RunSummary:
+        progress: str | bool | None = None, probes: bool = True, executor: str | None = None,
+        address: str | None = None, gpus_per_job: float | None = None) -> RunSummary:
     """Train and probe everything missing. Safe to interrupt at any point and rerun.
+
+    ``executor``: "inline", "process" (a pool of ``workers``) or "ray" (default: inline for one
+    worker, else process); ``address`` and ``gpus_per_job`` are Ray's: see
+    ``lsdb.probes.ray_executor``.
 
     ``progress`` (on stderr): None or False is silent (the default); "bars" draws progress bars;
     "lines" prints a plain line every 10 % or 30 s and at each phase end (for logs and CI);
@@ -197,7 +202,7 @@ def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None,
             summary.rejected = _newly_rejected(store, rejected_before)
             summary.seconds = time.perf_counter() - t0
             return summary
-        executor = make_executor(workers)
+        executor = make_executor(workers, executor, address, gpus_per_job)
         bars = Progress(progress, {TRAIN: len(todo.runs_to_train), PROBE: todo.jobs_missing if probes else 0})
         try:
             with bars:

@@ -1,8 +1,9 @@
 """Executors run plain functions over plain tasks and yield results as they complete.
 
 ``inline`` runs in this process (debuggable, and what tests use); ``process`` is a local pool of
-``--workers N`` processes. A cluster executor (Ray, batch jobs over ``lsdb worker``) only has to
-provide the same ``map``: workers share nothing but the store directory.
+``--workers N`` processes; ``ray`` (``lsdb.probes.ray_executor``) runs Ray tasks on a local Ray or
+a cluster. Batch jobs over ``lsdb worker`` need no executor. Workers share nothing but the store
+directory.
 """
 
 from __future__ import annotations
@@ -91,6 +92,28 @@ class ProcessExecutor:
         self.pool.shutdown(cancel_futures=True)
 
 
+EXECUTORS = ("inline", "process", "ray")
 
-def make_executor(workers: int = 1):
-    return InlineExecutor() if workers <= 1 else ProcessExecutor(workers)
+
+def make_executor(workers: int = 1, kind: str | None = None, address: str | None = None,
+                  gpus_per_job: float | None = None):
+    """The executor named ``kind`` (default: inline for one worker, else a process pool).
+    ``address`` and ``gpus_per_job`` are Ray's (see ``lsdb.probes.ray_executor``); Ray is
+    imported only here, only when asked for."""
+    from lsdb.errors import LsdbError
+
+    kind = kind or ("inline" if workers <= 1 else "process")
+    if kind not in EXECUTORS:
+        raise LsdbError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
+    if kind != "ray" and (address is not None or gpus_per_job is not None):
+        raise LsdbError("--address and --gpus-per-job apply only to --executor ray")
+    if kind == "inline":
+        if workers > 1:
+            raise LsdbError(f"--executor inline runs one job at a time; drop --workers {workers} "
+                            f"or use --executor process")
+        return InlineExecutor()
+    if kind == "process":
+        return ProcessExecutor(workers)
+    from lsdb.probes.ray_executor import RayExecutor
+
+    return RayExecutor(workers, address, gpus_per_job)
