@@ -94,20 +94,33 @@ class Recorder:
         return build_model(self.run.config.model, self.data.input_shape, self.data.num_classes, seed=self.run.seed)
 
     # ------------------------------------------------------------------------------ record
-    def checkpoint(self, model, step: int, optimizer=None, lr: float | None = None) -> str:
+    def checkpoint(self, model, step: int, optimizer=None, lr: float | None = None, *,
+                   expected_sha: str | None = None, source=None) -> str:
         """Store ``model``'s weights at ``step`` (and ``optimizer``'s momentum, needed to spawn
-        children from this step); returns the checkpoint id."""
+        children from this step); returns the checkpoint id. ``expected_sha``: the step is stored
+        already with these weights, so nothing is written, and other weights are an error naming
+        ``source`` (the file they came from)."""
+        from lsdb.errors import SpecError
+        from lsdb.train.checkpoints import tensors_sha256
+        from lsdb.train.models import check_fits
         from lsdb.train.trainer import save_checkpoint
 
         self._check_open()
         if not 0 <= step <= self.total_steps:
             raise LsdbError(f"step {step} is outside the run (0..{self.total_steps} steps in the spec)")
-        expected = set(self.model().state_dict())
-        if set(model.state_dict()) != expected:
-            raise LsdbError("the model's parameters do not match the spec's architecture; build it with rec.model()")
+        try:
+            check_fits(self.model(), model.state_dict(), "your model")
+        except SpecError as e:
+            raise LsdbError(f"{e}; build it with rec.model() (the spec's architecture)") from None
+        cid = checkpoint_id(self.run.id, step)
+        if expected_sha is not None:
+            sha = tensors_sha256({k: v.detach() for k, v in model.state_dict().items()})
+            if sha != expected_sha:
+                raise LsdbError(f"step {step} of run {self.run.id} is stored with other weights; "
+                                f"{source or 'these weights'} would replace them (nothing was changed)")
+            return cid
         if lr is None:
             lr = optimizer.param_groups[0]["lr"] if optimizer is not None else self.run.config.optim.lr
-        cid = checkpoint_id(self.run.id, step)
         was_training = model.training
         model.eval()
         try:

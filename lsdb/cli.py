@@ -190,6 +190,33 @@ def ingest(store: StoreOpt = None):
         raise typer.Exit(1)
 
 
+@app.command("import")
+def import_(folder: Annotated[Path, typer.Argument(help="Folder of state dicts (safetensors or torch.save files).",
+                                                  show_default=False)],
+            spec: Annotated[Path, typer.Option("--spec", help="The spec whose model the files are, and that "
+                                               "will probe them.", show_default=False)],
+            pattern: Annotated[str, typer.Option(help="File names, with {epoch} or {step} where the time is.")]
+            = "epoch_{epoch}.pt",
+            seed: Annotated[int, typer.Option(help="The spec's seed the run stands for.")] = 0,
+            variant: Annotated[str, typer.Option(help="The spec's variant the run stands for.")] = "base",
+            store: StoreOpt = None):
+    """Register checkpoints you trained elsewhere as the spec's parent run (for one seed and
+    variant), so that `lsdb run SPEC` probes them and spawns the spec's children from them.
+
+    Files are read without pickle (safetensors, or torch.load with weights_only=True) and must fit
+    the spec's model and cover its checkpoint schedule for that run; every error names the file.
+    Importing the same files again changes nothing.
+
+    Example: lsdb import runs/seed0 --spec mine.toml --pattern 'step_{step}.pt'
+    """
+    from lsdb.ingest.importer import import_checkpoints
+    from lsdb.plan import load_spec
+
+    r = import_checkpoints(store, load_spec(spec), folder, pattern, seed=seed, variant=variant)
+    typer.echo(f"run {r.run_id}: {len(r.imported)} checkpoints imported, {len(r.known)} already stored; "
+               f"probe them with: lsdb run {spec}")
+
+
 @app.command()
 def check(store: StoreOpt = None):
     """Verify the store; print what is wrong and exit 1 if anything is.

@@ -61,7 +61,7 @@ def test_recorder_refuses_what_it_cannot_store(tiny_spec_path, tmp_path):
     with pytest.raises(LsdbError, match="with Recorder"):
         rec.checkpoint(rec.model(), 0)
     with rec:
-        with pytest.raises(LsdbError, match="do not match the spec's architecture"):
+        with pytest.raises(LsdbError, match=r"your model does not fit the spec's model: it has no net.0.weight .*build it with rec.model\(\)"):
             rec.checkpoint(torch.nn.Linear(64, 10), 0)
         with pytest.raises(LsdbError, match="outside the run"):
             rec.checkpoint(rec.model(), 10_000)

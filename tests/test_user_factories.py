@@ -212,7 +212,7 @@ def test_a_checkpoint_that_does_not_fit_names_the_first_mismatch():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     check_fits(model, state, "checkpoint c1")
     state["2.weight"] = torch.zeros(2, 5)
-    with pytest.raises(SpecError, match=r"checkpoint c1 does not fit the model: 2.weight is \(2, 5\), the model's is \(2, 3\)"):
+    with pytest.raises(SpecError, match=r"checkpoint c1 does not fit the spec's model: 2.weight is \(2, 5\), the model's is \(2, 3\)"):
         check_fits(model, state, "checkpoint c1")
     del state["2.weight"]
     with pytest.raises(SpecError, match="has no 2.weight"):

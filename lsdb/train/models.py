@@ -1,4 +1,5 @@
-"""Model registry: small BatchNorm-free networks for loss-landscape studies.
+"""Model registry: small BatchNorm-free networks for loss-landscape studies, and the CIFAR
+ResNet-20 (BatchNorm, residual connections) that Fort et al. 2020 study.
 
 Every model maps a batch of inputs shaped ``(N, *input_shape)`` to logits ``(N, C)``.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lsdb.errors import SpecError
@@ -138,6 +140,72 @@ class PatchNet(nn.Module):
         return torch.stack(outs).mean(0)
 
 
+class _PadShortcut(nn.Module):
+    """He et al.'s option-A shortcut where a stage changes shape: the input subsampled with the
+    block's stride, its channels zero-padded (at the end) to ``out_channels``. No parameters."""
+
+    def __init__(self, stride: int, extra_channels: int):
+        super().__init__()
+        self.stride, self.extra = stride, extra_channels
+
+    def forward(self, x):
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
+
+
+class BasicBlock(nn.Module):
+    """conv3×3 → BN → ReLU → conv3×3 → BN, plus the shortcut, then ReLU (He et al. 2016, Fig. 2)."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        changes = stride != 1 or in_channels != channels
+        self.shortcut = _PadShortcut(stride, channels - in_channels) if changes else nn.Identity()
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """The CIFAR ResNet of He et al. 2016 (§4.2): a 3×3 conv of ``width`` channels with BatchNorm,
+    three stages of ``depth`` basic blocks with ``width``, 2·``width`` and 4·``width`` channels
+    (the first block of stages 2 and 3 halves the spatial size with stride 2), global average
+    pooling, a linear read-out; 6·depth + 2 layers. width = 16 and depth = 3 is the paper's
+    ResNet-20 (0.27 M parameters on CIFAR-10); width scales every stage. Shortcuts are option A
+    (identity, subsampled and zero-padded where the shape changes: no parameters), as in the paper's
+    CIFAR experiments. Any (C, H, W) input works; stride-2 stages round odd sizes up.
+
+    It does not list its layers (``steps``): the residual additions are not a chain, so the fast
+    paths that need one (the fused evaluator, the cached linearisation, weight matching) do not
+    apply, and the probes take their general paths."""
+
+    def __init__(self, input_shape, num_classes, width=16, depth=3):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise SpecError(f"model resnet20 needs image inputs (C, H, W), got shape {tuple(input_shape)}")
+        self.conv = nn.Conv2d(input_shape[0], width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        stages, channels = [], width
+        for i in range(3):
+            out = width * 2**i
+            blocks = [BasicBlock(channels if j == 0 else out, out, 2 if i > 0 and j == 0 else 1) for j in range(depth)]
+            stages.append(nn.Sequential(*blocks))
+            channels = out
+        self.stages = nn.Sequential(*stages)
+        self.readout = nn.Linear(channels, num_classes)
+        for m in self.modules():  # He et al. 2015 initialisation, as the paper
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        h = self.stages(torch.relu(self.bn(self.conv(x))))
+        return self.readout(h.mean(dim=(2, 3)))
+
+
 def _as_1d(input_shape):
     if len(input_shape) == 1:
         return 1, input_shape[0]
@@ -149,6 +217,9 @@ MODELS = {
     "cnn2d": lambda m, shape, c: CNN2d(shape, c, m.width, m.depth),
     "mlp": lambda m, shape, c: MLP(shape, c, m.width, m.depth),
     "patchnet": lambda m, shape, c: PatchNet(shape, c, m.width, m.patches, m.depth),
+    # width is the first stage's channels (16 in the paper; the spec's default 32 doubles every
+    # stage), depth the blocks per stage (3 in ResNet-20)
+    "resnet20": lambda m, shape, c: ResNet20(shape, c, m.width, m.depth),
 }
 
 
@@ -175,13 +246,13 @@ def check_fits(model: nn.Module, state: dict, what: str) -> None:
     own = model.state_dict()
     for key, value in own.items():
         if key not in state:
-            raise SpecError(f"{what} does not fit the model: it has no {key} (the model's {tuple(value.shape)})")
+            raise SpecError(f"{what} does not fit the spec's model: it has no {key} (the model's {tuple(value.shape)})")
         if tuple(state[key].shape) != tuple(value.shape):
-            raise SpecError(f"{what} does not fit the model: {key} is {tuple(state[key].shape)}, "
+            raise SpecError(f"{what} does not fit the spec's model: {key} is {tuple(state[key].shape)}, "
                             f"the model's is {tuple(value.shape)}")
     extra = sorted(set(state) - set(own))
     if extra:
-        raise SpecError(f"{what} does not fit the model: the model has no {extra[0]}")
+        raise SpecError(f"{what} does not fit the spec's model: the model has no {extra[0]}")
 
 
 def num_params(model: nn.Module) -> int:
