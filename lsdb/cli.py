@@ -279,6 +279,42 @@ def worker(manifest: Annotated[Path, typer.Argument(help="A job manifest written
 
 
 @app.command()
+def submit(spec: SpecArg, store: StoreOpt = None,
+           slurm: Annotated[bool, typer.Option("--slurm", help="Submit to Slurm (the only scheduler so far).")] = False,
+           array_size: Annotated[int, typer.Option(help="Probe tasks in the array (each runs every N-th job).")] = 4,
+           gpus: Annotated[int, typer.Option(help="GPUs per probe task (0: CPU).")] = 0,
+           cpus: Annotated[int, typer.Option(help="CPU cores per task.")] = 2,
+           time: Annotated[str, typer.Option(help="Time limit per job (Slurm's --time).")] = "04:00:00",
+           partition: Annotated[Optional[str], typer.Option(help="Slurm partition.", show_default=False)] = None,
+           folder: Annotated[Optional[Path], typer.Option(
+               "--dir", help="Where to write the scripts, manifest and logs (default: STORE/slurm/SPEC-NAME).",
+               show_default=False)] = None,
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the scripts; write and submit nothing.")]
+           = False):
+    """Run SPEC on a Slurm cluster as three chained jobs: training (lsdb run --no-probes, then the
+    probe manifest), an array of probe workers, and a final lsdb run that ingests their shards and
+    runs whatever is left. Every node must see the store directory.
+
+    Example: lsdb submit examples/quick.toml --slurm --array-size 8 --gpus 1 --dry-run
+    """
+    from lsdb.plan import load_spec
+    from lsdb.store import resolve_store_path
+    from lsdb.submit import SlurmPlan, scripts, submit as do_submit
+
+    if not slurm:
+        raise LsdbError("choose a scheduler: lsdb submit SPEC --slurm (for Ray: lsdb run SPEC --executor ray)")
+    sp = load_spec(spec)  # a bad spec fails here, not hours later on the cluster
+    root = resolve_store_path(store)
+    plan = SlurmPlan(spec=spec, store=root, folder=folder or root / "slurm" / sp.name, array_size=array_size,
+                     gpus=gpus, cpus=cpus, time=time, partition=partition)
+    if dry_run:
+        for name, text in scripts(plan).items():
+            typer.echo(f"# ---- {plan.folder / name}\n{text}")
+        return
+    typer.echo(do_submit(plan))
+
+
+@app.command()
 def sql(query: Annotated[str, typer.Argument(help="A read-only SQL query (DuckDB dialect).")],
         store: StoreOpt = None, experiment: ExperimentOpt = None, variant: VariantOpt = None,
         format: FormatOpt = Format.table, out: OutOpt = None,

@@ -15,7 +15,7 @@ WHOLE = ("lsdb.train", "lsdb.schema", "lsdb.ingest", "lsdb.probes", "lsdb.query"
 
 # top to bottom; a part may import parts of its own layer or of any layer below
 LAYERS = [
-    {"lsdb", "lsdb.cli", "lsdb.cli_query", "lsdb.cli_common", "lsdb.demo", "lsdb.__main__"},
+    {"lsdb", "lsdb.cli", "lsdb.cli_query", "lsdb.cli_common", "lsdb.demo", "lsdb.__main__", "lsdb.submit"},
     {"lsdb.runner"},
     {"lsdb.plan", "lsdb.ingest", "lsdb.probes", "lsdb.query", "lsdb.integrity"},
     {"lsdb.train", "lsdb.schema", "lsdb.store", "lsdb.spec", "lsdb.spool", "lsdb.artifacts"},
