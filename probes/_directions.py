@@ -253,51 +253,75 @@ def _evaluate_loop(model, basis, coeffs, fixed, x, y, batch_size, want_pred, buf
     return Evaluation(torch.stack(losses), torch.stack(errors), torch.stack(preds) if want_pred else None)
 
 
+def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's BatchNorm layers that keep running statistics, with their state-dict prefixes."""
+    return [(f"{name}." if name else "", m) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+
+
+def recompute_bn_stats(model: nn.Module, point: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
+                       x_stats: torch.Tensor, batch_size: int = 1000) -> dict[str, torch.Tensor]:
+    """BatchNorm running statistics recomputed for the weights ``point``: reset (mean 0, variance 1),
+    then one pass over ``x_stats`` in train mode with cumulative averaging (momentum None, so the
+    result does not depend on batch order), mini-batches of ``batch_size``. Returns the new
+    ``running_mean``/``running_var`` entries; ``point`` and ``fixed`` are left alone. No gradient
+    flows through them. Frankle et al. 2020 do this on an interpolation path because
+    interpolated weights and interpolated running statistics do not match."""
+    bns = bn_layers(model)
+    state = dict(point)
+    for prefix, _ in bns:
+        state[prefix + "running_mean"] = torch.zeros_like(point[prefix + "running_mean"])
+        state[prefix + "running_var"] = torch.ones_like(point[prefix + "running_var"])
+    fresh = dict(fixed)
+    for prefix, _ in bns:
+        if prefix + "num_batches_tracked" in fresh:
+            fresh[prefix + "num_batches_tracked"] = torch.zeros_like(fresh[prefix + "num_batches_tracked"])
+    was_training = model.training
+    saved = [(m, m.momentum) for _, m in bns]
+    model.train()
+    try:
+        for m, _ in saved:
+            m.momentum = None
+        with torch.no_grad():
+            state = {k: v.detach() for k, v in state.items()}
+            for i in range(0, x_stats.shape[0], batch_size):
+                # BatchNorm updates the running buffers we pass in place
+                functional_call(model, (state, fresh), (x_stats[i:i + batch_size],))
+    finally:
+        for m, mom in saved:
+            m.momentum = mom
+        model.train(was_training)
+    return {prefix + k: state[prefix + k] for prefix, _ in bns for k in ("running_mean", "running_var")}
+
+
 def evaluate_with_bn_recompute(model: nn.Module, basis, coeffs, fixed, x, y, x_stats: torch.Tensor, *,
                                batch_size: int = 1000, predictions: bool = False) -> Evaluation:
-    """Like ``evaluate_combinations`` for a model with BatchNorm, recomputing the running statistics
-    at every point first: reset them, then one pass over ``x_stats`` in train mode with cumulative
-    averaging (momentum None), mini-batches of ``batch_size``; then evaluate in eval mode.
-    Frankle et al. 2020 do this at each α because interpolated weights and interpolated running
-    statistics do not match.
-    """
-    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """Like ``evaluate_combinations`` for a model with BatchNorm, with the running statistics
+    recomputed at every point first (``recompute_bn_stats`` on ``x_stats``), then evaluated in eval
+    mode, point by point."""
     coeffs = torch.as_tensor(coeffs, device=x.device)
-
-    def recomputed(k, point):
-        state = dict(point)
-        for name, m in bns:
-            prefix = f"{name}." if name else ""
-            if m.running_mean is not None:
-                state[prefix + "running_mean"] = torch.zeros_like(point[prefix + "running_mean"])
-                state[prefix + "running_var"] = torch.ones_like(point[prefix + "running_var"])
-        fresh = dict(fixed)
-        for name, m in bns:
-            key = (f"{name}." if name else "") + "num_batches_tracked"
-            if key in fresh:
-                fresh[key] = torch.zeros_like(fresh[key])
-        saved = [(m, m.momentum) for _, m in bns]
-        model.train()
-        try:
-            for m, _ in saved:
-                m.momentum = None  # cumulative average over the pass: independent of batch order
-            with torch.no_grad():
-                for i in range(0, x_stats.shape[0], batch_size):
-                    # BatchNorm updates the running buffers we pass in place
-                    functional_call(model, (state, fresh), (x_stats[i:i + batch_size],))
-        finally:
-            for m, mom in saved:
-                m.momentum = mom
-            model.eval()
-        return {k_: v for k_, v in state.items() if k_ not in point or "running_" in k_}
-
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return _evaluate_loop(model, basis, coeffs, fixed, x, y, batch_size, predictions, buffers_at=recomputed)
+            return _evaluate_loop(model, basis, coeffs, fixed, x, y, batch_size, predictions,
+                                  buffers_at=lambda k, point: recompute_bn_stats(model, point, fixed, x_stats,
+                                                                                 batch_size))
     finally:
         model.train(was_training)
+
+
+def evaluate_points(model: nn.Module, basis, coeffs, fixed, x, y, *, bn_stats: torch.Tensor | None,
+                    batch_size: int = 1000, mode: str = "auto", predictions: bool = False) -> Evaluation:
+    """The geometry probes' one way to evaluate points: with BatchNorm statistics recomputed on
+    ``bn_stats`` at every point when it is given and the model has BatchNorm (point by point;
+    ``mode`` does not apply), else ``evaluate_combinations`` in eval mode with the points' own
+    running statistics."""
+    if bn_stats is not None and bn_layers(model):
+        return evaluate_with_bn_recompute(model, basis, coeffs, fixed, x, y, bn_stats, batch_size=batch_size,
+                                          predictions=predictions)
+    return evaluate_combinations(model, basis, coeffs, fixed, x, y, batch_size=batch_size, mode=mode,
+                                 predictions=predictions)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -63,7 +63,11 @@ class Network:
 
 
 def bind(model: torch.nn.Module, state: dict[str, torch.Tensor], device, dtype) -> Network:
-    """Bind ``model`` to the tensors of one checkpoint, cast to ``device``/``dtype``."""
+    """Bind ``model`` to the tensors of one checkpoint, cast to ``device``/``dtype``, and put it in
+    eval mode: every kernel is of the eval-mode network, BatchNorm normalising with the
+    checkpoint's running statistics (in train mode a logit would depend on the whole batch, and the
+    forward pass would overwrite the statistics in place)."""
+    model.eval()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in names if n not in state]
     if missing:

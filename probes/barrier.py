@@ -19,9 +19,12 @@ Along with it: child disagreement D = (1/N) Σ_i [ŷ₁(x_i) ≠ ŷ₂(x_i)] on 
 Lakshminarayanan 2019), D / (½(E₁ + E₂)) with E the endpoints' test errors (null when both are 0),
 and the weight distance ‖w₁ − w₂‖₂ over trainable parameters (and relative to ‖w₁‖₂).
 
-Networks with BatchNorm get their running statistics recomputed at every α, endpoints included
-(``bn_recompute``, default on; a no-op for BatchNorm-free models) from one pass over the train
-subset in train mode; see ``_directions.evaluate_with_bn_recompute``.
+BatchNorm (``BATCHNORM`` = "recomputed", the ``batchnorm`` column of ``probe_job``): at every α,
+endpoints included, the running statistics are recomputed from one train-mode pass over the train
+subset (``n_train`` examples; reset, then a cumulative average) and L, E measured in eval mode with
+them (``_directions.recompute_bn_stats``; Frankle et al. 2020), because interpolated weights and
+interpolated statistics do not match. ``bn_recompute = false`` evaluates the interpolated stored
+statistics instead ("running"). A no-op for BatchNorm-free models ("none").
 
 Pairs: the final checkpoints of every two sibling children (role "siblings", anchored at the
 parent's spawn checkpoint), init ↔ final of every finished parent run (role "init_final",
@@ -42,6 +45,7 @@ from .base import JobRequest, ProbeContext, Study, sibling_final_pairs
 
 VERSION = 1
 TABLES = ("barrier", "barrier_curve")
+BATCHNORM = "recomputed"  # unless bn_recompute = false
 
 
 MAX_POINTS = 10_001  # α values on one path (a grid step of 1e-4)
@@ -184,12 +188,8 @@ def interpolation_curve(model, f1, f2, fixed, alphas, train, test, params: Param
     basis = [f1, f2]
     out = {}
     for split, (x, y) in (("train", train), ("test", test)):
-        if params.bn_recompute and D.has_batchnorm(model):
-            ev = D.evaluate_with_bn_recompute(model, basis, coeffs, fixed, x, y, train[0],
-                                              batch_size=params.batch_size, predictions=split == "test")
-        else:
-            ev = D.evaluate_combinations(model, basis, coeffs, fixed, x, y, batch_size=params.batch_size,
-                                         mode=params.mode, predictions=split == "test")
+        ev = D.evaluate_points(model, basis, coeffs, fixed, x, y, bn_stats=train[0] if params.bn_recompute else None,
+                               batch_size=params.batch_size, mode=params.mode, predictions=split == "test")
         out[f"{split}_loss"], out[f"{split}_error"] = ev.loss, ev.error
         if split == "test":
             out["test_predictions"] = ev.predictions

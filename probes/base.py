@@ -5,6 +5,10 @@ A probe module (``lsdb/probes/<name>.py``) holds only maths. It defines:
 - ``VERSION: int`` — bump when the maths changes; new rows are written, old ones stay.
 - ``Params`` — a frozen dataclass; its fields are the TOML keys of ``[probes.<name>]``.
 - ``TABLES: tuple[str, ...]`` — the result tables it writes (defined in ``lsdb.schema``).
+- ``BATCHNORM: str`` — how it treats BatchNorm, one of ``BATCHNORM_MODES`` but "none" (stated in
+  its docstring; the worker stores it in ``probe_job.batchnorm``, or "none" for a model without
+  BatchNorm, or "running" when the probe's ``bn_recompute`` param is off). The worker hands
+  ``compute`` the model in eval mode; a probe that needs train-mode passes makes and undoes them.
 - ``plan(study, params) -> list[JobRequest]`` — which checkpoints (or pairs) to measure.
   Use the helpers below (``each_checkpoint``, ``sibling_final_pairs`` …). ``plan`` is called
   repeatedly until it asks for nothing new, so a probe that needs another probe's results
@@ -28,6 +32,18 @@ if TYPE_CHECKING:  # torch is imported lazily so `lsdb --help` stays fast
     import torch
 
     from lsdb.train.data import Data
+
+
+#: Values of ``probe_job.batchnorm``: what a job's numbers assume about BatchNorm.
+BATCHNORM_MODES = {
+    "none": "the model has no BatchNorm",
+    "running": "eval mode with the checkpoint's running statistics (at a combination of checkpoints, "
+               "the same combination of theirs)",
+    "recomputed": "eval mode with running statistics recomputed at every evaluated point from one "
+                  "train-mode pass over the probe's train subset",
+    "unused": "no forward pass (BatchNorm's scale and shift count as parameters, its statistics do not)",
+    "refused": "the probe refuses models with BatchNorm (the job failed)",
+}
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@
 loss = mean over examples of −log softmax(f(x; w))_y (float64 accumulation);
 error = fraction of examples whose arg-max logit differs from the label.
 ``max_train`` / ``max_test`` (0 = all) evaluate on the first examples of each split.
+
+BatchNorm (``BATCHNORM`` = "running", the ``batchnorm`` column of ``probe_job``): the network in
+eval mode, BatchNorm normalising with the checkpoint's running statistics, as it would be deployed
+(and as the trainer's own test error measures it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from lsdb.spec import MAX_BATCH, MAX_EXAMPLES, between, positive
 
 VERSION = 1
 TABLES = ("eval",)
+BATCHNORM = "running"
 
 
 @dataclass(frozen=True)
@@ -33,11 +38,17 @@ def plan(study, params: Params):
 
 @torch.no_grad()
 def loss_and_error(model, state, x, y, batch_size: int = 2048) -> tuple[float, float]:
+    """Mean cross-entropy and error of ``model`` holding ``state``, in eval mode."""
     total, wrong = 0.0, 0
-    for i in range(0, x.shape[0], batch_size):
-        logits = functional_call(model, state, (x[i : i + batch_size],))
-        total += F.cross_entropy(logits.double(), y[i : i + batch_size], reduction="sum").item()
-        wrong += (logits.argmax(1) != y[i : i + batch_size]).sum().item()
+    was_training = model.training
+    model.eval()  # train mode would normalise by batch statistics and overwrite the state's own
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            logits = functional_call(model, state, (x[i : i + batch_size],))
+            total += F.cross_entropy(logits.double(), y[i : i + batch_size], reduction="sum").item()
+            wrong += (logits.argmax(1) != y[i : i + batch_size]).sum().item()
+    finally:
+        model.train(was_training)
     return total / x.shape[0], wrong / x.shape[0]
 
 

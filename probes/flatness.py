@@ -19,6 +19,15 @@ Gaussian directions (``_directions.filter_normalised_direction``, drawn with ``d
   random-direction value at the same radius, max_j max(L(w ± ρ d_j)) − L(w).
 - Adversarial error on the test split under FGSM and PGD-``pgd_steps`` (step 2.5ε/steps, no random
   start) with L∞ radius ``epsilon`` in standardised input units (``lsdb.train.adversarial``).
+
+BatchNorm (``BATCHNORM`` = "recomputed", the ``batchnorm`` column of ``probe_job``): directions and
+ε are zero on BatchNorm parameters and buffers, and L is evaluated in eval mode with running
+statistics recomputed at every point it visits (w itself, every w + α d_j, every ascent iterate)
+from one train-mode pass over the same ``train_subset`` examples (reset, then a cumulative average;
+``_directions.recompute_bn_stats``), as the barrier probe does along its path. The ascent's
+gradient holds the recomputed statistics constant. The adversarial errors use the statistics
+recomputed at w. ``bn_recompute = false`` keeps the checkpoint's statistics everywhere ("running").
+A no-op for BatchNorm-free models ("none").
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from .base import JobRequest, ProbeContext, Study, each_checkpoint
 
 VERSION = 1
 TABLES = ("flatness",)
+BATCHNORM = "recomputed"  # unless bn_recompute = false
 
 
 MAX_DIRECTIONS = 10_000  # random directions per checkpoint
@@ -62,6 +72,7 @@ class Params:
     pgd_steps: int = field(default=10, metadata=between(1, MAX_COUNT))
     batch_size: int = field(default=1000, metadata=positive(MAX_BATCH))
     mode: str = field(default="auto", metadata=one_of(*D.MODES))
+    bn_recompute: bool = True
 
 
 def plan(study: Study, params: Params) -> list[JobRequest]:
@@ -115,32 +126,41 @@ def project_to_ball(eps: dict[str, torch.Tensor], w_norms: dict[str, torch.Tenso
 
 
 def worst_case_sharpness(loss_of, w: dict[str, torch.Tensor], names: list[str], rho: float,
-                         starts: list[dict[str, torch.Tensor]], steps: int) -> tuple[float, dict[str, torch.Tensor]]:
+                         starts: list[dict[str, torch.Tensor]], steps: int,
+                         stats_at=None) -> tuple[float, dict[str, torch.Tensor]]:
     """max L(w + ε) − L(w) over ε ∈ B_ρ (module docstring) by projected normalised-gradient ascent.
 
     ``loss_of(params)`` is the loss at a full params dict; ε lives on ``names`` only. ``starts``
-    are initial perturbations (dicts over ``names``, inside the ball). Returns (value, best ε).
+    are initial perturbations (dicts over ``names``, inside the ball). ``stats_at(point)``, when
+    given, returns buffers (recomputed BatchNorm statistics) that replace the point's own before
+    its loss and gradient are taken; the gradient holds them constant. Returns (value, best ε).
     """
     w_norms = {n: w[n].flatten(1).norm(dim=1) for n in names}
     rest = {n: t for n, t in w.items() if n not in names}
-    base = float(loss_of(w))
 
-    def loss_eps(eps):
-        return loss_of({**rest, **{n: w[n] + eps[n] for n in names}})
+    def refreshed(eps):
+        point = {**rest, **{n: w[n] + eps[n] for n in names}}
+        return stats_at(point) if stats_at else {}
 
-    g_fn = grad(loss_eps)
+    def loss_fn(extra):
+        return lambda eps: loss_of({**rest, **extra, **{n: w[n] + eps[n] for n in names}})
+
+    with torch.no_grad():
+        zero = {n: torch.zeros_like(w[n]) for n in names}
+        base = float(loss_fn(refreshed(zero))(zero))
     eta = 2.5 / max(1, steps)
     best_val, best_eps = -float("inf"), None
     for start in starts:
         eps = project_to_ball({n: start[n] for n in names}, w_norms, rho)
         for step in range(steps + 1):
+            loss_eps = loss_fn(refreshed(eps))  # outside the gradient: a train-mode pass updates buffers
             with torch.no_grad():
                 val = float(loss_eps(eps)) - base
             if val > best_val:
                 best_val, best_eps = val, {n: e.clone() for n, e in eps.items()}
             if step == steps:
                 break
-            g = g_fn(eps)
+            g = grad(loss_eps)(eps)
             new = {}
             for n in names:
                 gn = g[n].flatten(1).norm(dim=1).clamp_min(torch.finfo(g[n].dtype).tiny)
@@ -160,10 +180,14 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
     floats, fixed = D.split_float(state)
     idx = D.fixed_subset(ctx.data.x_train.shape[0], params.train_subset, params.subset_seed, ctx.device)
     x, y = ctx.data.x_train[idx], ctx.data.y_train[idx]
+    recompute = params.bn_recompute and bool(D.bn_layers(model))
 
     def evaluate(basis, coeffs, xx=x, yy=y):
-        return D.evaluate_combinations(model, basis, coeffs, fixed, xx, yy, batch_size=params.batch_size,
-                                       mode=params.mode)
+        return D.evaluate_points(model, basis, coeffs, fixed, xx, yy, bn_stats=x if recompute else None,
+                                 batch_size=params.batch_size, mode=params.mode)
+
+    def stats_at(point):
+        return D.recompute_bn_stats(model, point, fixed, x, params.batch_size)
 
     base = evaluate([floats], torch.ones(1, 1, dtype=torch.float64))
     D.require_finite(base.loss)
@@ -184,8 +208,10 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
     try:
         adv = float("nan")
         if starts:
-            adv, _ = worst_case_sharpness(loss_of, floats, names, params.rho, starts, params.ascent_steps)
-        clean, fgsm, pgd = _adversarial_errors(model, state, ctx.data.x_test, ctx.data.y_test, params)
+            adv, _ = worst_case_sharpness(loss_of, floats, names, params.rho, starts, params.ascent_steps,
+                                          stats_at if recompute else None)
+        at_w = {**state, **stats_at(floats)} if recompute else state
+        clean, fgsm, pgd = _adversarial_errors(model, at_w, ctx.data.x_test, ctx.data.y_test, params)
     finally:
         model.train(was_training)
     row = {"n_train": int(x.shape[0]), "train_loss": L0, "directions": params.directions,

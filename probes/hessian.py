@@ -38,6 +38,12 @@ the start vector is their sum plus a small random part, so directions outside th
 still found. Otherwise the job starts cold. Either way the row says which (``warm_started``) and,
 when warm, the overlap ‖Y_prevᵀ Y‖²_F / k of the two top-k subspaces. Warm and cold runs meet the
 same tolerance, so the stored numbers agree to within it.
+
+BatchNorm (``BATCHNORM`` = "running", the ``batchnorm`` column of ``probe_job``): L is the loss of
+the network in eval mode, BatchNorm normalising with the checkpoint's running statistics, so each
+BatchNorm layer is a fixed per-channel affine map whose scale and shift are among the parameters
+w (its statistics are not). Train-mode batch statistics would make L depend on which examples
+share a batch, and their running averages would change with every Hessian-vector product.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from .base import JobRequest, ProbeContext, Study, each_checkpoint
 
 VERSION = 2  # 2: default trace estimator "deflated"
 TABLES = ("hessian", "hessian_eigenvalue", "hessian_density")
+BATCHNORM = "running"
 
 _WARM_RANDOM_MIX = 0.05  # weight of the random part of a warm start vector
 

@@ -28,6 +28,11 @@ Two methods, one row each (``method`` column):
   nC×nC kernel (``"full"``). λ = ``ridge`` × mean diagonal of Θ_t(X, X) so that the ridge means
   the same at every t; the row stores λ. Test loss (cross-entropy of f̂ as logits) and error on
   the test split; train loss/error on X itself.
+
+BatchNorm (``BATCHNORM`` = "running", the ``batchnorm`` column of ``probe_job``): f, J_t and Θ_t are
+those of the network in eval mode, BatchNorm normalising with the checkpoint's running statistics
+(fixed: the linearised model trains BatchNorm's scale and shift with the other parameters, never
+its statistics), so f_lin(x) depends on x alone, as the ``ntk`` probe's kernel does.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from .base import ProbeContext, each_checkpoint
 
 VERSION = 1
 TABLES = ("kernel_accuracy",)
+BATCHNORM = "running"
 METHODS = ("linearised", "kernel_regression")
 LR_MODES = ("fixed", "kernel_scaled")
 
@@ -133,14 +139,19 @@ class CachedLinearisation:
 
     @classmethod
     def build(cls, model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
-              budget_mb: float) -> "CachedLinearisation | None":
-        """The cached linearisation, or None when the model does not list supported layers or the
-        cache would exceed ``budget_mb``."""
+              budget_mb: float, buffers: dict[str, torch.Tensor] | None = None) -> "CachedLinearisation | None":
+        """The cached linearisation, or None (the caller then takes the jvp) when the model does not
+        list supported layers, its listed layers do not compute its forward pass on the first
+        inputs (``buffers``: the rest of its state), or the cache would exceed ``budget_mb``."""
         steps = plain_layers(model)
         if steps is None or x.shape[0] == 0:
             return None
-        one, _ = _primal(model, steps, params, x[:1])
-        per_input = sum(t.numel() * t.element_size() for t in one if t is not None)
+        one, logits = _primal(model, steps, params, x[:2])
+        with torch.no_grad():
+            plain = torch.func.functional_call(model, {**(buffers or {}), **params}, (x[:2],))
+        if not torch.allclose(logits, plain, rtol=1e-5, atol=1e-6):  # a model whose steps() is not its forward
+            return None
+        per_input = sum(t[:1].numel() * t.element_size() for t in one if t is not None)
         if per_input * x.shape[0] > budget_mb * 2**20:
             return None
         return cls(model, params, x)
@@ -254,7 +265,8 @@ def _linearised_row(ctx: ProbeContext, net: core.Network, params: Params, x_prob
         if run.total_steps <= 0:
             raise ProbeError("kernel_accuracy.until_end needs the run's total steps, which this job lacks")
         steps = max(0, run.total_steps - ctx.checkpoints[0].step)
-    cached = CachedLinearisation.build(ctx.model, net.params, data.x_train, params.cache_mb) if steps else None
+    cached = CachedLinearisation.build(ctx.model, net.params, data.x_train, params.cache_mb,
+                                       net.buffers) if steps else None
     delta = train_linearised(net, data.x_train, data.y_train, lr=lr, steps=steps,
                              batch_size=run.batch_size, momentum=run.momentum,
                              weight_decay=run.weight_decay, loss="ce", seed=ctx.seed, cached=cached)

@@ -40,8 +40,16 @@ The matched path's endpoints compute the same functions as the naive path's, so 
 measured from the same baseline. Also: the test loss of the uniform average ½(w_A + w_B) naive and
 matched, and the weight distances ‖w_A − w_B‖₂ and ‖w_A − π(w_B)‖₂ over trainable parameters.
 
-Supported models: ``mlp``, ``cnn1d``, ``cnn2d`` (BatchNorm-free chains of Linear/Conv + ReLU);
-anything else raises ``ProbeError``.
+Supported models: those whose layers ``lsdb.train.models.plain_layers`` lists, i.e. ``mlp``,
+``cnn1d``, ``cnn2d``: BatchNorm-free chains of Linear/Conv + ReLU. Anything else raises a
+``ProbeError`` naming the model and why, before any work: a model with residual connections (such
+as ``resnet20``) would need one permutation shared by every layer that reads or writes a residual
+stream, and BatchNorm would need its scale, shift and statistics permuted with its convolution;
+this probe builds neither. As a guard, π(w_B) must compute the same logits as w_B on the first
+test inputs, or the job fails instead of storing a barrier of a broken alignment.
+
+BatchNorm (``BATCHNORM`` = "refused", the ``batchnorm`` column of ``probe_job``): models with
+BatchNorm are refused (above), so every stored row is of a BatchNorm-free model ("none").
 """
 
 from __future__ import annotations
@@ -52,10 +60,11 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+from torch.func import functional_call
 
 from lsdb.errors import ProbeError, ProbeSkipped
 from lsdb.spec import MAX_BATCH, MAX_EXAMPLES, MAX_SEED, between, positive
-from lsdb.train.models import plain_layers
+from lsdb.train.models import PLAIN_LAYERS, plain_layers
 
 from . import _directions as D
 from .barrier import barrier_stats
@@ -63,6 +72,7 @@ from .base import JobRequest, ProbeContext, Study
 
 VERSION = 2  # 2: 21 points on the path by default (the barrier definition asks for >= 21)
 TABLES = ("merge",)
+BATCHNORM = "refused"
 
 
 MAX_POINTS = 10_001  # α values on one path
@@ -116,8 +126,9 @@ def layer_chain(model: nn.Module) -> list[Layer]:
     layers but the last."""
     steps = plain_layers(model)
     if steps is None:
-        raise ProbeError(f"merge: weight matching supports models mlp, cnn1d and cnn2d, not "
-                         f"{type(model).__name__}; drop [probes.merge] for this model")
+        raise ProbeError(f"merge: cannot align {type(model).__name__}: {_why_not(model)}; weight matching "
+                         f"aligns chains of convolutions and linear layers with ReLU (models mlp, cnn1d, "
+                         f"cnn2d); drop [probes.merge] for this model")
     mods = [(name, m) for name, m in steps if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
     chain = []
     prev_out = None
@@ -131,6 +142,33 @@ def layer_chain(model: nn.Module) -> list[Layer]:
         chain.append(Layer(f"{name}.weight", f"{name}.bias" if m.bias is not None else None, in_units))
         prev_out = w.shape[0]
     return chain
+
+
+def _why_not(model: nn.Module) -> str:
+    """Why ``plain_layers`` rejects ``model``, in words for the refusal."""
+    why = []
+    if D.has_batchnorm(model):
+        why.append("it has BatchNorm, whose scale, shift and statistics this probe does not permute")
+    if not (hasattr(model, "steps") and hasattr(model, "prepare")):
+        why.append("it does not list its layers as a chain (steps()), so it may have residual connections "
+                   "or other branches, which need permutations shared across them")
+    else:
+        kinds = sorted({type(m).__name__ for _, m in model.steps() if type(m) not in PLAIN_LAYERS})
+        why.append(f"its layers include {', '.join(kinds) or 'convolutions with non-zero padding modes'}")
+    return "; ".join(why)
+
+
+def check_same_function(model: nn.Module, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
+                        x: torch.Tensor) -> None:
+    """ProbeError unless the permuted state computes the logits of the original on ``x`` (to
+    float rounding): the guard against a model whose listed layers are not its whole forward pass."""
+    with torch.no_grad():
+        a, b = functional_call(model, before, (x,)), functional_call(model, after, (x,))
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, scale)):
+        raise ProbeError(f"merge: permuting the hidden units of {type(model).__name__} by its listed layers "
+                         f"changed its outputs (by up to {float((a - b).abs().max()):.3g}), so its steps() are "
+                         f"not its whole forward pass; weight matching cannot align it")
 
 
 # ---------------------------------------------------------------------------- weight matching
@@ -202,8 +240,6 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
     if params.sweeps < 1:
         raise ProbeError(f"probes.merge.sweeps = {params.sweeps} must be at least 1")
     model = ctx.model
-    if D.has_batchnorm(model):
-        raise ProbeError("merge: weight matching does not permute BatchNorm statistics; model has BatchNorm")
     chain = layer_chain(model)
     sa = D.prepare_state(model, ctx.states[0], ctx.device, ctx.dtype)
     sb = D.prepare_state(model, ctx.states[1], ctx.device, ctx.dtype)
@@ -213,6 +249,8 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
 
     perms, sweeps = match_weights(chain, sa, sb, params.sweeps, params.seed)
     sb_matched = permute_state(chain, sb, perms)
+    model.eval()
+    check_same_function(model, sb, sb_matched, ctx.data.x_test[:64])
     (fa, fixed), (fb, _), (fm, _) = D.split_float(sa), D.split_float(sb), D.split_float(sb_matched)
 
     data = ctx.data

@@ -21,6 +21,11 @@ dtype before that cast:
 Implementations (Jacobian contraction with ``structured`` closed-form or ``jacobian``
 vmap(jacrev) Jacobians, ``ntvp`` NTK-vector products; ``auto`` picks ``structured`` when the model
 allows) agree to rounding; see ``lsdb.probes._ntk_core``.
+
+BatchNorm (``BATCHNORM`` = "running", the ``batchnorm`` column of ``probe_job``): f is the network
+in eval mode, BatchNorm normalising with the checkpoint's running statistics, so f(x_i) depends on
+x_i alone and Θ is a kernel between single inputs; BatchNorm's scale and shift are among the
+parameters w, its statistics are not. (In train mode each logit would depend on the whole batch.)
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from .base import ProbeContext, each_checkpoint
 
 VERSION = 1
 TABLES = ("ntk",)
+BATCHNORM = "running"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 

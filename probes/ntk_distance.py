@@ -19,6 +19,10 @@ Pairs (``role``; the row lands in ``metric_series`` at the anchor):
                    (anchor: the parent's spawn checkpoint);
 - ``spawn_final``: the parent's kernel at the spawn checkpoint and each child's final kernel
                    (anchor: the spawn checkpoint).
+
+BatchNorm (``BATCHNORM`` = "running", the ``batchnorm`` column of ``probe_job``): no network is
+evaluated here; the kernels compared are the ``ntk`` probe's, of the network in eval mode with
+each checkpoint's running statistics.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .base import JobRequest, ProbeContext, sibling_final_pairs, to_init_pairs, 
 
 VERSION = 1
 TABLES = ("ntk_distance",)
+BATCHNORM = "running"  # of the stored kernels
 ROLES = ("init", "next", "siblings", "spawn_final")
 
 

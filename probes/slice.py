@@ -11,6 +11,13 @@ At each point the mean cross-entropy and the error are measured on a fixed subse
 test examples (0 = all), one row per point and split. Opt-in; by default only each finished run's
 final checkpoint (``which`` = "final"), or every checkpoint (``which`` = "all"). No metrics: the
 rows feed line and contour charts.
+
+BatchNorm (``BATCHNORM`` = "recomputed", the ``batchnorm`` column of ``probe_job``): directions are
+zero on BatchNorm parameters and buffers, and at every grid point, the centre included, the running
+statistics are recomputed from one train-mode pass over the train subset (reset, then a cumulative
+average; ``_directions.recompute_bn_stats``) before both splits are evaluated in eval mode, as the
+barrier probe does along its path. ``bn_recompute = false`` keeps the checkpoint's statistics at
+every point ("running"). A no-op for BatchNorm-free models ("none").
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from .base import JobRequest, ProbeContext, Study, each_checkpoint
 
 VERSION = 1
 TABLES = ("slice",)
+BATCHNORM = "recomputed"  # unless bn_recompute = false
 
 
 MAX_POINTS_1D = 10_001  # points on a 1D slice
@@ -48,6 +56,7 @@ class Params:
     direction_seed: int = field(default=0, metadata=between(0, MAX_SEED))
     batch_size: int = field(default=1000, metadata=positive(MAX_BATCH))
     mode: str = field(default="auto", metadata=one_of(*D.MODES))
+    bn_recompute: bool = True
 
     @staticmethod
     def cross_check(values: dict) -> tuple[str, str] | None:
@@ -89,8 +98,9 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
     splits = {"train": (data.x_train[tr], data.y_train[tr]), "test": (data.x_test[:n_test], data.y_test[:n_test])}
 
     x0, y0 = splits["train"]
-    centre = D.evaluate_combinations(model, [floats], torch.ones(1, 1, dtype=torch.float64), fixed, x0, y0,
-                                     batch_size=params.batch_size, mode=params.mode)
+    stats = x0 if params.bn_recompute else None
+    centre = D.evaluate_points(model, [floats], torch.ones(1, 1, dtype=torch.float64), fixed, x0, y0,
+                               bn_stats=stats, batch_size=params.batch_size, mode=params.mode)
     D.require_finite(centre.loss)  # a diverged checkpoint; far points that overflow are kept as they are
 
     gen = torch.Generator().manual_seed(params.direction_seed)
@@ -101,8 +111,8 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
         coeffs = grid_coefficients(dims, params)
         basis = [floats, d1] if dims == 1 else [floats, d1, d2]
         for split, (x, y) in splits.items():
-            ev = D.evaluate_combinations(model, basis, coeffs, fixed, x, y, batch_size=params.batch_size,
-                                         mode=params.mode)
+            ev = D.evaluate_points(model, basis, coeffs, fixed, x, y, bn_stats=stats,
+                                   batch_size=params.batch_size, mode=params.mode)
             for c, loss, err in zip(coeffs, ev.loss.tolist(), ev.error.tolist()):
                 rows.append({"dims": dims, "a": float(c[1]), "b": float(c[2]) if dims == 2 else None,
                              "split": split, "loss": loss, "error": err})

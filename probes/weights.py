@@ -4,6 +4,9 @@ Role ``self``: norm ‖w‖₂ over all trainable parameters. Roles ``init`` (to
 checkpoint), ``parent`` (a child to the parent checkpoint it was spawned from) and ``siblings``
 (final checkpoints of two children spawned together, anchored at the spawn time):
 distance ‖w − w'‖₂ and relative distance ‖w − w'‖₂ / ‖w'‖₂ (for siblings: / ‖w₁‖₂ of the first).
+
+BatchNorm (``BATCHNORM`` = "unused", the ``batchnorm`` column of ``probe_job``): no forward pass;
+BatchNorm's scale and shift count among the parameters w, its running statistics (buffers) do not.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from lsdb.probes.base import each_checkpoint, sibling_final_pairs, to_init_pairs
 
 VERSION = 1
 TABLES = ("weights",)
+BATCHNORM = "unused"
 
 
 @dataclass(frozen=True)

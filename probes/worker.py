@@ -91,6 +91,8 @@ def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> d
         data = _cached(("data", job.data, str(dev)), lambda: load_data(job.data).to(dev, torch.float32))
         model = _cached(("model", job.model, data.input_shape, str(dev)),
                         lambda: build_model(job.model, data.input_shape, data.num_classes).to(dev))
+        model.eval()  # probes see the eval-mode network; one that needs train-mode passes undoes them
+        meta["batchnorm"] = batchnorm_mode(module, params, model)
         artifacts = Artifacts(root / "artifacts")
         indices = _cached(("probe_set", job.probe_set_sha256, str(dev)),
                           lambda: torch.from_numpy(artifacts.get(job.probe_set_sha256)).to(dev))
@@ -126,6 +128,17 @@ def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> d
     write_shard(root / "spool", f"job-{job.id}", {"kind": "probe", "job": meta}, tables)
     faults.point("probe_shard")
     return meta
+
+
+def batchnorm_mode(module, params, model) -> str:
+    """What ``probe_job.batchnorm`` records for this probe on this model (``BATCHNORM_MODES``)."""
+    from torch import nn
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return "none"
+    if getattr(params, "bn_recompute", True) is False:
+        return "running"
+    return module.BATCHNORM
 
 
 def _plain(row: dict) -> dict:

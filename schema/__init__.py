@@ -15,14 +15,16 @@ from .views import metric_names, metric_series_sql, metric_sources, views_sql
 #    ids), so they are refused with a message (lsdb.store).
 # 3: experiment_run says which experiments declare a run (edited specs share runs); metric_series
 #    carries the experiment's name. A schema-2 store links each run to the experiment that
-#    recorded it.
+#    recorded it. probe_job.batchnorm says how a job treated BatchNorm (null on older jobs).
 SCHEMA_VERSION = 3
 MIN_SCHEMA_VERSION = 2
 
 # version -> SQL statements that upgrade a store from version-1 to version (new tables need none:
 # ``create_all`` adds them).
 UPGRADES: dict[int, list[str]] = {
-    3: ["INSERT INTO experiment_run SELECT experiment_id, id FROM run ON CONFLICT DO NOTHING"],
+    3: ["INSERT INTO experiment_run SELECT experiment_id, id FROM run ON CONFLICT DO NOTHING",
+        # create_all adds tables, never columns to a table that exists
+        "ALTER TABLE probe_job ADD COLUMN IF NOT EXISTS batchnorm VARCHAR"],
 }
 
 __all__ = [

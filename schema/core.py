@@ -134,3 +134,6 @@ class ProbeJob(Base):
     device: Mapped[str] = mapped_column(String)
     started_at: Mapped[datetime] = mapped_column(DateTime)
     seconds: Mapped[float] = mapped_column(Double)
+    # what the numbers assume about BatchNorm (lsdb.probes.base.BATCHNORM_MODES); null for jobs
+    # recorded before schema 3, or that failed before the model was built
+    batchnorm: Mapped[str | None] = mapped_column(String, nullable=True)

@@ -107,8 +107,13 @@ def save_checkpoint(ckdir, cid: str, run_id: str, step: int, spe: int, total_ste
     state beside them, and return the checkpoint row."""
     from pathlib import Path
 
-    train_loss, train_error = evaluate(model, data.x_train, data.y_train)
-    test_loss, test_error = evaluate(model, data.x_test, data.y_test)
+    was_training = model.training
+    model.eval()  # BatchNorm: running statistics, and evaluation must not update them
+    try:
+        train_loss, train_error = evaluate(model, data.x_train, data.y_train)
+        test_loss, test_error = evaluate(model, data.x_test, data.y_test)
+    finally:
+        model.train(was_training)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     sha = save_weights(Path(ckdir), state)
     moments = optimizer_tensors(opt, model) if opt is not None else {}
