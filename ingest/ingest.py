@@ -35,7 +35,7 @@ RUN_STATES = ("planned", "finished", "diverged", "skipped")
 JOB_STATES = ("done", "skipped", "failed")
 JOB_COLUMNS = ("id", "probe", "version", "params_hash", "params_json", "role", "checkpoint_id",
                "other_checkpoint_id", "anchor_checkpoint_id", "inputs_json", "state", "attempts", "error",
-               "worker", "device", "started_at", "seconds", "batchnorm")
+               "worker", "device", "started_at", "seconds", "batchnorm", "peak_memory_mb", "threads")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ID = re.compile(r"^[0-9a-f]{16,64}$")
 REJECTED = "rejected"
@@ -297,7 +297,8 @@ def _insert_probe_results(con, shards: list[_Shard], report: IngestReport) -> No
             "INSERT INTO probe_job BY NAME SELECT * FROM job_rows "
             "ON CONFLICT (id) DO UPDATE SET state = excluded.state, error = excluded.error, "
             "attempts = probe_job.attempts + excluded.attempts, worker = excluded.worker, device = excluded.device, "
-            "started_at = excluded.started_at, seconds = excluded.seconds, batchnorm = excluded.batchnorm"
+            "started_at = excluded.started_at, seconds = excluded.seconds, batchnorm = excluded.batchnorm, "
+            "peak_memory_mb = excluded.peak_memory_mb, threads = excluded.threads"
         )
     finally:
         con.unregister("job_rows")
@@ -395,6 +396,11 @@ def _check_probe(shard: _Shard) -> None:
         raise ShardRejected(f"job state {job['state']!r} is not one of {', '.join(JOB_STATES)}")
     if job.get("batchnorm") is not None and job["batchnorm"] not in BATCHNORM_MODES:  # absent in older logs
         raise ShardRejected(f"job batchnorm {job['batchnorm']!r} is not one of {', '.join(BATCHNORM_MODES)}")
+    # peak_memory_mb and threads are absent in older logs; when present they must make sense
+    if job.get("peak_memory_mb") is not None and not job["peak_memory_mb"] >= 0:
+        raise ShardRejected(f"job peak_memory_mb {job['peak_memory_mb']!r} is not a size in MiB")
+    if job.get("threads") is not None and not job["threads"] >= 1:
+        raise ShardRejected(f"job threads {job['threads']!r} is not a positive count")
     if job["id"] != job_id(job["probe"], job["version"], job["params_hash"], _pair(job), job["role"]):
         raise ShardRejected(f"job id {job['id']!r} does not match its probe, version, params, checkpoints and role")
     allowed = set(tables_of(job["probe"]))

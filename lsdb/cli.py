@@ -60,7 +60,7 @@ def plan(spec: SpecArg, store: StoreOpt = None,
              help="Also write the probe jobs ready now as JSON lines, for `lsdb worker` on other machines.")] = None):
     """Print what `lsdb run SPEC` would do (runs to train, checkpoints and probe jobs missing)."""
     from lsdb import runner
-    from lsdb.plan import MAX_ATTEMPTS, load_spec
+    from lsdb.plan import MAX_ATTEMPTS, check_memory, check_scopes, load_spec, memory_estimates
     from lsdb.store import Store, resolve_store_path
 
     sp = load_spec(spec)
@@ -85,6 +85,11 @@ def plan(spec: SpecArg, store: StoreOpt = None,
                "  (" + ", ".join(f"{k}: {v}" for k, v in sorted(p.jobs_by_probe.items())) + ")"))
     if p.jobs_given_up:
         typer.echo(f"  probe jobs given up: {p.jobs_given_up} (failed {MAX_ATTEMPTS} times; see lsdb jobs --failed)")
+    check_scopes(sp)  # a params glob that matches no parameter of the model: one line now, not per job
+    estimates = memory_estimates(sp)
+    for e in estimates:
+        typer.echo(f"  memory: {e.describe()}")
+    check_memory(estimates)  # names the probe, the size it needs and the memory available
     typer.echo("probes that need other probes' results (e.g. ntk_distance) are planned once those exist")
 
 
@@ -98,7 +103,8 @@ def run(spec: SpecArg, store: StoreOpt = None, workers: WorkersOpt = 1, device: 
             help="inline, process or ray (default: inline for --workers 1, else process). ray runs each job "
                  "as a Ray task: pip install 'lsdb[ray]'; see docs/cluster.md.", show_default=False)] = None,
         address: Annotated[Optional[str], typer.Option(
-            help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray with --workers CPUs).",
+            help="Ray cluster to join: auto or HOST:PORT (default: $RAY_ADDRESS, else a local Ray with "
+                 "--workers CPUs).",
             show_default=False)] = None,
         gpus_per_job: Annotated[Optional[float], typer.Option(
             help="GPUs each Ray probe task asks for (default: 1 where the cluster has GPUs, else 0).",

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lsdb import spec as specmod
-from lsdb.errors import SpecError
+from lsdb.errors import ProbeError, SpecError
 from lsdb.ids import checkpoint_id, child_data_seed, child_run_id, job_id, non_default, params_hash, parent_run_id
 from lsdb.probes import PARAMS, probe_module
 from lsdb.probes.base import CheckpointRef, JobRequest, RunRef, Study, dataclass_from_dict
@@ -345,3 +345,267 @@ def probe_jobs(spec: Spec, study: StoreStudy, runs: list[PlannedRun], probe_set_
 
 def _params_dict(params) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(params).items()}
+
+
+# ------------------------------------------------------------------------------------ memory
+
+#: Probes whose jobs hold an NTK or per-input Jacobians (``memory_estimates``).
+KERNEL_PROBES = ("ntk", "kernel_accuracy")
+_FLOAT = 4  # bytes: workers measure in float32 (lsdb.probes.worker)
+_F64 = 8  # kernel summaries run in float64
+_SUMMARY_COPIES = 6  # float64 kernel-sized matrices while ntk summarises (see ntk_memory)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The memory one probe job needs at its peak, in bytes, and how it chunks its Jacobians.
+
+    Every job of a probe on one model and probe set needs the same, so there is one estimate per
+    probe and distinct model (``variants`` names the spec variants it covers)."""
+
+    probe: str
+    variants: tuple[str, ...]
+    kernel_variant: str  # full | trace | sum_logits: the Θ the job builds
+    n: int  # probe-set inputs
+    classes: int  # C, logits per input
+    params: int  # P, parameters differentiated (after the probe's ``params`` scope)
+    chunk: int  # inputs per Jacobian block
+    blocks: int  # Jacobian blocks over the probe set
+    block_bytes: int  # one block: chunk × C × P floats (chunk × P for sum_logits)
+    cached_blocks: int  # blocks the Jacobian cache keeps (the rest are recomputed per block pair)
+    cache_mb: float
+    kernel_bytes: int  # Θ in the worker's float32: (n·C)² for full, n² otherwise
+    jacobian_bytes: int  # Jacobian floats held at the peak
+    total_bytes: int  # the estimated peak: kernel, Jacobians and working copies (docstrings below)
+
+    def describe(self) -> str:
+        """One line: the sizes, how the Jacobian is chunked, and the peak."""
+        rows = self.n * (self.classes if self.kernel_variant == "full" else 1)
+        if self.cache_mb <= 0:
+            cache = "one at a time"
+        elif self.cached_blocks >= self.blocks:
+            cache = f"all cached; cache_mb = {self.cache_mb:g}"
+        else:
+            cache = f"{self.cached_blocks} cached, the others recomputed per block pair; cache_mb = {self.cache_mb:g}"
+        where = "" if self.variants == ("base",) else f" [{', '.join(self.variants)}]"
+        kernel = f"kernel {rows}×{rows} ({_size(self.kernel_bytes)}); " if self.kernel_bytes else ""
+        return (f"{self.probe}{where} ({self.kernel_variant}): {self.n} inputs × {self.classes} logits × "
+                f"{self.params:,} parameters; {kernel}Jacobian in {self.blocks} block{'s' if self.blocks > 1 else ''} "
+                f"of {min(self.chunk, self.n)} inputs ({_size(self.block_bytes)} each, {cache}); "
+                f"peak about {_size(self.total_bytes)}")
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def ntk_memory(n: int, classes: int, params: int, variant: str = "trace", chunk: int = 128,
+               cache_mb: float = 1024.0, implementation: str = "auto", artifact_bytes: int = _FLOAT) -> dict:
+    """Peak memory of ``lsdb.probes._ntk_core.ntk`` followed by the ``ntk`` probe's summaries, in
+    bytes, as that code allocates it (float32 throughout, B = 4 bytes):
+
+    - kernel K: rows² · B with rows = n·C for ``full``, n otherwise (the output matrix);
+    - Jacobian block: b · k · P · B with b = min(chunk, n) inputs, k = C (k = 1 for ``sum_logits``);
+      blocks = ⌈n / chunk⌉. Building a block takes two blocks' worth (the block and its
+      per-parameter pieces before they are joined). The cache keeps the first h = min(blocks,
+      ⌊cache_mb·2²⁰ / block⌋) blocks. All cached: the peak is building the last one, (blocks + 1)
+      blocks. Otherwise it is building an uncached column block while the cached ones are held,
+      (h + 2) blocks, or at least 3 (an uncached row block held while a column block is built;
+      cached blocks are dropped once the row passes them). ``ntvp`` holds no Jacobian, only
+      ``chunk`` parameter vectors pulled back at a time: 2 · chunk · P · B;
+    - a Gram block and its symmetrised copy: 3 · (b·rows/n)² · B;
+    - then the summaries (the Jacobians freed): the kernel in float64, the target kernel, centred
+      copies, their product and the eigensolver's copy, 6 · rows² · 8 bytes; and the stored
+      artifact when its dtype is not float32 (``artifact_bytes`` per entry).
+
+    Peak = K + max(Jacobians + Gram blocks, summaries) + the artifact copy. Returns a dict of the
+    MemoryEstimate fields it fixes.
+    """
+    per = classes if variant == "full" else 1
+    k = 1 if variant == "sum_logits" else classes
+    rows = n * per
+    b = min(chunk, n)
+    blocks = math.ceil(n / max(1, chunk))
+    block = b * k * params * _FLOAT
+    kernel = rows * rows * _FLOAT
+    if implementation == "ntvp":
+        held, jac = 0, 2 * b * params * _FLOAT
+    else:
+        held = min(blocks, int(cache_mb * 2**20 // block)) if block else blocks
+        jac = (blocks + 1 if held >= blocks else max(held + 2, 3)) * block
+    gram = 3 * (b * per) ** 2 * _FLOAT
+    summaries = _SUMMARY_COPIES * rows * rows * _F64
+    artifact = 0 if artifact_bytes == _FLOAT else rows * rows * artifact_bytes
+    return dict(kernel_variant=variant, n=n, classes=classes, params=params, chunk=chunk, blocks=blocks,
+                block_bytes=block, cached_blocks=held, cache_mb=cache_mb, kernel_bytes=kernel, jacobian_bytes=jac,
+                total_bytes=kernel + max(jac + gram, summaries) + artifact)
+
+
+def kernel_accuracy_memory(n: int, classes: int, params: int, methods=("linearised", "kernel_regression"),
+                           lr_mode: str = "kernel_scaled", kernel_variant: str = "trace", chunk: int = 256,
+                           n_eval: int = 0) -> dict:
+    """Peak NTK and Jacobian memory of a ``kernel_accuracy`` job, in bytes (float32, B = 4):
+
+    - ``linearised`` with ``kernel_scaled``: the trace-NTK diagonal, one block of b = min(chunk, n)
+      per-input Jacobians at a time, being built or squared: 2 · b · C · P · B. (The activations
+      its cached linearisation keeps are bounded by the probe's ``cache_mb`` and not counted.)
+    - ``kernel_regression``: Θ(X, X) as ``ntk_memory`` builds it (cache ``KERNEL_CACHE_MB``);
+      then, per block of e = min(max(chunk, EVAL_BLOCK), n_eval) inputs predicted, the probe set's
+      whole Jacobian J (n · C · P · B): its blocks and their concatenation (2 J), then J while a
+      row block is built (J + 2 · b · C · P · B), and the cross kernel with its pieces
+      (2 · e·per · rows · B); and the solve (Θ + λI, the identity and the LU copy: 3 · rows² · B).
+
+    ``n_eval``: the most inputs predicted in one call (test split or probe set; 0 = ``n``).
+    Peak = the largest of these phases, the kernel held throughout.
+    """
+    from lsdb.probes import kernel_accuracy as ka
+
+    per = classes if kernel_variant == "full" else 1
+    rows = n * per
+    b = min(chunk, n)
+    fit = ntk_memory(n, classes, params, kernel_variant, chunk, ka.KERNEL_CACHE_MB)
+    peak, jac = 0, 0
+    if "linearised" in methods and lr_mode == "kernel_scaled":
+        jac = 2 * b * classes * params * _FLOAT
+        peak = jac
+    if "kernel_regression" not in methods:  # the diagonal only: blocks one at a time, no kernel
+        return {**fit, "kernel_variant": "trace", "cached_blocks": 0, "cache_mb": 0.0, "kernel_bytes": 0,
+                "jacobian_bytes": jac, "total_bytes": peak}
+    e = min(max(chunk, ka.EVAL_BLOCK), n_eval or n)
+    kernel = fit["kernel_bytes"]
+    whole = n * classes * params * _FLOAT + max(n, 2 * b) * classes * params * _FLOAT
+    cross = 2 * e * per * rows * _FLOAT
+    build = kernel + fit["jacobian_bytes"] + 3 * (b * per) ** 2 * _FLOAT
+    solve = kernel + e * per * rows * _FLOAT + 3 * rows * rows * _FLOAT
+    peak = max(peak, build, kernel + whole + cross, solve)
+    jac = max(jac, fit["jacobian_bytes"], whole)
+    return {**fit, "jacobian_bytes": jac, "total_bytes": peak}
+
+
+#: Probes with a ``params`` scope (globs on parameter names), checked against the model by ``check_scopes``.
+SCOPED_PROBES = ("hessian", "ntk", "flatness", "kernel_accuracy")
+
+
+def _models(spec: Spec):
+    """(variant config, its trainable parameter sizes by name, logits, training and test
+    examples) for each configuration of the spec. Each model is built on the meta device where it
+    can be (no weights allocated); data sets are loaded once each, for their shapes."""
+    import torch
+
+    from lsdb.train.data import load_data
+    from lsdb.train.models import build_model
+
+    shapes: dict = {}
+    for cfg in spec.run_configs():
+        if cfg.data not in shapes:
+            data = load_data(cfg.data)
+            shapes[cfg.data] = (data.input_shape, data.num_classes, data.x_train.shape[0], data.x_test.shape[0])
+        input_shape, classes, n_train, n_test = shapes[cfg.data]
+        try:
+            with torch.device("meta"):
+                model = build_model(cfg.model, input_shape, classes)
+        except Exception:  # a factory that needs real tensors while it builds
+            model = build_model(cfg.model, input_shape, classes)
+        sizes = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+        yield cfg, sizes, classes, n_train, n_test
+
+
+def _scoped(spec: Spec, probes: tuple[str, ...]):
+    """(probe, Params, variant config, differentiated parameter count, logits, train, test) for
+    every probe of ``probes`` the spec runs on each configuration; a ``params`` glob that matches
+    no parameter of that configuration's model is a ``SpecError``."""
+    from lsdb.probes.base import select_params
+
+    wanted = [(name, raw) for name, raw in spec.probe_params().items() if name in probes]
+    if not wanted:
+        return
+    for cfg, sizes, classes, n_train, n_test in _models(spec):
+        for name, raw in wanted:
+            sel = dataclass_from_dict(ProbeSelection, raw)
+            if sel.on_variants and cfg.variant not in sel.on_variants:
+                continue
+            params = dataclass_from_dict(PARAMS[name], raw)
+            try:
+                chosen = select_params(list(sizes), params.params, name)
+            except ProbeError as e:
+                where = "" if cfg.variant == "base" else f" (variant {cfg.variant})"
+                raise SpecError(f"{spec.source}{where}: {e}") from None
+            yield name, params, cfg, sum(sizes[p] for p in chosen), classes, n_train, n_test
+
+
+def check_scopes(spec: Spec) -> None:
+    """Refuse (``SpecError``) a probe ``params`` glob that matches no parameter of the spec's model,
+    before any job runs (a job would fail the same way, naming it)."""
+    for _ in _scoped(spec, SCOPED_PROBES):
+        pass
+
+
+def memory_estimates(spec: Spec) -> list[MemoryEstimate]:
+    """The peak NTK and Jacobian memory of every ``ntk`` and ``kernel_accuracy`` job the spec
+    declares (``ntk_memory``, ``kernel_accuracy_memory``), one estimate per probe and distinct
+    model, from the model's parameter count (within the probe's ``params`` scope), the number of
+    logits and the probe-set size. Builds the models and loads the data sets (``_models``); runs
+    no probe."""
+    found: dict[tuple, dict] = {}
+    for name, params, cfg, count, classes, n_train, n_test in _scoped(spec, KERNEL_PROBES):
+        n = min(spec.data.probe_set_size, n_train)
+        if name == "ntk":
+            fields = ntk_memory(n, classes, count, params.variant, params.chunk, params.cache_mb,
+                                params.implementation, _F64 if params.dtype == "float64" else _FLOAT)
+        else:
+            fields = kernel_accuracy_memory(n, classes, count, params.methods, params.lr_mode,
+                                            params.kernel_variant, params.chunk, max(n, n_test))
+        key = (name, tuple(sorted(fields.items())))
+        if key in found:
+            found[key]["variants"] += (cfg.variant,)
+        else:
+            found[key] = {"probe": name, "variants": (cfg.variant,), **fields}
+    return [MemoryEstimate(**f) for f in found.values()]
+
+
+def available_memory(device: str | None = None) -> tuple[int | None, str]:
+    """(bytes a job may still allocate, where): free memory of the CUDA device a worker would pick
+    (``torch.cuda.mem_get_info``), else ``MemAvailable`` of /proc/meminfo; None where neither is
+    known (then nothing is refused)."""
+    import torch
+
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device or "cuda"))
+        return int(free), f"free on {device or 'cuda'}"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024, "MemAvailable"
+    except (OSError, ValueError, IndexError):
+        pass
+    return None, "unknown"
+
+
+def check_memory(estimates: list[MemoryEstimate], device: str | None = None,
+                 available: int | None = None) -> None:
+    """Refuse (``SpecError``) the first estimate whose peak exceeds the memory available now
+    (``available_memory``, or ``available`` bytes when given), naming the probe, the size it
+    needs, the size available and what to lower."""
+    where = "given"
+    if available is None:
+        available, where = available_memory(device)
+    if available is None:
+        return
+    for e in estimates:
+        if e.total_bytes > available:
+            fix = _FIXES[e.probe].format(p=e.probe)
+            where_v = "" if e.variants == ("base",) else f" (variants {', '.join(e.variants)})"
+            raise SpecError(f"probe {e.probe}{where_v} needs about {_size(e.total_bytes)} per job (kernel "
+                            f"{_size(e.kernel_bytes)}, Jacobians {_size(e.jacobian_bytes)} in blocks of "
+                            f"{min(e.chunk, e.n)} inputs), but {_size(available)} is available ({where}): {fix}")
+
+
+_FIXES = {
+    "ntk": "lower data.probe_set_size, probes.{p}.chunk or probes.{p}.cache_mb, use variant = 'trace', "
+           "or restrict probes.{p}.params to a block of the network",
+    "kernel_accuracy": "lower data.probe_set_size or probes.{p}.chunk, use kernel_variant = 'trace', or "
+                       "restrict probes.{p}.params to a block of the network",
+}

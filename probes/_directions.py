@@ -70,16 +70,16 @@ def trainable_names(model: nn.Module) -> list[str]:
 # ----------------------------------------------------------------------------- directions
 
 def filter_normalised_direction(model: nn.Module, state: dict[str, torch.Tensor],
-                                generator: torch.Generator) -> dict[str, torch.Tensor]:
+                                generator: torch.Generator, scope: list[str] | None = None) -> dict[str, torch.Tensor]:
     """A random direction shaped like ``state``, filter-normalised (Li et al. 2018, §4).
 
-    d ~ N(0, I) for every trainable parameter; for each tensor of dimension ≥ 2 every filter
-    (slice along dim 0) is rescaled, d_f ← d_f · ‖w_f‖ / ‖d_f‖, so ‖d_f‖ = ‖w_f‖. Directions of
-    1-D tensors (biases, norm-layer scales), of every normalisation-layer parameter, and of all
-    buffers are zero. Draws are made on the CPU from ``generator`` so a seed gives the same
-    direction on every device.
+    d ~ N(0, I) for every trainable parameter (every one in ``scope``, when given); for each tensor
+    of dimension ≥ 2 every filter (slice along dim 0) is rescaled, d_f ← d_f · ‖w_f‖ / ‖d_f‖, so
+    ‖d_f‖ = ‖w_f‖. Directions of 1-D tensors (biases, norm-layer scales), of every
+    normalisation-layer parameter, of parameters outside ``scope`` and of all buffers are zero.
+    Draws are made on the CPU from ``generator`` so a seed gives the same direction on every device.
     """
-    params = set(trainable_names(model))
+    params = set(trainable_names(model) if scope is None else scope)
     skip = norm_param_names(model)
     out = {}
     for name, w in state.items():
@@ -101,10 +101,12 @@ def filter_norms(tensors: dict[str, torch.Tensor], names) -> dict[str, torch.Ten
     return {n: tensors[n].flatten(1).norm(dim=1) for n in names if tensors[n].dim() >= 2}
 
 
-def filter_names(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """The tensors that filter normalisation perturbs: trainable, dim ≥ 2, not in a norm layer."""
+def filter_names(model: nn.Module, state: dict[str, torch.Tensor], scope: list[str] | None = None) -> list[str]:
+    """The tensors that filter normalisation perturbs: trainable (and in ``scope``, when given),
+    dim ≥ 2, not in a norm layer."""
     skip = norm_param_names(model)
-    return [n for n in trainable_names(model) if n not in skip and state[n].dim() >= 2]
+    names = trainable_names(model) if scope is None else [n for n in trainable_names(model) if n in set(scope)]
+    return [n for n in names if n not in skip and state[n].dim() >= 2]
 
 
 # ----------------------------------------------------------------------------- evaluation

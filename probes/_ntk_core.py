@@ -1,8 +1,10 @@
 """Shared NTK maths for the kernel probes (``ntk``, ``ntk_distance``, ``kernel_accuracy``).
 
 Notation (docs/findings.md, "The default setting, and what is measured"): logits f(x; w) ∈ R^C, w = every trainable parameter of
-the model (``named_parameters`` with ``requires_grad``; buffers are passed through unchanged),
-per-input Jacobian J(x) = ∂f(x; w)/∂w ∈ R^{C×P}. For inputs X = (x_1 … x_n):
+the model (``named_parameters`` with ``requires_grad``; buffers are passed through unchanged), or
+only those matching the probe's ``params`` globs (``bind``; the others are held at the
+checkpoint's values like buffers), per-input Jacobian J(x) = ∂f(x; w)/∂w ∈ R^{C×P}. For inputs
+X = (x_1 … x_n):
 
 - ``full``:       Θ[(i,a),(j,b)] = ⟨∂f_a(x_i)/∂w, ∂f_b(x_j)/∂w⟩, an nC×nC matrix whose row
                   (i, a) is at index i·C + a (input-major, logit-minor);
@@ -36,6 +38,8 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from lsdb.errors import ProbeError
 
+from .base import select_params
+
 VARIANTS = ("full", "trace", "sum_logits")
 IMPLEMENTATIONS = ("auto", "structured", "jacobian", "ntvp")
 
@@ -44,8 +48,9 @@ IMPLEMENTATIONS = ("auto", "structured", "jacobian", "ntvp")
 
 @dataclass(frozen=True)
 class Network:
-    """A model bound to one checkpoint: ``logits(params, x)`` with the trainable ``params`` as an
-    explicit argument (what torch.func differentiates) and the buffers held fixed."""
+    """A model bound to one checkpoint: ``logits(params, x)`` with the differentiated ``params`` as
+    an explicit argument (what torch.func differentiates) and ``buffers`` held fixed: the model's
+    buffers, and its parameters outside the probe's scope."""
 
     model: torch.nn.Module
     params: dict[str, torch.Tensor]
@@ -62,19 +67,22 @@ class Network:
         return sum(p.numel() for p in self.params.values())
 
 
-def bind(model: torch.nn.Module, state: dict[str, torch.Tensor], device, dtype) -> Network:
+def bind(model: torch.nn.Module, state: dict[str, torch.Tensor], device, dtype, scope: tuple[str, ...] = (),
+         probe: str = "ntk") -> Network:
     """Bind ``model`` to the tensors of one checkpoint, cast to ``device``/``dtype``, and put it in
     eval mode: every kernel is of the eval-mode network, BatchNorm normalising with the
     checkpoint's running statistics (in train mode a logit would depend on the whole batch, and the
-    forward pass would overwrite the statistics in place)."""
+    forward pass would overwrite the statistics in place). ``scope`` (globs, ``select_params``;
+    () = all) picks the parameters differentiated; the other parameters join the fixed buffers."""
     model.eval()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     missing = [n for n in names if n not in state]
     if missing:
         raise ProbeError(f"checkpoint state lacks parameters {missing[:5]} of model {type(model).__name__}")
-    params = {n: state[n].detach().to(device=device, dtype=dtype) for n in names}
+    chosen = select_params(names, scope, probe)
+    params = {n: state[n].detach().to(device=device, dtype=dtype) for n in chosen}
     buffers = {}
-    for n, _ in model.named_buffers():
+    for n in [*(n for n, _ in model.named_parameters() if n not in params), *(n for n, _ in model.named_buffers())]:
         if n in state:
             b = state[n].detach().to(device=device)
             buffers[n] = b.to(dtype) if b.is_floating_point() else b

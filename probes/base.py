@@ -5,6 +5,9 @@ A probe module (``lsdb/probes/<name>.py``) holds only maths. It defines:
 - ``VERSION: int`` — bump when the maths changes; new rows are written, old ones stay.
 - ``Params`` — a frozen dataclass; its fields are the TOML keys of ``[probes.<name>]``.
 - ``TABLES: tuple[str, ...]`` — the result tables it writes (defined in ``lsdb.schema``).
+- ``Params.params`` (probes that differentiate or perturb the weights: hessian, ntk, flatness,
+  kernel_accuracy) — fnmatch globs on parameter names restricting the probe to a block of the
+  network (``scope_field``, ``select_params``); the empty default means every parameter.
 - ``BATCHNORM: str`` — how it treats BatchNorm, one of ``BATCHNORM_MODES`` but "none" (stated in
   its docstring; the worker stores it in ``probe_job.batchnorm``, or "none" for a model without
   BatchNorm, or "running" when the probe's ``bn_recompute`` param is off). The worker hands
@@ -23,10 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Callable
 
 from lsdb.artifacts import Artifacts
+from lsdb.errors import ProbeError
 from lsdb.ids import job_id, params_hash  # noqa: F401  (probe modules and tests import them from here)
+from lsdb.spec import check
 
 if TYPE_CHECKING:  # torch is imported lazily so `lsdb --help` stays fast
     import torch
@@ -216,6 +222,43 @@ def dataclass_from_dict(cls, values: dict[str, Any]):
 
 def _tuples(v):
     return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+# -------------------------------------------------------------------------- parameter scope
+
+MAX_PARAM_GLOBS = 256  # globs in one probe's ``params`` list
+MAX_GLOB_LENGTH = 256
+
+
+def _globs_ok(v) -> bool:
+    return (isinstance(v, tuple) and len(v) <= MAX_PARAM_GLOBS
+            and all(isinstance(g, str) and 0 < len(g) <= MAX_GLOB_LENGTH for g in v))
+
+
+def scope_field():
+    """The ``params`` field of a probe's Params: globs on parameter names, () = every parameter.
+    The empty default is left out of the params hash, so writing ``params = []`` changes nothing."""
+    return field(default=(), metadata=check(
+        _globs_ok, f"must be a list of at most {MAX_PARAM_GLOBS} non-empty globs on parameter names "
+                   f"(each at most {MAX_GLOB_LENGTH} characters), e.g. [\"layer3.*\", \"fc.weight\"]"))
+
+
+def select_params(names: list[str], globs: tuple[str, ...], probe: str) -> list[str]:
+    """The names (state-dict names of ``model.named_parameters()``, in model order) that match at
+    least one of ``globs`` (``fnmatch`` rules, case-sensitive: ``*`` also crosses dots, so
+    "layer3.*" covers "layer3.0.conv1.weight"); every name when ``globs`` is empty.
+
+    A glob that matches nothing is an error rather than a silently smaller block. The spec loader
+    cannot see it (it never builds the model); ``lsdb.plan.check_scopes`` can, and a job that gets
+    one fails with the glob and the model's parameter names."""
+    if not globs:
+        return list(names)
+    for g in globs:
+        if not any(fnmatchcase(n, g) for n in names):
+            shown = ", ".join(names[:8]) + (f", … ({len(names)} in all)" if len(names) > 8 else "")
+            raise ProbeError(f"probes.{probe}.params: {g!r} matches no parameter of the model; "
+                             f"its parameters are {shown}")
+    return [n for n in names if any(fnmatchcase(n, g) for g in globs)]
 
 
 PlanFn = Callable[[Study, Any], list[JobRequest]]

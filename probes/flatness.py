@@ -20,6 +20,14 @@ Gaussian directions (``_directions.filter_normalised_direction``, drawn with ``d
 - Adversarial error on the test split under FGSM and PGD-``pgd_steps`` (step 2.5ε/steps, no random
   start) with L∞ radius ``epsilon`` in standardised input units (``lsdb.train.adversarial``).
 
+Scope (``params``, fnmatch globs on the names of ``model.named_parameters()``, e.g. ["layer3.*"];
+empty = every parameter): the directions d_j and the ball's ε are then nonzero only on the matching
+parameters (filter normalisation per matching tensor, by the rule above: tensors of dimension ≥ 2
+outside normalisation layers), every other parameter stays at the checkpoint's value. A glob
+matching no parameter, or a scope holding no tensor that filter normalisation perturbs (only
+biases, say), fails the job with a message. The adversarial errors perturb inputs, never weights,
+and do not depend on the scope.
+
 BatchNorm (``BATCHNORM`` = "recomputed", the ``batchnorm`` column of ``probe_job``): directions and
 ε are zero on BatchNorm parameters and buffers, and L is evaluated in eval mode with running
 statistics recomputed at every point it visits (w itself, every w + α d_j, every ascent iterate)
@@ -43,7 +51,7 @@ from lsdb.spec import MAX_BATCH, MAX_COUNT, MAX_EXAMPLES, MAX_SEED, between, non
 from lsdb.train.adversarial import perturb
 
 from . import _directions as D
-from .base import JobRequest, ProbeContext, Study, each_checkpoint
+from .base import JobRequest, ProbeContext, Study, each_checkpoint, scope_field, select_params
 
 VERSION = 1
 TABLES = ("flatness",)
@@ -73,6 +81,7 @@ class Params:
     batch_size: int = field(default=1000, metadata=positive(MAX_BATCH))
     mode: str = field(default="auto", metadata=one_of(*D.MODES))
     bn_recompute: bool = True
+    params: tuple[str, ...] = scope_field()  # globs on parameter names; () = all (module docstring)
 
 
 def plan(study: Study, params: Params) -> list[JobRequest]:
@@ -181,6 +190,11 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
     idx = D.fixed_subset(ctx.data.x_train.shape[0], params.train_subset, params.subset_seed, ctx.device)
     x, y = ctx.data.x_train[idx], ctx.data.y_train[idx]
     recompute = params.bn_recompute and bool(D.bn_layers(model))
+    scope = select_params(D.trainable_names(model), params.params, "flatness") if params.params else None
+    names = D.filter_names(model, floats, scope)
+    if not names:
+        raise ProbeError(f"probes.flatness.params = {list(params.params)} selects no tensor that filter "
+                         f"normalisation perturbs (weights of dimension >= 2 outside normalisation layers)")
 
     def evaluate(basis, coeffs, xx=x, yy=y):
         return D.evaluate_points(model, basis, coeffs, fixed, xx, yy, bn_stats=x if recompute else None,
@@ -194,13 +208,13 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
     L0 = float(base.loss[0])
 
     gen = torch.Generator().manual_seed(params.direction_seed)
-    sigma, sigma_std, kappas, random_at_rho = _random_direction_stats(model, floats, evaluate, gen, L0, params)
+    sigma, sigma_std, kappas, random_at_rho = _random_direction_stats(model, floats, evaluate, gen, L0, params,
+                                                                       scope)
 
-    names = D.filter_names(model, floats)
     loss_of = D.loss_function(model, fixed, x, y)
     starts = []
     for _ in range(params.restarts):
-        d = D.filter_normalised_direction(model, floats, gen)
+        d = D.filter_normalised_direction(model, floats, gen, scope)
         u = float(torch.rand((), generator=gen, dtype=torch.float64))
         starts.append({n: params.rho * u * d[n] for n in names})
     was_training = model.training
@@ -222,10 +236,10 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
     return {"flatness": [row]}
 
 
-def _random_direction_stats(model, floats, evaluate, gen, L0: float, params: Params):
+def _random_direction_stats(model, floats, evaluate, gen, L0: float, params: Params, scope=None):
     """σ_1D (mean, std over directions), κ per direction, and the largest L(w ± ρd) − L(w), from one
     evaluation of every direction on the α grid, the curvature grid and ±ρ together."""
-    dirs = [D.filter_normalised_direction(model, floats, gen) for _ in range(params.directions)]
+    dirs = [D.filter_normalised_direction(model, floats, gen, scope) for _ in range(params.directions)]
     alphas = torch.linspace(-1.0, 1.0, params.points, dtype=torch.float64)
     near = torch.linspace(-0.2, 0.2, params.curvature_points, dtype=torch.float64)
     grid = torch.cat([alphas, near, torch.tensor([-params.rho, params.rho], dtype=torch.float64)])

@@ -4,6 +4,11 @@ H = ∇²_w L(w), L(w) = (1/B) Σ_{i∈batch} CE(f(x_i; w), y_i), over all train
 fixed training batch of ``batch_size`` examples drawn with ``batch_seed`` (the same batch at every
 checkpoint). Only Hessian-vector products (HVPs) are used; P = number of parameters.
 
+Scope (``params``, a list of fnmatch globs on the names of ``model.named_parameters()``, e.g.
+["layer3.*"]): w is then only the matching parameters, every other one held at the checkpoint's
+value, so H is the diagonal block ∇²_{w_S} L of the full Hessian and P its size. Empty (the
+default) = every trainable parameter. A glob matching no parameter fails the job, naming it.
+
 - Top-k eigenvalues (largest algebraic) by Lanczos with full reorthogonalisation (twice per step).
   After each step the Ritz pairs (θ_i, y_i) of the tridiagonal T_j give residual estimates
   r_i = β_{j+1}|s_{j,i}| = ‖H y_i − θ_i y_i‖. Let s = max_i |θ_i| over all Ritz values (an
@@ -58,7 +63,7 @@ from lsdb.errors import ArtifactCorrupt, ProbeError, ProbeSkipped
 from lsdb.spec import MAX_EXAMPLES, MAX_SEED, between, one_of, positive
 
 from . import _directions as D
-from .base import JobRequest, ProbeContext, Study, each_checkpoint
+from .base import JobRequest, ProbeContext, Study, each_checkpoint, scope_field, select_params
 
 VERSION = 2  # 2: default trace estimator "deflated"
 TABLES = ("hessian", "hessian_eigenvalue", "hessian_density")
@@ -100,6 +105,7 @@ class Params:
     hvp_chunk: int = field(default=16, metadata=between(1, MAX_HVP_CHUNK))  # vectors per batched HVP
     warm_start: bool = False
     store_ritz: bool = True
+    params: tuple[str, ...] = scope_field()  # globs on parameter names; () = all (module docstring)
 
     @staticmethod
     def cross_check(values: dict) -> tuple[str, str] | None:
@@ -429,7 +435,7 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
         raise ProbeError("probes.hessian.top_k and max_iter must be >= 1")
     model = ctx.model
     state = D.prepare_state(model, ctx.states[0], ctx.device, ctx.dtype)
-    names = D.trainable_names(model)
+    names = select_params(D.trainable_names(model), params.params, "hessian")
     params_t = {n: state[n] for n in names}
     fixed = {k: v for k, v in state.items() if k not in params_t}
     idx = D.fixed_subset(ctx.data.x_train.shape[0], params.batch_size, params.batch_seed, ctx.device)

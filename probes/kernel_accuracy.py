@@ -29,6 +29,11 @@ Two methods, one row each (``method`` column):
   the same at every t; the row stores λ. Test loss (cross-entropy of f̂ as logits) and error on
   the test split; train loss/error on X itself.
 
+Scope (``params``, fnmatch globs on the names of ``model.named_parameters()``, e.g. ["layer3.*"];
+empty = every parameter): J_t, Θ_t and δ = w − w_t are then over the matching parameters only,
+the others held at w_t (the linearised model trains that block alone; weight decay applies to it
+alone). A glob matching no parameter fails the job, naming it.
+
 BatchNorm (``BATCHNORM`` = "running", the ``batchnorm`` column of ``probe_job``): f, J_t and Θ_t are
 those of the network in eval mode, BatchNorm normalising with the checkpoint's running statistics
 (fixed: the linearised model trains BatchNorm's scale and shift with the other parameters, never
@@ -51,7 +56,7 @@ from lsdb.spec import MAX_EXAMPLES, between, check, non_negative, one_of, positi
 from lsdb.train.models import plain_layers
 
 from . import _ntk_core as core
-from .base import ProbeContext, each_checkpoint
+from .base import ProbeContext, each_checkpoint, scope_field
 
 VERSION = 1
 TABLES = ("kernel_accuracy",)
@@ -61,6 +66,8 @@ LR_MODES = ("fixed", "kernel_scaled")
 
 
 KERNEL_VARIANTS = ("trace", "full")
+KERNEL_CACHE_MB = 1024.0  # Jacobian blocks kept while kernel regression builds Θ(X, X) (lsdb.plan estimates it)
+EVAL_BLOCK = 1024  # inputs per kernel-regression prediction at least: the cross kernel is (block × n)
 MAX_STEPS = 1_000_000  # linearised training steps
 MAX_CHUNK = 1_000_000  # inputs per block
 MAX_CACHE_MB = 1_048_576.0  # 1 TiB
@@ -85,6 +92,7 @@ class Params:
     chunk: int = field(default=256, metadata=between(1, MAX_CHUNK))  # inputs per block (evaluation and Jacobians)
     # activations cached for the linearised training (0 = always use jvp)
     cache_mb: float = field(default=1024.0, metadata=between(0.0, MAX_CACHE_MB))
+    params: tuple[str, ...] = scope_field()  # globs on parameter names; () = all (module docstring)
 
 
 def plan(study, params: Params):
@@ -128,10 +136,13 @@ class CachedLinearisation:
     tangent t = J_t(x)δ follows t_{l+1} = op_l(h_l; δW_l, δb_l) + op_l(t_l; W_l) for a convolution
     or linear layer, m_l ⊙ t_l for a ReLU, and a reshape for a flatten; f_lin = f(x; w_t) + t.
     That is the jvp without recomputing the unchanging primal pass, so a training step costs two
-    layer applications forward and their backward.
+    layer applications forward and their backward. δ may cover only some layers (a probe's
+    ``params`` scope): a layer without one adds no δ term, and before the first such layer the
+    tangent is zero.
     """
 
     def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int = 1024):
+        # ``params``: every layer weight at w_t (the differentiated ones and those held fixed)
         self.steps, self.params = model.steps(), params
         blocks = [_primal(model, self.steps, params, x[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
         self.cached = [None if col[0] is None else torch.cat(col) for col in zip(*[b[0] for b in blocks])]
@@ -142,13 +153,15 @@ class CachedLinearisation:
               budget_mb: float, buffers: dict[str, torch.Tensor] | None = None) -> "CachedLinearisation | None":
         """The cached linearisation, or None (the caller then takes the jvp) when the model does not
         list supported layers, its listed layers do not compute its forward pass on the first
-        inputs (``buffers``: the rest of its state), or the cache would exceed ``budget_mb``."""
+        inputs (``buffers``: the rest of its state, parameters outside the scope included), or the
+        cache would exceed ``budget_mb``."""
         steps = plain_layers(model)
         if steps is None or x.shape[0] == 0:
             return None
+        params = {**(buffers or {}), **params}
         one, logits = _primal(model, steps, params, x[:2])
         with torch.no_grad():
-            plain = torch.func.functional_call(model, {**(buffers or {}), **params}, (x[:2],))
+            plain = torch.func.functional_call(model, params, (x[:2],))
         if not torch.allclose(logits, plain, rtol=1e-5, atol=1e-6):  # a model whose steps() is not its forward
             return None
         per_input = sum(t[:1].numel() * t.element_size() for t in one if t is not None)
@@ -157,16 +170,21 @@ class CachedLinearisation:
         return cls(model, params, x)
 
     def __call__(self, delta: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-        t = None  # J δ so far; the network's input has no tangent
+        t = None  # J δ so far; None while it is zero (the input, and layers before the scope)
         for (name, m), c in zip(self.steps, self.cached):
             if isinstance(m, nn.ReLU):
-                t = t * c[idx]
+                t = None if t is None else t * c[idx]
             elif isinstance(m, nn.Flatten):
-                t = m(t)
-            else:
-                out = _apply(m, c[idx], delta[f"{name}.weight"], delta.get(f"{name}.bias"))
-                t = out if t is None else out + _apply(m, t, self.params[f"{name}.weight"], None)
-        return self.f0[idx] + t
+                t = None if t is None else m(t)
+            elif t is not None or f"{name}.weight" in delta or f"{name}.bias" in delta:
+                t = None if t is None else _apply(m, t, self.params[f"{name}.weight"], None)
+                d_weight, d_bias = delta.get(f"{name}.weight"), delta.get(f"{name}.bias")
+                if d_weight is not None or d_bias is not None:  # this layer's own δ term
+                    h = c[idx]
+                    out = (_apply(m, h, d_weight, d_bias) if d_weight is not None
+                           else _bias_only(m, h, d_bias))
+                    t = out if t is None else t + out
+        return self.f0[idx] if t is None else self.f0[idx] + t
 
 
 def _primal(model: nn.Module, steps, params: dict[str, torch.Tensor], x: torch.Tensor):
@@ -186,6 +204,13 @@ def _primal(model: nn.Module, steps, params: dict[str, torch.Tensor], x: torch.T
                 cached.append(h)
                 h = _apply(m, h, params[f"{name}.weight"], params.get(f"{name}.bias"))
     return cached, h
+
+
+def _bias_only(m: nn.Module, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The tangent of a layer whose bias alone is differentiated: δb broadcast over the output of
+    ``m`` at input ``h`` (its shape found by applying ``m``'s weight shape with zeros)."""
+    zero = torch.zeros_like(m.weight, dtype=h.dtype, device=h.device)
+    return _apply(m, h, zero, bias)
 
 
 def _apply(m: nn.Module, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -308,12 +333,12 @@ def kernel_regression(net: core.Network, x_fit: torch.Tensor, targets: torch.Ten
 def _kernel_regression_row(ctx: ProbeContext, net: core.Network, params: Params, x_probe: torch.Tensor,
                            y_probe: torch.Tensor) -> dict:
     c = ctx.data.num_classes
-    k_fit = core.ntk(net, x_probe, params.kernel_variant, chunk=params.chunk)
+    k_fit = core.ntk(net, x_probe, params.kernel_variant, chunk=params.chunk, cache_mb=KERNEL_CACHE_MB)
     lam = params.ridge * float(torch.diagonal(k_fit).mean())
     onehot = torch.nn.functional.one_hot(y_probe.long(), c)
     predict = lambda xe: kernel_regression(net, x_probe, onehot, xe, lam, params.kernel_variant,  # noqa: E731
                                            params.chunk, k_fit)
-    big = max(params.chunk, 1024)  # the cross kernel is (block × n); larger blocks, fewer solves
+    big = max(params.chunk, EVAL_BLOCK)  # larger blocks, fewer solves
     train_loss, train_error = _evaluate(predict, x_probe, y_probe, big)
     test_loss, test_error = _evaluate(predict, ctx.data.x_test, ctx.data.y_test, big)
     return {"method": "kernel_regression", "lr_mode": None, "lr": None, "steps": None,
@@ -328,7 +353,7 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
     _validate(params)
     x_probe = core.probe_inputs(ctx.data.x_train, ctx.probe_indices)
     y_probe = ctx.data.y_train[ctx.probe_indices.to(ctx.data.y_train.device).long()]
-    net = core.bind(ctx.model, ctx.states[0], ctx.device, ctx.dtype)
+    net = core.bind(ctx.model, ctx.states[0], ctx.device, ctx.dtype, params.params, "kernel_accuracy")
     with torch.no_grad():
         if not math.isfinite(float(torch.nn.functional.cross_entropy(net(x_probe), y_probe))):
             raise ProbeSkipped("non-finite loss")

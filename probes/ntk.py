@@ -7,7 +7,11 @@ checkpoint's weights w_t, computes (Fort et al. 2020; docs/findings.md, "The def
 - ``trace``:      Θ^tr[i,j] = Σ_a Θ[(i,a),(j,a)], n×n (the default);
 - ``sum_logits``: Θ^sl[i,j] = ⟨∂Σ_a f_a(x_i)/∂w, ∂Σ_b f_b(x_j)/∂w⟩, n×n;
 
-with w every trainable parameter of the model. The kernel goes to ``artifacts/`` by content hash
+with w every trainable parameter of the model, or with ``params`` (fnmatch globs on the names of
+``model.named_parameters()``, e.g. ["layer3.*"]) only the matching ones, the others held at the
+checkpoint's values: Θ is then the kernel of that block's Jacobian, and the Θ of the whole network
+is the sum of the Θ of disjoint blocks covering it. A glob matching no parameter fails the job,
+naming it. The kernel goes to ``artifacts/`` by content hash
 (``dtype``, float32 by default); the row holds scalars computed from the kernel in the worker's
 dtype before that cast:
 
@@ -39,7 +43,7 @@ from lsdb.errors import ProbeError, ProbeSkipped
 from lsdb.spec import between, one_of
 
 from . import _ntk_core as core
-from .base import ProbeContext, each_checkpoint
+from .base import ProbeContext, each_checkpoint, scope_field
 
 VERSION = 1
 TABLES = ("ntk",)
@@ -60,6 +64,7 @@ class Params:
     chunk: int = field(default=128, metadata=between(1, MAX_CHUNK))  # inputs per Jacobian block
     # Jacobian blocks kept in memory; beyond it they are recomputed
     cache_mb: float = field(default=1024.0, metadata=between(0.0, MAX_CACHE_MB))
+    params: tuple[str, ...] = scope_field()  # globs on parameter names; () = all (module docstring)
 
 
 def plan(study, params: Params):
@@ -83,7 +88,7 @@ def probe_kernel(ctx: ProbeContext, params: Params, state_index: int = 0) -> tup
     validate(params)
     x = core.probe_inputs(ctx.data.x_train, ctx.probe_indices)
     labels = ctx.data.y_train[ctx.probe_indices.to(ctx.data.y_train.device).long()]
-    net = core.bind(ctx.model, ctx.states[state_index], ctx.device, ctx.dtype)
+    net = core.bind(ctx.model, ctx.states[state_index], ctx.device, ctx.dtype, params.params, "ntk")
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(net(x), labels)
     if not math.isfinite(float(loss)):

@@ -3,6 +3,10 @@ chosen device, run one probe, write one spool shard. Probes hold only maths.
 
 Workers never open the database, so the same function runs in-process, in a process pool, or
 as a batch job over a manifest (``lsdb worker``) on any machine that sees the store directory.
+
+Each job's meta records its peak memory (``PeakMemory``) and the torch thread count it ran with:
+results depend on the thread count in the last digits (reductions split differently), so a study
+resumed with another ``--workers`` holds rows of both, and ``probe_job.threads`` says which is which.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -76,6 +81,7 @@ def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> d
 
     root = Path(store_root)
     dev = pick_device(device)
+    memory = PeakMemory(dev)
     started, t0 = utcnow(), time.perf_counter()
     meta = dict(id=job.id, probe=job.probe, version=job.version, params_hash=job.params_hash,
                 params_json=json.dumps(job.params, sort_keys=True), role=job.role,
@@ -83,51 +89,126 @@ def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> d
                 other_checkpoint_id=job.checkpoints[1].id if len(job.checkpoints) > 1 else None,
                 anchor_checkpoint_id=job.anchor_checkpoint_id, inputs_json=json.dumps(job.inputs, sort_keys=True),
                 attempts=1, error=None, worker=f"{socket.gethostname()}:{os.getpid()}", device=str(dev),
-                started_at=started.isoformat())
+                started_at=started.isoformat(), threads=torch.get_num_threads())
     tables: dict[str, list[dict]] = {}
-    try:
-        module = probe_module(job.probe)
-        params = dataclass_from_dict(module.Params, job.params)
-        data = _cached(("data", job.data, str(dev)), lambda: load_data(job.data).to(dev, torch.float32))
-        model = _cached(("model", job.model, data.input_shape, str(dev)),
-                        lambda: build_model(job.model, data.input_shape, data.num_classes).to(dev))
-        model.eval()  # probes see the eval-mode network; one that needs train-mode passes undoes them
-        meta["batchnorm"] = batchnorm_mode(module, params, model)
-        artifacts = Artifacts(root / "artifacts")
-        indices = _cached(("probe_set", job.probe_set_sha256, str(dev)),
-                          lambda: torch.from_numpy(artifacts.get(job.probe_set_sha256)).to(dev))
-        states = [{k: v.to(dev) for k, v in load_weights(root / "checkpoints", c.sha256).items()}
-                  for c in job.checkpoints]
-        for c, state in zip(job.checkpoints, states):
-            check_fits(model, state, f"checkpoint {c.id}")
-        ctx = ProbeContext(model=model, states=states, checkpoints=list(job.checkpoints), runs=list(job.runs),
-                           data=data, probe_indices=indices, device=dev, dtype=torch.float32,
-                           artifacts=artifacts, role=job.role, inputs=dict(job.inputs), seed=job.seed)
-        faults.point("probe_compute")
-        out = module.compute(ctx, params)
-        undeclared = sorted(set(out) - set(module.TABLES))
-        if undeclared:  # ingest would refuse the shard; say whose bug it is instead
-            raise ProbeError(f"probe {job.probe} returned table {undeclared[0]!r}, which its TABLES "
-                             f"{module.TABLES} do not declare")
-        keys = dict(job_id=job.id, checkpoint_id=meta["checkpoint_id"],
-                    other_checkpoint_id=meta["other_checkpoint_id"], anchor_checkpoint_id=job.anchor_checkpoint_id)
-        for table, rows in out.items():
-            tables[table] = [{**_plain(r), **keys, "idx": i} for i, r in enumerate(rows)]
-        meta["state"] = "done"
-    except ProbeSkipped as e:
-        meta.update(state="skipped", error=f"skipped: {e}")
-        tables = {}
-    except LsdbError as e:
-        meta.update(state="failed", error=f"{type(e).__name__}: {e}")
-        tables = {}
-    except Exception as e:  # a bug or a resource error: keep the trace for `lsdb jobs --failed`
-        tb = traceback.format_exc(limit=3)
-        meta.update(state="failed", error=f"{type(e).__name__}: {e}\n{tb}")
-        tables = {}
+    with memory:  # stopped however the job ends, so a pool worker keeps no sampling thread
+        try:
+            module = probe_module(job.probe)
+            params = dataclass_from_dict(module.Params, job.params)
+            data = _cached(("data", job.data, str(dev)), lambda: load_data(job.data).to(dev, torch.float32))
+            model = _cached(("model", job.model, data.input_shape, str(dev)),
+                            lambda: build_model(job.model, data.input_shape, data.num_classes).to(dev))
+            model.eval()  # probes see the eval-mode network; one that needs train-mode passes undoes them
+            meta["batchnorm"] = batchnorm_mode(module, params, model)
+            artifacts = Artifacts(root / "artifacts")
+            indices = _cached(("probe_set", job.probe_set_sha256, str(dev)),
+                              lambda: torch.from_numpy(artifacts.get(job.probe_set_sha256)).to(dev))
+            states = [{k: v.to(dev) for k, v in load_weights(root / "checkpoints", c.sha256).items()}
+                      for c in job.checkpoints]
+            for c, state in zip(job.checkpoints, states):
+                check_fits(model, state, f"checkpoint {c.id}")
+            ctx = ProbeContext(model=model, states=states, checkpoints=list(job.checkpoints), runs=list(job.runs),
+                               data=data, probe_indices=indices, device=dev, dtype=torch.float32,
+                               artifacts=artifacts, role=job.role, inputs=dict(job.inputs), seed=job.seed)
+            faults.point("probe_compute")
+            out = module.compute(ctx, params)
+            undeclared = sorted(set(out) - set(module.TABLES))
+            if undeclared:  # ingest would refuse the shard; say whose bug it is instead
+                raise ProbeError(f"probe {job.probe} returned table {undeclared[0]!r}, which its TABLES "
+                                 f"{module.TABLES} do not declare")
+            keys = dict(job_id=job.id, checkpoint_id=meta["checkpoint_id"],
+                        other_checkpoint_id=meta["other_checkpoint_id"], anchor_checkpoint_id=job.anchor_checkpoint_id)
+            for table, rows in out.items():
+                tables[table] = [{**_plain(r), **keys, "idx": i} for i, r in enumerate(rows)]
+            meta["state"] = "done"
+        except ProbeSkipped as e:
+            meta.update(state="skipped", error=f"skipped: {e}")
+            tables = {}
+        except LsdbError as e:
+            meta.update(state="failed", error=f"{type(e).__name__}: {e}")
+            tables = {}
+        except Exception as e:  # a bug or a resource error: keep the trace for `lsdb jobs --failed`
+            tb = traceback.format_exc(limit=3)
+            meta.update(state="failed", error=f"{type(e).__name__}: {e}\n{tb}")
+            tables = {}
     meta["seconds"] = time.perf_counter() - t0
+    meta["peak_memory_mb"] = memory.peak_mb
     write_shard(root / "spool", f"job-{job.id}", {"kind": "probe", "job": meta}, tables)
     faults.point("probe_shard")
     return meta
+
+
+class PeakMemory:
+    """The most memory a job held, in MiB: ``start()`` before it, ``stop()`` after (returns the peak).
+
+    On CUDA, ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` at the start:
+    exact, as the caching allocator counts every tensor. On the CPU, the resident set size
+    (``/proc/self/statm``) sampled every ``interval`` seconds from a background thread, and at
+    start and stop; the largest sample is the peak (a spike shorter than the interval can be
+    missed). Not ``resource.getrusage().ru_maxrss``: that is the process's peak over its whole
+    life, so a pool worker would report its largest earlier job for every later one. Both figures
+    include what the process held before the job (the interpreter, cached data and models):
+    ``baseline_mb`` is the figure at the start. ``None`` where neither source exists (no /proc).
+    """
+
+    STATM = "/proc/self/statm"
+
+    def __init__(self, device=None, interval: float = 0.01):
+        self.cuda = getattr(device, "type", str(device or "cpu")).startswith("cuda")
+        self.device, self.interval = device, interval
+        self.baseline_mb: float | None = None
+        self.peak_mb: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss_mb(self) -> float | None:
+        try:
+            with open(self.STATM, "rb") as f:
+                return int(f.read().split()[1]) * self._page / 2**20
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _sample(self) -> None:
+        rss = self._rss_mb()
+        if rss is not None and (self.peak_mb is None or rss > self.peak_mb):
+            self.peak_mb = rss
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def start(self) -> "PeakMemory":
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            return self
+        self.baseline_mb = self.peak_mb = self._rss_mb()
+        if self.baseline_mb is not None:
+            self._thread = threading.Thread(target=self._watch, name="lsdb-peak-memory", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> float | None:
+        if self.cuda:
+            import torch
+
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            return self.peak_mb
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self._sample()
+        return self.peak_mb
+
+    def __enter__(self) -> "PeakMemory":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def batchnorm_mode(module, params, model) -> str:

@@ -15,7 +15,8 @@ from .views import metric_names, metric_series_sql, metric_sources, views_sql
 #    ids), so they are refused with a message (lsdb.store).
 # 3: experiment_run says which experiments declare a run (edited specs share runs); metric_series
 #    carries the experiment's name. A schema-2 store links each run to the experiment that
-#    recorded it. probe_job.batchnorm says how a job treated BatchNorm (null on older jobs).
+#    recorded it. probe_job.batchnorm says how a job treated BatchNorm, probe_job.peak_memory_mb
+#    and probe_job.threads what it used (null on older jobs).
 SCHEMA_VERSION = 3
 MIN_SCHEMA_VERSION = 2
 
@@ -24,7 +25,9 @@ MIN_SCHEMA_VERSION = 2
 UPGRADES: dict[int, list[str]] = {
     3: ["INSERT INTO experiment_run SELECT experiment_id, id FROM run ON CONFLICT DO NOTHING",
         # create_all adds tables, never columns to a table that exists
-        "ALTER TABLE probe_job ADD COLUMN IF NOT EXISTS batchnorm VARCHAR"],
+        "ALTER TABLE probe_job ADD COLUMN IF NOT EXISTS batchnorm VARCHAR",
+        "ALTER TABLE probe_job ADD COLUMN IF NOT EXISTS peak_memory_mb DOUBLE",
+        "ALTER TABLE probe_job ADD COLUMN IF NOT EXISTS threads INTEGER"],
 }
 
 __all__ = [

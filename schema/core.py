@@ -137,3 +137,9 @@ class ProbeJob(Base):
     # what the numbers assume about BatchNorm (lsdb.probes.base.BATCHNORM_MODES); null for jobs
     # recorded before schema 3, or that failed before the model was built
     batchnorm: Mapped[str | None] = mapped_column(String, nullable=True)
+    # the most memory the job held, in MiB: CUDA max allocated, else the peak resident set size
+    # sampled during the job (lsdb.probes.worker.PeakMemory); null on jobs logged before it
+    peak_memory_mb: Mapped[float | None] = mapped_column(Double, nullable=True)
+    # torch threads the job ran with: results differ in the last digits between thread counts
+    # (docs/memory.md), so a study resumed with another --workers says which rows are which
+    threads: Mapped[int | None] = mapped_column(Integer, nullable=True)

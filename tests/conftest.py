@@ -75,7 +75,8 @@ def cli_env(tmp_path):
 
 
 # Columns that record when or where something ran, not what was measured.
-VOLATILE = frozenset({"created_at", "started_at", "seconds", "worker", "device", "applied_at"})
+VOLATILE = frozenset({"created_at", "started_at", "seconds", "worker", "device", "applied_at", "peak_memory_mb",
+                      "threads"})
 
 
 def stored_rows(root, tables, skip=()) -> dict[str, list]:

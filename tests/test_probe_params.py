@@ -19,6 +19,10 @@ SEED = f"[0, {MAX_SEED}]"
 # probe, key, a bad value (TOML), what the message must show of the valid values.
 # Every field that carries a check appears here at least once (test_every_checked_field_is_covered).
 BAD = [
+    ("hessian", "params", "['']", "non-empty globs on parameter names"),
+    ("ntk", "params", "['']", "non-empty globs on parameter names"),
+    ("flatness", "params", "['']", "non-empty globs on parameter names"),
+    ("kernel_accuracy", "params", "['']", "non-empty globs on parameter names"),
     ("eval", "max_train", "-1", "[0, 1000000000]"),
     ("eval", "max_test", "-5", "[0, 1000000000]"),
     ("eval", "batch_size", "0", "(0, 10000000]"),
