@@ -25,6 +25,26 @@ def open(store=None, experiment: str | None = None, variant: str | None = None):
     return Session.open(store, experiment, variant)
 
 
+def run(spec, store=None, *, workers: int = 1, device: str | None = None, progress=None, probes: bool = True,
+        executor: str | None = None, address: str | None = None, gpus_per_job: float | None = None,
+        path=()):
+    """The Python twin of ``lsdb run``: train and probe everything ``spec`` (a path or a parsed
+    ``Spec``) declares that ``store`` lacks; returns the ``RunSummary`` (check ``.ok``).
+
+    ``path``: folders holding the modules of the spec's model or data factory. The other
+    arguments are ``lsdb.runner.run``'s (``executor``: "inline", "process" or "ray")."""
+    from lsdb import runner
+    from lsdb.plan import load_spec
+    from lsdb.spec import Spec
+    from lsdb.store import Store, resolve_store_path
+    from lsdb.train.factories import add_import_path
+
+    add_import_path(*map(str, path))
+    sp = spec if isinstance(spec, Spec) else load_spec(spec)
+    return runner.run(sp, Store(resolve_store_path(store)), workers=workers, device=device, progress=progress,
+                      probes=probes, executor=executor, address=address, gpus_per_job=gpus_per_job)
+
+
 def __getattr__(name):  # lazy, so `import lsdb` stays light
     if name == "Recorder":
         from lsdb.ingest.recorder import Recorder

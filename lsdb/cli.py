@@ -108,7 +108,10 @@ def run(spec: SpecArg, store: StoreOpt = None, workers: WorkersOpt = 1, device: 
             show_default=False)] = None,
         gpus_per_job: Annotated[Optional[float], typer.Option(
             help="GPUs each Ray probe task asks for (default: 1 where the cluster has GPUs, else 0).",
-            show_default=False)] = None):
+            show_default=False)] = None,
+        path: Annotated[Optional[list[Path]], typer.Option(
+            "--path", help="A folder holding the modules of the spec's model or data factory (repeatable; "
+                           "added to $LSDB_PATH, which worker processes inherit).", show_default=False)] = None):
     """Train and probe everything SPEC declares that the store lacks. Safe to interrupt and rerun.
 
     Checkpoint files that were lost or altered are retrained first. Exits 1 when a probe job
@@ -116,7 +119,9 @@ def run(spec: SpecArg, store: StoreOpt = None, workers: WorkersOpt = 1, device: 
     from lsdb import runner
     from lsdb.plan import load_spec
     from lsdb.store import Store, resolve_store_path
+    from lsdb.train.factories import add_import_path
 
+    add_import_path(*map(str, path or []))
     sp = load_spec(spec)
     st = Store(resolve_store_path(store))  # created under the store's lock, by runner.run
     s = runner.run(sp, st, workers=workers, device=device, progress="auto" if progress else None, probes=probes,

@@ -21,7 +21,8 @@ from lsdb.ids import job_id
 from lsdb.ingest.ingest import REASON_FILE, REJECTED, ingest
 from lsdb.ingest.record import record_experiment
 from lsdb.spool import clean_temporaries, write_checkpoint_shard, write_status_shard
-from lsdb.plan import MAX_ATTEMPTS, PlannedRun, expand_runs, probe_jobs, probe_requests, simulated_study, stored_study
+from lsdb.plan import (MAX_ATTEMPTS, PlannedRun, check_memory, check_scopes, expand_runs, memory_estimates, probe_jobs,
+                       probe_requests, simulated_study, stored_study)
 from lsdb.probes.executors import make_executor
 from lsdb.probes.worker import run_probe_job
 from lsdb.progress import PROBE, TRAIN, Progress
@@ -186,6 +187,11 @@ def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None,
     summary, not raised."""
     t0 = time.perf_counter()
     summary = RunSummary()
+    store = Store(store.root.resolve())  # tasks carry the path: workers may start elsewhere (Ray)
+    if probes and spec.probes:  # refuse now what every job would fail on, before anything trains
+        check_scopes(spec)
+        if executor in (None, "inline", "process"):  # a cluster's workers have their own memory
+            check_memory(memory_estimates(spec), device)
     with store.lock():  # before the database is opened for writing: a second run fails at once
         store.create()
         rejected_before = _rejected(store)
@@ -202,15 +208,15 @@ def run(spec: Spec, store: Store, workers: int = 1, device: str | None = None,
             summary.rejected = _newly_rejected(store, rejected_before)
             summary.seconds = time.perf_counter() - t0
             return summary
-        executor = make_executor(workers, executor, address, gpus_per_job)
+        pool = make_executor(workers, executor, address, gpus_per_job)
         bars = Progress(progress, {TRAIN: len(todo.runs_to_train), PROBE: todo.jobs_missing if probes else 0})
         try:
             with bars:
-                _train_all(store, runs, executor, summary, bars, damaged)
+                _train_all(store, runs, pool, summary, bars, damaged)
                 if probes:
-                    _probe_all(spec, store, runs, executor, summary, bars, device)
+                    _probe_all(spec, store, runs, pool, summary, bars, device)
         finally:
-            executor.close()
+            pool.close()
         ingest(store)
         if probes:
             summary.given_up = given_up_jobs(spec, store, runs)
