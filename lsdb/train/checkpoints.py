@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -33,7 +34,13 @@ def atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write to a temporary name, fsync, rename: a reader sees the whole file or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
