@@ -13,15 +13,53 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Iterable, Iterator
 
 
+THREADS_VAR = "LSDB_THREADS"
+
+
+def free_cores() -> int:
+    """Torch threads for this machine now: ``$LSDB_THREADS`` when set, else the cores this process
+    may use less the 1-minute load average (what other processes keep busy), at least 1.
+
+    Oversubscription, not arithmetic, is what made a busy 2-core box slow: torch's threads wait
+    for each other at every operation, and a thread the OS gives to another process stalls them
+    all (one kernel-accuracy job took 67.5 s inline with 2 threads beside a busy process, 2.2 s
+    with one thread per process). Results differ in the last digits between thread counts, so
+    every probe job records its own (``probe_job.threads``); set ``$LSDB_THREADS`` to pin it."""
+    pinned = os.environ.get(THREADS_VAR)
+    if pinned:
+        try:
+            return max(1, int(pinned))
+        except ValueError:
+            from lsdb.errors import LsdbError
+
+            raise LsdbError(f"${THREADS_VAR}={pinned!r}: expected a whole number of threads") from None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average on this platform
+        busy = 0.0
+    return max(1, min(cores, cores - int(busy + 0.5)))
+
+
 class InlineExecutor:
+    """Runs each task in this process, with torch threads for the cores free when it starts."""
+
     name = "inline"
+
+    def __init__(self):
+        import torch
+
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(free_cores())
 
     def map(self, fn: Callable, tasks: Iterable[tuple]) -> Iterator:
         for args in tasks:
             yield fn(*args)
 
     def close(self):
-        pass
+        import torch
+
+        torch.set_num_threads(self._threads)
 
 
 def _init_worker(threads: int, coordinator: int):
@@ -68,7 +106,7 @@ class ProcessExecutor:
     def __init__(self, workers: int):
         import multiprocessing as mp
 
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = max(1, free_cores() // workers)
         self.pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                         initializer=_init_worker, initargs=(threads, os.getpid()))
 

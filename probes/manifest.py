@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lsdb.errors import LsdbError
 from lsdb.probes.base import CheckpointRef, RunRef, dataclass_from_dict
+from lsdb.probes.executors import free_cores
 from lsdb.probes.worker import JobSpec, run_probe_job
 from lsdb.spec import DataSpec, ModelSpec
 from lsdb.spool import read_meta, shard_key
@@ -74,6 +75,9 @@ def run_manifest(store_root: Path, path: Path, shard: tuple[int, int] = (0, 1), 
     i, n = shard
     if not 0 <= i < n:
         raise LsdbError(f"--shard {i}/{n}: need 0 <= i < n")
+    import torch
+
+    torch.set_num_threads(free_cores())  # as lsdb run's executors do: the cores free now
     done = _finished_jobs(Path(store_root) / "spool")
     counts: dict[str, int] = {}
     for k, job in enumerate(read_manifest(path)):

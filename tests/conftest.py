@@ -10,6 +10,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# lsdb picks torch threads from the cores free when work starts (probes.executors.free_cores), and
+# results differ in the last digits between thread counts: tests that compare two runs' rows bit
+# for bit pin the count, for this process and every subprocess it starts.
+os.environ.setdefault("LSDB_THREADS", "2")
+
 # A real but tiny study: sklearn digits, an MLP, 2 seeds, one spawn time with 2 children.
 TINY_SPEC = """
 [experiment]
