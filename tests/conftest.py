@@ -120,3 +120,16 @@ def row_differences(a: dict, b: dict, tolerance=lambda table: None) -> list[str]
                 if not ok:
                     out.append(f"{table}: {x!r} vs {y!r} in {ra[:2]}")
     return out
+
+
+def module_on_path(folder: Path, name: str, source: str, monkeypatch):
+    """Write ``source`` as module ``name`` in ``folder`` and put the folder on ``$LSDB_PATH`` (what
+    ``lsdb run --path`` does), for specs naming a model or data factory. Yields the folder; the
+    module is forgotten afterwards, so the next test imports its own copy."""
+    from lsdb.train import factories
+
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(source)
+    monkeypatch.setenv(factories.PATH_VAR, str(folder))
+    yield folder
+    sys.modules.pop(name, None)

@@ -17,10 +17,9 @@ from lsdb import runner
 from lsdb.errors import SpecError
 from lsdb.plan import expand_runs, load_spec, parse_spec, probe_requests, simulated_study
 from lsdb.store import Store
-from lsdb.train import factories
 from lsdb.train.data import load_data
 from lsdb.train.models import ResNet20, build_model, num_params, plain_layers
-from tests.conftest import REPO, lsdb_cmd
+from tests.conftest import REPO, lsdb_cmd, module_on_path
 from tests.timeouts import hang_timeout
 
 EXAMPLE = REPO / "examples" / "fort2020-cifar10.toml"
@@ -200,14 +199,7 @@ SEMANTICS = {"eval": "running", "weights": "unused", "ntk": "running", "ntk_dist
 
 @pytest.fixture
 def cifar_like(tmp_path, monkeypatch):
-    folder = tmp_path / "mine"
-    folder.mkdir()
-    (folder / "cifarlike.py").write_text(CIFAR_LIKE)
-    monkeypatch.setenv(factories.PATH_VAR, str(folder))
-    yield folder
-    import sys
-
-    sys.modules.pop("cifarlike", None)
+    yield from module_on_path(tmp_path / "mine", "cifarlike", CIFAR_LIKE, monkeypatch)
 
 
 @pytest.mark.slow

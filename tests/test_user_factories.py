@@ -21,7 +21,7 @@ from lsdb.store import Store
 from lsdb.train import factories
 from lsdb.train.data import load_data
 from lsdb.train.models import build_model, check_fits
-from tests.conftest import lsdb_cmd
+from tests.conftest import lsdb_cmd, module_on_path
 from tests.timeouts import hang_timeout
 
 MODULE = '''
@@ -125,14 +125,7 @@ on_checkpoints = "final"
 
 @pytest.fixture
 def nets(tmp_path, monkeypatch):
-    folder = tmp_path / "mine"
-    folder.mkdir()
-    (folder / "mynets.py").write_text(MODULE)
-    monkeypatch.setenv(factories.PATH_VAR, str(folder))
-    yield folder
-    import sys
-
-    sys.modules.pop("mynets", None)
+    yield from module_on_path(tmp_path / "mine", "mynets", MODULE, monkeypatch)
 
 
 @pytest.mark.slow
