@@ -171,9 +171,6 @@ def demo(quick: Annotated[bool, typer.Option("--quick", help="The reduced study 
     typer.echo(f"running {sp.name} into {st.root} (rerun to resume; nothing is redone)")
     s, results = run_demo(st, quick=quick, workers=workers, device=device,
                           progress="auto" if progress else None)
-    typer.echo(f"trained {s.trained} runs, {s.jobs_done} probe jobs done, {s.jobs_failed} failed in {s.seconds:.0f} s")
-    for f in s.failures[:10]:
-        typer.echo(f"failed: {f}", err=True)
     typer.echo(as_text(results))
     if report is not None:
         from lsdb.query.report import report as write_report
@@ -181,6 +178,7 @@ def demo(quick: Annotated[bool, typer.Option("--quick", help="The reduced study 
 
         write_report(Session(st).within(sp.identity()), report)
         typer.echo(f"report written to {report}")
+    _report_run(s)  # as lsdb run: failed, given-up and rejected work named, and exit 1
 
 
 @app.command()
