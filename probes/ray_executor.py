@@ -21,7 +21,6 @@ small plain metadata; the coordinator, the only process that opens DuckDB, inges
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import socket
 from typing import Callable, Iterable, Iterator
@@ -197,15 +196,12 @@ def _write_lost_job(store_root, job, device: str | None, error: str) -> dict:
     from pathlib import Path
 
     from lsdb.ids import utcnow
+    from lsdb.probes.worker import job_meta
     from lsdb.spool import write_shard
 
-    meta = dict(id=job.id, probe=job.probe, version=job.version, params_hash=job.params_hash,
-                params_json=json.dumps(job.params, sort_keys=True), role=job.role,
-                checkpoint_id=job.checkpoints[0].id,
-                other_checkpoint_id=job.checkpoints[1].id if len(job.checkpoints) > 1 else None,
-                anchor_checkpoint_id=job.anchor_checkpoint_id, inputs_json=json.dumps(job.inputs, sort_keys=True),
-                attempts=1, error=error, worker=f"ray (lost; coordinator {socket.gethostname()}:{os.getpid()})",
-                device=str(device or "unknown"), started_at=utcnow().isoformat(), state="failed", seconds=0.0)
+    meta = job_meta(job, f"ray (lost; coordinator {socket.gethostname()}:{os.getpid()})", str(device or "unknown"),
+                    utcnow())
+    meta.update(error=error, state="failed", seconds=0.0)
     write_shard(Path(store_root) / "spool", f"job-{job.id}", {"kind": "probe", "job": meta}, {})
     return meta
 

@@ -66,6 +66,17 @@ def _cached(key, make):
     return _CACHE[key]
 
 
+def job_meta(job: JobSpec, worker: str, device: str, started, **measured) -> dict:
+    """A job's ``probe_job`` row before its outcome (state, error, seconds) is known; ``measured``
+    adds what a live worker measures (threads, peak memory)."""
+    return dict(id=job.id, probe=job.probe, version=job.version, params_hash=job.params_hash,
+                params_json=json.dumps(job.params, sort_keys=True), role=job.role,
+                checkpoint_id=job.checkpoints[0].id,
+                other_checkpoint_id=job.checkpoints[1].id if len(job.checkpoints) > 1 else None,
+                anchor_checkpoint_id=job.anchor_checkpoint_id, inputs_json=json.dumps(job.inputs, sort_keys=True),
+                attempts=1, error=None, worker=worker, device=device, started_at=started.isoformat(), **measured)
+
+
 def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> dict:
     """Run ``job`` and write its shard; returns the job's metadata (state, error, seconds)."""
     import torch
@@ -83,13 +94,8 @@ def run_probe_job(store_root: str, job: JobSpec, device: str | None = None) -> d
     dev = pick_device(device)
     memory = PeakMemory(dev)
     started, t0 = utcnow(), time.perf_counter()
-    meta = dict(id=job.id, probe=job.probe, version=job.version, params_hash=job.params_hash,
-                params_json=json.dumps(job.params, sort_keys=True), role=job.role,
-                checkpoint_id=job.checkpoints[0].id,
-                other_checkpoint_id=job.checkpoints[1].id if len(job.checkpoints) > 1 else None,
-                anchor_checkpoint_id=job.anchor_checkpoint_id, inputs_json=json.dumps(job.inputs, sort_keys=True),
-                attempts=1, error=None, worker=f"{socket.gethostname()}:{os.getpid()}", device=str(dev),
-                started_at=started.isoformat(), threads=torch.get_num_threads())
+    meta = job_meta(job, f"{socket.gethostname()}:{os.getpid()}", str(dev), started,
+                    threads=torch.get_num_threads())
     tables: dict[str, list[dict]] = {}
     with memory:  # stopped however the job ends, so a pool worker keeps no sampling thread
         try:
