@@ -52,10 +52,13 @@ class Session:
     def within(self, experiment: str | None = None, variant: str | None = None) -> "Session":
         """A session that sees only ``experiment`` (default: the only one in the store) and, if
         given, only its runs of ``variant``."""
-        whole = Session(self.store)
-        exps = whole.sql(EXPERIMENTS_SQL)
+        exps = Session(self.store).sql(EXPERIMENTS_SQL)
         if exps.height == 0:
             raise QueryError(f"store {self.store.root} holds no experiment yet; run one with: lsdb run SPEC")
+        return self._scoped(exps, experiment, variant)
+
+    def _scoped(self, exps, experiment: str | None, variant: str | None) -> "Session":
+        whole = Session(self.store)
         if experiment is None and self.scope is not None:
             row = exps.filter(exps["id"] == self.scope.experiment_id).row(0, named=True)
         else:
@@ -76,11 +79,8 @@ class Session:
         researcher means, so a store with several asks for the choice."""
         if self.scope is not None:
             return self
-        names = sorted(set(Session(self.store).sql("SELECT name FROM experiment")["name"].to_list()))
-        if len(names) > 1:
-            raise QueryError(f"store {self.store.root} holds {len(names)} experiments ({', '.join(names)}); "
-                             f"choose one with --experiment NAME (Python: lsdb.open(store, experiment=NAME))")
-        return self.within(names[0]) if names else self
+        exps = Session(self.store).sql(EXPERIMENTS_SQL)
+        return self._scoped(exps, None, None) if exps.height else self
 
     # ------------------------------------------------------------------------------- SQL
     def sql(self, query: str, params: list | None = None, *, allow_files: bool = False):
@@ -222,7 +222,8 @@ def _pick_experiment(exps, wanted: str | None, root) -> dict:
     if wanted is None:
         if current.height > 1:
             raise QueryError(f"store {root} holds {current.height} experiments "
-                             f"({', '.join(current['name'].to_list())}); choose one with --experiment NAME")
+                             f"({', '.join(current['name'].to_list())}); choose one with --experiment NAME "
+                             f"(Python: lsdb.open(store, experiment=NAME))")
         return current.row(0, named=True)
     by_name = current.filter(current["name"] == wanted)
     if by_name.height:
