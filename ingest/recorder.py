@@ -46,6 +46,7 @@ class Recorder:
                             f"(its seeds: {seeds}); add the seed to [experiment] seeds")
         self.run = matches[0]
         self._lock = None
+        self._shapes = None  # the spec's model, built once, to check what checkpoint() is given
 
     # --------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> "Recorder":
@@ -93,6 +94,16 @@ class Recorder:
 
         return build_model(self.run.config.model, self.data.input_shape, self.data.num_classes, seed=self.run.seed)
 
+    def _reference(self):
+        """The spec's model for shape checks, built once and without touching torch's global
+        random state (``model()`` seeds it: at every checkpoint it would reset your loop's)."""
+        import torch
+
+        if self._shapes is None:
+            with torch.random.fork_rng(devices=[]):
+                self._shapes = self.model()
+        return self._shapes
+
     # ------------------------------------------------------------------------------ record
     def checkpoint(self, model, step: int, optimizer=None, lr: float | None = None, *,
                    expected_sha: str | None = None, source=None) -> str:
@@ -109,7 +120,7 @@ class Recorder:
         if not 0 <= step <= self.total_steps:
             raise LsdbError(f"step {step} is outside the run (0..{self.total_steps} steps in the spec)")
         try:
-            check_fits(self.model(), model.state_dict(), "your model")
+            check_fits(self._reference(), model.state_dict(), "your model")
         except SpecError as e:
             raise LsdbError(f"{e}; build it with rec.model() (the spec's architecture)") from None
         cid = checkpoint_id(self.run.id, step)

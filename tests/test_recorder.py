@@ -65,3 +65,18 @@ def test_recorder_refuses_what_it_cannot_store(tiny_spec_path, tmp_path):
             rec.checkpoint(torch.nn.Linear(64, 10), 0)
         with pytest.raises(LsdbError, match="outside the run"):
             rec.checkpoint(rec.model(), 10_000)
+
+
+def test_checkpoint_leaves_the_loops_random_state_alone(tiny_spec_path, tmp_path):
+    """Checking the model against the spec's architecture must not reseed torch's generator (a
+    loop drawing batches from it would repeat them after every checkpoint)."""
+    spec = load_spec(tiny_spec_path)
+    with Recorder(tmp_path / "s", spec, seed=0) as rec:
+        model = rec.model()
+        torch.manual_seed(123)
+        torch.rand(3)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        torch.rand(3)
+        rec.checkpoint(model, 0)
+        assert torch.equal(torch.rand(3), expected)
