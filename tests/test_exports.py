@@ -142,7 +142,8 @@ def test_parquet_is_refused_on_a_terminal(monkeypatch):
 # ----------------------------------------------------------------------------------- json
 @pytest.mark.parametrize("name", sorted(offering("json")))
 def test_json_is_one_document(store, name):
-    json.loads(invoke(name, store, "-f", "json").stdout)
+    doc = json.loads(invoke(name, store, "-f", "json").stdout)  # raises on two documents or none
+    assert isinstance(doc, (list, dict))  # an array of rows, or {run, checkpoints} for show
 
 
 def test_json_of_nothing_is_an_empty_list(empty):
