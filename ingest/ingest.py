@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from lsdb import faults
-from lsdb.ids import checkpoint_id, job_id, utcnow
+from lsdb.ids import checkpoint_id, job_checkpoint_ids, job_id, utcnow
 from lsdb.spool import META, arrow_schema, log_shards, pending_shards, retire
 
 BATCH = 2000
@@ -35,7 +35,7 @@ RUN_STATES = ("planned", "finished", "diverged", "skipped")
 JOB_STATES = ("done", "skipped", "failed")
 JOB_COLUMNS = ("id", "probe", "version", "params_hash", "params_json", "role", "checkpoint_id",
                "other_checkpoint_id", "anchor_checkpoint_id", "inputs_json", "state", "attempts", "error",
-               "worker", "device", "started_at", "seconds", "batchnorm", "peak_memory_mb", "threads")
+               "worker", "device", "started_at", "seconds", "batchnorm", "peak_memory_mb", "threads", "more_checkpoint_ids")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ID = re.compile(r"^[0-9a-f]{16,64}$")
 REJECTED = "rejected"
@@ -401,7 +401,11 @@ def _check_probe(shard: _Shard) -> None:
         raise ShardRejected(f"job peak_memory_mb {job['peak_memory_mb']!r} is not a size in MiB")
     if job.get("threads") is not None and not job["threads"] >= 1:
         raise ShardRejected(f"job threads {job['threads']!r} is not a positive count")
-    if job["id"] != job_id(job["probe"], job["version"], job["params_hash"], _pair(job), job["role"]):
+    try:
+        ids = _checkpoint_ids(job)
+    except ValueError as e:
+        raise ShardRejected(f"job {job['id']!r}: {e}") from None
+    if job["id"] != job_id(job["probe"], job["version"], job["params_hash"], ids, job["role"]):
         raise ShardRejected(f"job id {job['id']!r} does not match its probe, version, params, checkpoints and role")
     allowed = set(tables_of(job["probe"]))
     for p in sorted(shard.path.iterdir()):
@@ -456,13 +460,13 @@ _CHECKS = {"experiment": _check_experiment, "checkpoint": _check_checkpoint, "ru
            "probe": _check_probe}
 
 
-def _pair(job: dict) -> tuple[str, ...]:
-    other = job.get("other_checkpoint_id")
-    return (job["checkpoint_id"], other) if other else (job["checkpoint_id"],)
+def _checkpoint_ids(job: dict) -> tuple[str, ...]:
+    return job_checkpoint_ids(job["checkpoint_id"], job.get("other_checkpoint_id"), job.get("more_checkpoint_ids"))
 
 
 def _job_checkpoints(job: dict) -> list[str]:
-    return [c for c in (job["checkpoint_id"], job.get("other_checkpoint_id"), job["anchor_checkpoint_id"]) if c]
+    """Every checkpoint a job names (checked ids only: ``_check_probe`` ran first)."""
+    return [*_checkpoint_ids(job), job["anchor_checkpoint_id"]]
 
 
 def _typed(table: str, rows: list[dict]):

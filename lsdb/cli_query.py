@@ -1,4 +1,4 @@
-"""Query commands of the CLI: correlate, transition, findings, chart.
+"""Query commands of the CLI: correlate, transition, findings, chart, determinism.
 
 Each command parses options, opens the store, makes one library call (``lsdb.query.*``) and
 prints with ``emit``. ``register(app)`` adds them to the main Typer app.
@@ -192,7 +192,31 @@ def chart(
     typer.echo(f"wrote {out}", err=True)
 
 
+def determinism(
+    pooled: Annotated[bool, typer.Option("--pooled", help="One row per source, variant and spawn time: the pairs' means.")] = False,
+    store: StoreOpt = None,
+    experiment: ExperimentOpt = None,
+    variant: VariantOpt = None,
+    format: FormatOpt = Format.table,
+    out: OutOpt = None,
+):
+    """How much the end point depends on the data order versus the initialisation.
+
+    One row per pair of final checkpoints: 'data order' pairs are two children of one spawn (same
+    start, different data order), 'initialisation' pairs two parents of different seeds. Side by
+    side: prediction disagreement, weight distance, loss and error barrier on the straight path,
+    and the distance between the final NTKs. A measure not taken is empty: the initialisation
+    barrier needs [probes.barrier] cross_init = true, kernel distances [probes.ntk] on final
+    checkpoints and [probes.ntk_distance] roles "siblings" and "cross_init".
+
+    Example: lsdb determinism --pooled
+    """
+    from lsdb.query.session import Session
+
+    emit(Session.open(store, experiment, variant).determinism(pooled=pooled), format, out)
+
+
 def register(app: typer.Typer) -> None:
     """Add the query commands to ``app``."""
-    for fn in (correlate, transition, findings, chart):
+    for fn in (correlate, transition, findings, chart, determinism):
         app.command()(fn)

@@ -60,6 +60,15 @@ def child_run_id(parent_id: str, spawn_step: int, kind: str, child: int, lr_fact
                         "lr_factor": lr_factor})[:16]
 
 
+def finetune_run_id(parent_id: str, base_step: int, name: str, task: dict[str, Any], optim: dict[str, Any]) -> str:
+    """A fine-tune: its parent, the step of the base checkpoint it starts from, and everything that
+    shapes its weights from there: the task (classes, fraction and its seed) and the optimiser
+    (steps, lr, momentum, batch size, each as used, the parent's filled in). Its name too, as a
+    variant's name is part of its parents' ids: the run row records the name."""
+    return sha256_json({"parent": parent_id, "base_step": base_step, "kind": "finetune", "name": name,
+                        "task": task, "optim": optim})[:16]
+
+
 def child_data_seed(child_id: str) -> int:
     """A child's data order seed: a function of its id, so siblings differ only in SGD noise."""
     return int(hashlib.sha256(child_id.encode()).hexdigest()[:7], 16)
@@ -77,3 +86,18 @@ def params_hash(params) -> str:
 def job_id(probe: str, version: int, phash: str, checkpoint_ids: tuple[str, ...], role: str) -> str:
     key = json.dumps([probe, version, phash, list(checkpoint_ids), role])
     return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def job_checkpoint_ids(first: str, other: str | None, more_json: str | None) -> tuple[str, ...]:
+    """A ``probe_job`` row's checkpoints in order (the ones its id hashes): ``checkpoint_id``,
+    ``other_checkpoint_id`` and the JSON list ``more_checkpoint_ids``. ValueError when the list is
+    malformed or stands without a second checkpoint (rows arrive in untrusted shards)."""
+    if more_json is None:
+        return (first, other) if other else (first,)
+    try:
+        more = json.loads(more_json)
+    except (TypeError, ValueError):
+        raise ValueError("more_checkpoint_ids is not JSON") from None
+    if not other or not isinstance(more, list) or not more or not all(isinstance(c, str) and c for c in more):
+        raise ValueError("more_checkpoint_ids must be a non-empty JSON list of checkpoint ids after a second one")
+    return (first, other, *more)

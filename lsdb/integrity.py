@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lsdb.errors import StoreError
-from lsdb.ids import job_id, utcnow
+from lsdb.ids import job_checkpoint_ids, job_id, utcnow
 from lsdb.ingest.ingest import IngestReport, ingest, replay_log
 from lsdb.spool import log_shards, pending_shards, read_meta
 from lsdb.schema import result_tables
@@ -99,10 +99,14 @@ def _job_problems(con) -> list[str]:
     from lsdb.probes import PROBES, tables_of
 
     problems = []
-    jobs = con.execute("SELECT id, probe, version, params_hash, checkpoint_id, other_checkpoint_id, role, state, "
-                       "attempts, error FROM probe_job").fetchall()
-    for jid, probe, version, phash, c1, c2, role, state, attempts, error in jobs:
-        ids = (c1, c2) if c2 else (c1,)
+    jobs = con.execute("SELECT id, probe, version, params_hash, checkpoint_id, other_checkpoint_id, more_checkpoint_ids, "
+                       "role, state, attempts, error FROM probe_job").fetchall()
+    for jid, probe, version, phash, c1, c2, more, role, state, attempts, error in jobs:
+        try:
+            ids = job_checkpoint_ids(c1, c2, more)
+        except ValueError as e:
+            problems.append(f"probe_job {jid}: {e}")
+            continue
         if job_id(probe, version, phash, ids, role) != jid:
             problems.append(f"probe_job {jid}: id does not match its probe, version, params, checkpoints and role")
         if state not in ("done", "skipped", "failed"):

@@ -18,10 +18,11 @@ import numpy as np
 
 from lsdb import spec as specmod
 from lsdb.errors import ProbeError, SpecError
-from lsdb.ids import checkpoint_id, child_data_seed, child_run_id, job_id, non_default, params_hash, parent_run_id
+from lsdb.ids import (checkpoint_id, child_data_seed, child_run_id, finetune_run_id, job_id, non_default, params_hash,
+                      parent_run_id)
 from lsdb.probes import PARAMS, probe_module
 from lsdb.probes.base import CheckpointRef, JobRequest, RunRef, Study, dataclass_from_dict
-from lsdb.spec import ProbeSelection, RunConfig, Spec
+from lsdb.spec import CheckpointSpec, FinetuneSpec, ProbeSelection, RunConfig, SpawnSpec, Spec
 
 MAX_ATTEMPTS = 3
 
@@ -36,10 +37,10 @@ TRAINING_DATA_KEYS = ("name", "train_subset")
 
 def catalog() -> specmod.Catalog:
     """Every data set, model and probe a spec may name."""
-    from lsdb.train.data import LOADERS
+    from lsdb.train.data import LOADERS, NUM_CLASSES
     from lsdb.train.models import MODELS
 
-    return specmod.Catalog(datasets=tuple(LOADERS), models=tuple(MODELS), probes=PARAMS)
+    return specmod.Catalog(datasets=tuple(LOADERS), models=tuple(MODELS), probes=PARAMS, num_classes=NUM_CLASSES)
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -67,10 +68,16 @@ class PlannedRun:
     spawn_step: int | None = None
     child_index: int | None = None
     lr_factor: float = 1.0
+    finetune: FinetuneSpec | None = None  # what a run of kind "finetune" is
+    task_examples: int = 0  # a fine-tune's training examples (its task)
+    # a fine-tune's steps per epoch count its task's batches; its base step is one of its parent's
+    parent_steps_per_epoch: int = 0
 
     @property
     def spawn_epoch(self):
-        return None if self.spawn_step is None else self.spawn_step / self.steps_per_epoch
+        if self.spawn_step is None:
+            return None
+        return self.spawn_step / (self.parent_steps_per_epoch or self.steps_per_epoch)
 
     @property
     def checkpoint_ids(self) -> dict[int, str]:
@@ -134,34 +141,44 @@ def check_work(cfg: RunConfig, spe: int, where: str) -> tuple[int, float]:
     return total, per_seed
 
 
-def expand_runs(spec: Spec, n_train: int) -> list[PlannedRun]:
-    """Every run the spec declares: parents per (variant, seed), then their children.
+def expand_runs(spec: Spec, n_train: int, labels=None) -> list[PlannedRun]:
+    """Every run the spec declares: parents per (variant, seed), then their children and fine-tunes.
 
     A run's id hashes what shapes its weights (data, model, optimiser, training options, seed;
-    for a child also its parent, spawn step and index), never the checkpoint schedule, so adding
-    checkpoints or spawn times trains only what is new."""
+    for a child also its parent, spawn step and index; for a fine-tune its parent, base step, task
+    and optimiser), never the checkpoint schedule, so adding checkpoints, spawn times or fine-tunes
+    trains only what is new. ``labels``: the training split's labels, which size a fine-tune's
+    task (loaded from the spec's data set when the spec has fine-tunes and none are given)."""
     if spec.data.probe_set_size > n_train:
         raise SpecError(f"{spec.source}: data.probe_set_size = {spec.data.probe_set_size} is more than the "
                         f"{n_train} training examples of {spec.data.label}; lower it")
+    tasks = task_sizes(spec, labels)
     work = []
     for cfg in spec.run_configs():
         where = spec.source if cfg.variant == "base" else f"{spec.source} (variant {cfg.variant})"
         spe = math.ceil(n_train / cfg.optim.batch_size)
-        work.append((cfg, spe, *check_work(cfg, spe, where)))
+        total, per_seed = check_work(cfg, spe, where)
+        finetunes = [f for f in spec.finetunes if f.variant == cfg.variant]
+        # a fine-tune holds its init and final checkpoints, and may add its base to the parent's
+        work.append((cfg, spe, total, finetunes, per_seed + 3 * len(finetunes)))
     checkpoints = sum(per_seed for *_, per_seed in work) * len(spec.experiment.seeds)
     if checkpoints > MAX_CHECKPOINTS:
         raise SpecError(f"{spec.source}: the spec's runs would hold up to {checkpoints:.3g} checkpoints "
                         f"({len(spec.experiment.seeds)} seeds × {len(work)} configurations); lsdb plans at most "
                         f"{MAX_CHECKPOINTS:,}: save less often or declare fewer seeds, spawns or variants")
     runs = []
-    for cfg, spe, total, _ in work:
+    for cfg, spe, total, finetunes, _ in work:
         steps = tuple(schedule(cfg, spe, total))
+        # a parent also saves its fine-tunes' bases; children keep the schedule alone, so adding a
+        # fine-tune fills in at most one parent checkpoint and leaves the children as they are
+        bases = {total if f.base is None else int(round(f.base * spe)) for f in finetunes}
+        parent_steps = tuple(sorted(set(steps) | bases))
         training = {k: non_default(getattr(cfg, k)) for k in ("data", "model", "optim", "train")}
         # the probe set and where the files live do not shape the weights
         training["data"] = {k: v for k, v in training["data"].items() if k in TRAINING_DATA_KEYS}
         for seed in spec.experiment.seeds:
             parent = PlannedRun(parent_run_id(cfg.variant, seed, training), "parent", cfg.variant, seed, seed, cfg,
-                                spe, total, steps)
+                                spe, total, parent_steps)
             runs.append(parent)
             for t in sorted(set(cfg.spawn.times)):
                 s = int(round(t * spe))
@@ -172,7 +189,57 @@ def expand_runs(spec: Spec, n_train: int) -> list[PlannedRun]:
                     cid = child_run_id(parent.id, s, kind, i, factor)
                     runs.append(PlannedRun(cid, kind, cfg.variant, seed, child_data_seed(cid), cfg, spe, total,
                                            later, parent.id, s, i, factor))
+            runs += [finetune_run(parent, f, tasks[f.name]) for f in finetunes]
     return runs  # at most lsdb.spec.MAX_RUNS: checked when the spec loads
+
+
+def task_sizes(spec: Spec, labels=None) -> dict[str, int]:
+    """Fine-tune name → the training examples of its task (``lsdb.train.data.task_indices``).
+    A class with no training example is a ``SpecError``: for a data set of your own, the loader
+    could not check the classes against the data."""
+    if not spec.finetunes:
+        return {}
+    import torch
+
+    from lsdb.train.data import load_data, task_indices
+
+    labels = load_data(spec.data).y_train if labels is None else torch.as_tensor(labels)
+    out = {}
+    for f in spec.finetunes:
+        absent = [c for c in f.classes if not bool((labels == c).any())]
+        if absent:
+            raise SpecError(f"{spec.source}: finetunes.{f.name}.classes = {list(f.classes)}: the training split of "
+                            f"{spec.data.label} has no example of class {absent[0]}")
+        out[f.name] = int(task_indices(labels, f.classes, f.train_fraction, f.fraction_seed).numel())
+        if f.steps > MAX_STEPS_PER_RUN:
+            raise SpecError(f"{spec.source}: finetunes.{f.name}.steps = {f.steps:,}; lsdb plans at most "
+                            f"{MAX_STEPS_PER_RUN:,} training steps per run")
+    return out
+
+
+def task_key(f: FinetuneSpec) -> dict:
+    """A fine-tune's task as its run id hashes it: the fraction's seed only where a fraction is drawn."""
+    key = {"classes": list(f.classes), "fraction": f.train_fraction}
+    return {**key, "seed": f.fraction_seed} if f.train_fraction < 1 else key
+
+
+def finetune_run(parent: PlannedRun, f: FinetuneSpec, examples: int) -> PlannedRun:
+    """The run of fine-tune ``f`` from ``parent``: steps 0 (the base's weights) to ``f.steps`` at a
+    constant learning rate (no drops), saving its init and final checkpoints; the parent's
+    momentum and batch size unless ``f`` sets them; its data order a function of its id."""
+    cfg = parent.config
+    base = parent.total_steps if f.base is None else int(round(f.base * parent.steps_per_epoch))
+    momentum = cfg.optim.momentum if f.momentum is None else f.momentum
+    batch = cfg.optim.batch_size if f.batch_size is None else f.batch_size
+    spe = math.ceil(examples / batch)
+    optim = dataclasses.replace(cfg.optim, lr=f.lr, momentum=momentum, batch_size=batch, epochs=f.steps / spe,
+                                lr_drops=())
+    config = dataclasses.replace(cfg, optim=optim, checkpoints=CheckpointSpec(), spawn=SpawnSpec())
+    rid = finetune_run_id(parent.id, base, f.name, task_key(f),
+                          {"steps": f.steps, "lr": f.lr, "momentum": momentum, "batch_size": batch})
+    return PlannedRun(rid, "finetune", parent.variant, parent.seed, child_data_seed(rid), config, spe, f.steps,
+                      (0, f.steps), parent.id, base, finetune=f, task_examples=examples,
+                      parent_steps_per_epoch=parent.steps_per_epoch)
 
 
 def run_row(r: PlannedRun, experiment_id: str, num_params: int) -> dict:
@@ -188,12 +255,27 @@ def run_row(r: PlannedRun, experiment_id: str, num_params: int) -> dict:
         adv_mix=cfg.train.adv_mix, steps_per_epoch=r.steps_per_epoch, total_steps=r.total_steps,
         parent_run_id=r.parent_id, parent_checkpoint_id=r.parent_checkpoint_id, spawn_step=r.spawn_step,
         spawn_epoch=r.spawn_epoch, child_index=r.child_index, status="planned", diverged_step=None,
-        diverged_reason=None, config_json=config_json(cfg),
+        diverged_reason=None, config_json=config_json(cfg, r),
+        **({} if r.finetune is None else finetune_columns(r)),
     )
 
 
-def config_json(cfg: RunConfig) -> str:
-    return json.dumps(non_default(cfg), sort_keys=True)
+def finetune_columns(r: PlannedRun) -> dict:
+    """A fine-tune's task in the run table (null for other runs): its name, classes ("0,1,2";
+    null = every class), the fraction of those examples it trains on, and how many that is."""
+    f = r.finetune
+    return dict(finetune=f.name, task_classes=",".join(map(str, f.classes)) or None, task_fraction=f.train_fraction,
+                task_examples=r.task_examples)
+
+
+def config_json(cfg: RunConfig, r: PlannedRun | None = None) -> str:
+    out = non_default(cfg)
+    if r is not None and r.finetune is not None:  # the task and the base, which the config does not say
+        f = r.finetune
+        out["finetune"] = {"name": f.name, "base_step": r.spawn_step, "classes": list(f.classes),
+                           "train_fraction": f.train_fraction, "fraction_seed": f.fraction_seed, "steps": f.steps,
+                           "examples": r.task_examples}
+    return json.dumps(out, sort_keys=True)
 
 
 # ------------------------------------------------------------------------------ the study view
@@ -230,7 +312,9 @@ def run_ref(r: PlannedRun, status: str, checkpoints: tuple[CheckpointRef, ...]) 
                   parent_checkpoint_id=r.parent_checkpoint_id, spawn_epoch=r.spawn_epoch, child_index=r.child_index,
                   epochs=cfg.optim.epochs, lr=cfg.optim.lr * r.lr_factor, batch_size=cfg.optim.batch_size,
                   momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay, data_seed=r.data_seed,
-                  checkpoints=checkpoints, steps_per_epoch=r.steps_per_epoch, total_steps=r.total_steps)
+                  checkpoints=checkpoints, steps_per_epoch=r.steps_per_epoch, total_steps=r.total_steps,
+                  **({} if r.finetune is None else dict(finetune=r.finetune.name, task_classes=r.finetune.classes,
+                                                        task_fraction=r.finetune.train_fraction)))
 
 
 def simulated_study(runs: list[PlannedRun], status: dict | None = None, stored: dict | None = None,
@@ -289,7 +373,8 @@ def probe_requests(spec: Spec, study: Study) -> list[tuple[str, int, object, str
     return out
 
 
-_KINDS = {"all": None, "parents": {"parent"}, "children": {"child"}, "lowlr_children": {"lowlr_child"}}
+_KINDS = {"all": None, "parents": {"parent"}, "children": {"child"}, "lowlr_children": {"lowlr_child"},
+          "finetunes": {"finetune"}}
 
 
 def _selector(study: Study, sel):
@@ -308,7 +393,8 @@ def _selector(study: Study, sel):
         if sel.on_checkpoints == "init_final":
             return c.id in (r.init.id, r.final.id)
         if sel.on_checkpoints == "spawn":
-            spawn_points = {k.parent_checkpoint_id for k in study.runs if k.parent_checkpoint_id}
+            # children's spawn points; a fine-tune's base is not one
+            spawn_points = {k.parent_checkpoint_id for k in study.runs if k.parent_checkpoint_id and k.kind != "finetune"}
             return c.id in spawn_points or c.id == r.final.id
         return True
 

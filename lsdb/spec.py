@@ -218,7 +218,7 @@ class SpawnSpec:
         lambda v: v in ("schedule", "final"), "must be 'schedule' (the parent's schedule after the spawn) or 'final'"))
 
 
-RUN_SELECTIONS = ("all", "parents", "children", "lowlr_children")
+RUN_SELECTIONS = ("all", "parents", "children", "lowlr_children", "finetunes")
 CHECKPOINT_SELECTIONS = ("all", "final", "init_final", "spawn")
 
 
@@ -235,6 +235,46 @@ class ProbeSelection:
 
 
 SELECTOR_KEYS = tuple(f.name for f in fields(ProbeSelection))
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """A fine-tune, ``[finetunes.NAME]``: one run per parent run of ``variant``, starting from its
+    checkpoint at ``base`` (None = its final checkpoint, else an epoch of its training) with a fresh
+    optimiser, ``steps`` SGD steps at the constant rate ``lr`` on a task: the training examples of
+    ``classes`` (empty = every class), of which a fixed ``train_fraction`` drawn with
+    ``fraction_seed``. ``momentum`` and ``batch_size`` None = the parent's. Task vectors and their
+    arithmetic (``lsdb.probes.task_arithmetic``) compare these runs with their base."""
+
+    name: str
+    steps: int
+    lr: float
+    variant: str = "base"
+    base: float | None = None
+    classes: tuple[int, ...] = ()
+    train_fraction: float = 1.0
+    fraction_seed: int = 0
+    momentum: float | None = None
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class _FinetuneTable:
+    """The keys of a ``[finetunes.NAME]`` table and their rules, for ``build_dataclass`` (``base``
+    is checked by hand: "final" or a number). Defaults here only give each key its type: ``steps``
+    and ``lr`` are required, and ``momentum``, ``batch_size`` left out mean the parent's."""
+
+    variant: str = "base"
+    classes: tuple[int, ...] = field(default=(), metadata=between(0, MAX_SEED))
+    train_fraction: float = field(default=1.0, metadata=check(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    fraction_seed: int = field(default=0, metadata=between(0, MAX_SEED))
+    steps: int = field(default=1, metadata=positive(MAX_STEPS))
+    lr: float = field(default=0.1, metadata=positive())
+    momentum: float = field(default=0.9, metadata=check(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    batch_size: int = field(default=64, metadata=positive(MAX_BATCH))
+
+
+FINETUNE_KEYS = ("variant", "base") + tuple(f.name for f in fields(_FinetuneTable) if f.name != "variant")
 
 
 @dataclass(frozen=True)
@@ -281,6 +321,7 @@ class Spec:
     probes: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     # variant name -> section -> overrides
     variants: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    finetunes: tuple[FinetuneSpec, ...] = ()
     source: str = field(default="", compare=False)
 
     @property
@@ -312,6 +353,9 @@ class Spec:
             out["probes"] = {name: dict(items) for name, items in self.probes}
         if self.variants:
             out["variants"] = {v: {s: dict(i) for s, i in items} for v, items in self.variants}
+        if self.finetunes:
+            out["finetunes"] = {f.name: {k: v for k, v in non_default(f).items() if k != "name"}
+                                for f in self.finetunes}
         return out
 
     def identity(self) -> str:
@@ -330,6 +374,9 @@ class Catalog:
     datasets: tuple[str, ...]
     models: tuple[str, ...]
     probes: Mapping[str, type]
+    # classes of each built-in data set, to check a fine-tune's classes at load (a factory's data
+    # are checked when the runs are planned)
+    num_classes: Mapping[str, int] = field(default_factory=dict)
 
 
 MAX_SPEC_BYTES = 16 * 2**20  # a spec is a page of TOML; a file beyond this is not one
@@ -399,7 +446,7 @@ def parse_spec(text: str, source: str = "<spec>", *, catalog: Catalog | None) ->
     except ValueError as e:  # TOMLDecodeError, or an integer literal of more than 4300 digits
         raise SpecError(f"{shown}: malformed TOML: {_show(str(e), 200)}") from None
     where = _Locator(text, shown)
-    _reject_unknown(raw, list(SECTIONS) + ["probes", "variants"], where, ())
+    _reject_unknown(raw, list(SECTIONS) + ["probes", "variants", "finetunes"], where, ())
     kwargs: dict[str, Any] = {"source": source}
     for section, cls in SECTIONS.items():
         table = raw.get(section, {})
@@ -408,6 +455,7 @@ def parse_spec(text: str, source: str = "<spec>", *, catalog: Catalog | None) ->
         kwargs[section] = build_dataclass(cls, table, where, (section,))
     kwargs["probes"] = _parse_probes(raw.get("probes", {}), where, catalog)
     kwargs["variants"] = _parse_variants(raw.get("variants", {}), kwargs, where)
+    kwargs["finetunes"] = _parse_finetunes(raw.get("finetunes", {}), where)
     spec = Spec(**kwargs)
     _check_cross_fields(spec, where, catalog)
     return spec
@@ -572,6 +620,79 @@ def _parse_variants(table, sections, where) -> tuple:
     return tuple(out)
 
 
+def _parse_finetunes(table, where) -> tuple[FinetuneSpec, ...]:
+    """Each ``[finetunes.NAME]`` table: known keys of the right types and ranges, ``steps`` and
+    ``lr`` given, and a task (``classes`` and/or ``train_fraction`` < 1). What needs the rest of the
+    spec (the variant, its epochs, the data set's classes) is checked in ``_check_finetunes``."""
+    if not isinstance(table, dict):
+        raise SpecError(f"{where.at((), 'finetunes')}: [finetunes] must be a table of fine-tune names, "
+                        f"e.g. [finetunes.digits012]")
+    if len(table) > MAX_COUNT:
+        raise SpecError(f"{where.at((), 'finetunes')}: [finetunes] declares {len(table)} fine-tunes; at most {MAX_COUNT}")
+    out = []
+    for name, body in table.items():
+        at = where.at(("finetunes",), name)
+        _check_name(name, "fine-tune name", at)
+        if not isinstance(body, dict):
+            raise SpecError(f"{at}: [finetunes.{name}] must be a table, e.g. steps = 100, lr = 0.01, classes = [0, 1]")
+        path = ("finetunes", name)
+        _reject_unknown(body, list(FINETUNE_KEYS), where, path)
+        values = build_dataclass(_FinetuneTable, body, where, path, partial=True, extra_valid=("base",))
+        for key, what in (("steps", "steps = N, the fine-tune's optimiser steps"), ("lr", "lr = X, its learning rate")):
+            if key not in values:
+                raise SpecError(f"{at}: finetunes.{_show(name)} needs {what}")
+        classes = values.get("classes", ())
+        if len(set(classes)) != len(classes):
+            twice = next(c for c in classes if classes.count(c) > 1)
+            raise SpecError(f"{where.at(path, 'classes')}: {_label(path, 'classes')} lists class {twice} twice")
+        if not classes and values.get("train_fraction", 1.0) == 1.0:
+            raise SpecError(f"{at}: finetunes.{_show(name)} needs a task: classes = [...] (train on these classes' "
+                            f"examples) and/or train_fraction < 1 (a fixed part of the training split)")
+        values["classes"] = tuple(sorted(classes))  # a set of classes: [2, 0] is the task [0, 2]
+        out.append(FinetuneSpec(name=name, base=_finetune_base(body.get("base", "final"), where, path), **values))
+    return tuple(out)
+
+
+def _finetune_base(value, where, path) -> float | None:
+    """``base``: "final" (None) or an epoch of the parent's training, as a float."""
+    if value == "final":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            epoch = float(value)
+        except OverflowError:
+            epoch = math.inf
+        if math.isfinite(epoch) and 0 <= epoch <= MAX_EPOCHS:
+            return epoch
+    raise SpecError(f"{where.at(path, 'base')}: {_label(path, 'base')} = {_value(value)} must be 'final' or an epoch "
+                    f"of the parent's training (a number >= 0)")
+
+
+def _check_finetunes(spec: Spec, where, catalog: Catalog | None) -> int:
+    """A fine-tune's variant exists, its base lies within that variant's training, and its classes
+    are classes of a built-in data set; returns the runs the fine-tunes add (one per seed each)."""
+    configs = {cfg.variant: cfg for cfg in spec.run_configs()}
+    classes = None
+    if catalog is not None and not spec.data.factory:
+        classes = catalog.num_classes.get(spec.data.name)
+    for ft in spec.finetunes:
+        path = ("finetunes", ft.name)
+        cfg = configs.get(ft.variant)
+        if cfg is None:
+            near = difflib.get_close_matches(ft.variant, list(configs), n=1) if len(ft.variant) <= MAX_NAME else []
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise SpecError(f"{where.at(path, 'variant')}: {_label(path, 'variant')} = {_value(ft.variant)} must name "
+                            f"a variant of this spec, one of {_show(', '.join(configs), 400)}{hint}")
+        if ft.base is not None and ft.base > cfg.optim.epochs:
+            raise SpecError(f"{where.at(path, 'base')}: {_label(path, 'base')} = {ft.base:g} must be in "
+                            f"[0, epochs = {cfg.optim.epochs:g}] (an epoch of the parent's training), or 'final'")
+        bad = [c for c in ft.classes if classes is not None and c >= classes]
+        if bad:
+            raise SpecError(f"{where.at(path, 'classes')}: {_label(path, 'classes')} = {_value(list(ft.classes))} must "
+                            f"name classes of {spec.data.name}, 0 to {classes - 1} (no class {bad[0]})")
+    return len(spec.finetunes) * len(spec.experiment.seeds)
+
+
 def _check_factory_keys(section, name: str, keys: tuple[str, ...], at: str) -> None:
     """With a factory, the built-in model's (data set's) keys would change the run id and nothing
     else: refuse them."""
@@ -623,9 +744,10 @@ def _check_cross_fields(spec: Spec, where, catalog: Catalog | None):
             )
         # a spawn time without children still costs the planner a pass, so it counts as one
         runs += len(seeds) * (1 + times * max(1, cfg.spawn.children + cfg.spawn.lowlr_children))
+    runs += _check_finetunes(spec, where, catalog)
     if runs > MAX_RUNS:
         raise SpecError(f"{where.source}: the spec declares {runs:,} runs (variants × seeds × (1 + spawn times × "
-                        f"children)); lsdb plans at most {MAX_RUNS:,}")
+                        f"children), and fine-tunes × seeds); lsdb plans at most {MAX_RUNS:,}")
     variants = ["base"] + [v for v, _ in spec.variants]
     for name, params in spec.probes:
         chosen = dict(params).get("on_variants", ())

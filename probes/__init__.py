@@ -23,6 +23,7 @@ PROBES: dict[str, str] = {
     "flatness": "lsdb.probes.flatness",
     "slice": "lsdb.probes.slice",
     "merge": "lsdb.probes.merge",
+    "soup": "lsdb.probes.soup",
 }
 
 

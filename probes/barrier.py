@@ -28,7 +28,9 @@ statistics instead ("running"). A no-op for BatchNorm-free models ("none").
 
 Pairs: the final checkpoints of every two sibling children (role "siblings", anchored at the
 parent's spawn checkpoint), init ↔ final of every finished parent run (role "init_final",
-anchored at the init), and any pair named in ``pairs`` (role "pair", anchored at the first).
+anchored at the init), with ``cross_init`` the final checkpoints of every two parents of one variant
+with different seeds (role "cross_init", anchored at the lower seed's final checkpoint), and any pair
+named in ``pairs`` (role "pair", anchored at the first).
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lsdb.errors import ProbeError, SpecError
+from lsdb.errors import ProbeError
 from lsdb.spec import MAX_BATCH, MAX_EXAMPLES, MAX_SEED, between, check, one_of, positive
 
 from . import _directions as D
-from .base import JobRequest, ProbeContext, Study, sibling_final_pairs
+from .base import (JobRequest, ProbeContext, Study, checkpoint_refs_ok, cross_init_pairs, resolve_checkpoint_refs,
+                   sibling_final_pairs)
 
 VERSION = 1
 TABLES = ("barrier", "barrier_curve")
@@ -49,24 +52,6 @@ BATCHNORM = "recomputed"  # unless bn_recompute = false
 
 
 MAX_POINTS = 10_001  # α values on one path (a grid step of 1e-4)
-
-
-def _pair_ok(text: str) -> bool:
-    """'RUN@STEP RUN@STEP' (or comma-separated), STEP an integer, 'init' or 'final' (as ``plan``
-    reads it)."""
-    parts = text.replace(",", " ").split()
-    if len(parts) != 2 or any("@" not in p for p in parts):
-        return False
-    for p in parts:
-        run, step = p.rsplit("@", 1)
-        if not run:
-            return False
-        if step not in ("init", "final"):
-            try:
-                int(step)
-            except ValueError:
-                return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -81,9 +66,13 @@ class Params:
     mode: str = field(default="auto", metadata=one_of(*D.MODES))
     siblings: bool = True
     init_final: bool = True
+    # the final checkpoints of every two parents of one variant with different seeds (role
+    # "cross_init"): the same measures for nets of different initialisation as ``siblings`` gives for
+    # nets of different data order (the determinism comparison, docs/merging.md)
+    cross_init: bool = False
     # extra pairs, each "RUN@STEP RUN@STEP" (STEP may be "init" or "final")
     pairs: tuple[str, ...] = field(default=(), metadata=check(
-        lambda v: all(_pair_ok(p) for p in v),
+        lambda v: all(checkpoint_refs_ok(p, 2, 2) for p in v),
         "must list pairs of checkpoints 'RUN@STEP RUN@STEP' (STEP an integer, 'init' or 'final')"))
 
 
@@ -95,40 +84,13 @@ def plan(study: Study, params: Params) -> list[JobRequest]:
         for r in study.runs:
             if r.kind == "parent" and r.status == "finished" and len(r.checkpoints) >= 2:
                 jobs.append(JobRequest((r.init.id, r.final.id), r.init.id, "init_final"))
+    if params.cross_init:
+        jobs += cross_init_pairs(study)
     for text in params.pairs:
-        a, b = _parse_pair(text)
-        ca, cb = _resolve(study, a), _resolve(study, b)
+        ca, cb = resolve_checkpoint_refs(study, text, "probes.barrier.pairs")
         if ca is not None and cb is not None:
             jobs.append(JobRequest((ca.id, cb.id), ca.id, "pair"))
     return jobs
-
-
-def _parse_pair(text: str) -> tuple[str, str]:
-    parts = text.replace(",", " ").split()
-    if len(parts) != 2 or any("@" not in p for p in parts):
-        raise SpecError(f"probes.barrier.pairs: '{text}' must be two checkpoints 'RUN@STEP RUN@STEP' "
-                        f"(STEP an integer, 'init' or 'final')")
-    return parts[0], parts[1]
-
-
-def _resolve(study: Study, ref: str):
-    """The checkpoint named by 'RUN@STEP'; None while the run has not reached it yet."""
-    run_id, step = ref.rsplit("@", 1)
-    try:
-        run = study.run(run_id)
-    except (KeyError, LookupError):
-        raise SpecError(f"probes.barrier.pairs: no run '{run_id}' in this store") from None
-    if not run.checkpoints:
-        return None
-    if step == "init":
-        return run.init
-    if step == "final":
-        return run.final if run.status == "finished" else None
-    try:
-        s = int(step)
-    except ValueError:
-        raise SpecError(f"probes.barrier.pairs: step '{step}' of '{ref}' must be an integer, 'init' or 'final'") from None
-    return next((c for c in run.checkpoints if c.step == s), None)
 
 
 # ------------------------------------------------------------------------------------ compute

@@ -30,7 +30,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Callable
 
 from lsdb.artifacts import Artifacts
-from lsdb.errors import ProbeError
+from lsdb.errors import ProbeError, SpecError
 from lsdb.ids import job_id, params_hash  # noqa: F401  (probe modules and tests import them from here)
 from lsdb.spec import check
 
@@ -68,7 +68,7 @@ class RunRef:
     """A stored run as the planner sees it (hyperparameters are the run table's columns)."""
 
     id: str
-    kind: str  # "parent" | "child" | "lowlr_child"
+    kind: str  # "parent" | "child" | "lowlr_child" | "finetune"
     seed: int
     variant: str
     status: str
@@ -85,6 +85,11 @@ class RunRef:
     checkpoints: tuple[CheckpointRef, ...]  # sorted by step
     steps_per_epoch: int = 0  # 0 = unknown (hand-built refs in tests)
     total_steps: int = 0
+    # a fine-tune's name and task: the classes it trains on (() = every class) and the fraction of
+    # their training examples (lsdb.train.data.task_indices); None, (), 1.0 for other runs
+    finetune: str | None = None
+    task_classes: tuple[int, ...] = ()
+    task_fraction: float = 1.0
 
     @property
     def init(self) -> CheckpointRef:
@@ -210,6 +215,71 @@ def to_parent_pairs(study: Study) -> list[JobRequest]:
     for r in study.runs:
         if r.parent_checkpoint_id:
             out += [JobRequest((c.id, r.parent_checkpoint_id), c.id, "parent") for c in r.checkpoints]
+    return out
+
+
+def cross_init_groups(study: Study) -> list[list[RunRef]]:
+    """Per variant, its finished parent runs with checkpoints, by seed: nets that differ in their
+    initialisation (and data order), the counterpart of sibling children, which differ in data
+    order only."""
+    by_variant: dict[str, list[RunRef]] = {}
+    for r in study.runs:
+        if r.kind == "parent" and r.status == "finished" and r.checkpoints:
+            by_variant.setdefault(r.variant, []).append(r)
+    return [sorted(runs, key=lambda r: (r.seed, r.id)) for runs in by_variant.values()]
+
+
+def cross_init_pairs(study: Study) -> list[JobRequest]:
+    """The final checkpoints of every two parents of one variant with different seeds (seed_a <
+    seed_b; role "cross_init", anchored at run a's final checkpoint)."""
+    jobs = []
+    for runs in cross_init_groups(study):
+        for i, a in enumerate(runs):
+            jobs += [JobRequest((a.final.id, b.final.id), a.final.id, "cross_init") for b in runs[i + 1:]
+                     if a.seed < b.seed]
+    return jobs
+
+
+# ------------------------------------------------- checkpoints named in a spec ('RUN@STEP')
+
+REF_HELP = "'RUN@STEP' (RUN a run id, STEP an integer, 'init' or 'final')"
+
+
+def checkpoint_refs_ok(text: str, least: int, most: int) -> bool:
+    """Whether ``text`` lists ``least``..``most`` checkpoints 'RUN@STEP', separated by spaces or
+    commas (as ``resolve_checkpoint_refs`` reads them)."""
+    parts = text.replace(",", " ").split()
+    if not least <= len(parts) <= most:
+        return False
+    for p in parts:
+        run, _, step = p.rpartition("@")
+        if not run or not (step in ("init", "final") or step.lstrip("-").isdigit()):
+            return False
+    return True
+
+
+def resolve_checkpoint_refs(study: Study, text: str, where: str) -> list[CheckpointRef | None]:
+    """The checkpoints ``text`` names, each None while its run has not reached it yet; SpecError
+    (naming ``where``) for a run the store does not hold."""
+    out = []
+    for ref in text.replace(",", " ").split():
+        run_id, _, step = ref.rpartition("@")
+        try:
+            run = study.run(run_id)
+        except (KeyError, LookupError):
+            raise SpecError(f"{where}: no run '{run_id}' in this store") from None
+        if not run.checkpoints:
+            out.append(None)
+        elif step == "init":
+            out.append(run.init)
+        elif step == "final":
+            out.append(run.final if run.status == "finished" else None)
+        else:
+            try:
+                s = int(step)
+            except ValueError:
+                raise SpecError(f"{where}: step '{step}' of '{ref}' must be an integer, 'init' or 'final'") from None
+            out.append(next((c for c in run.checkpoints if c.step == s), None))
     return out
 
 

@@ -34,7 +34,29 @@ default) = every trainable parameter. A glob matching no parameter fails the job
 - Outliers: with the top-k values λ₁ ≥ … ≥ λ_k, the number above the largest gap on a log scale:
   argmax_i log(λ_i/λ_{i+1}) over i < k with λ_{i+1} > 0, or the count of positive values when a
   non-positive λ_{i+1} comes first (Fort & Ganguli 2019: ~C outliers above the bulk). 0 when λ₁ ≤ 0;
-  at most k − 1 when all k are positive, so choose top_k > C.
+  at most k − 1 when all k are positive. Hence the default ``top_k`` = 0, meaning k = 2C + 2 with C the
+  number of classes of the data (22 for 10 classes): F9 accepts up to C + 1 outliers, and the count
+  needs at least as many bulk values below them to find the gap. The row's ``k`` is the k used.
+- Top-subspace gradient fraction (Gur-Ari, Roberts, Dyer 2018, "Gradient descent happens in a tiny
+  subspace"): g = ∇_w L on the same fixed batch, Y_C the top-C Ritz vectors (C = number of classes,
+  orthonormalised by a QR that keeps their nested spans), ``top_subspace_grad_fraction`` =
+  ‖Y_Cᵀ g‖ / ‖g‖ ∈ [0, 1]; ``top_k_grad_fraction`` the same for all k Ritz vectors (free: no HVP).
+  One gradient, reused from the double-backward graph (``hvp`` = "fwd_rev" computes one more).
+  Null when g = 0, and the top-C fraction is null when k < C. With ``converged`` false the Ritz
+  vectors are approximate, and so is the fraction.
+- Batch sharpness (the quantity that equilibrates at the edge of stability under mini-batch SGD;
+  cf. Cohen et al. 2021 for full batch and the later "edge of stochastic stability" work):
+  ``sharpness_batches`` = m batches B_1 … B_m of ``sharpness_batch_size`` examples (0 = the run's
+  training batch size), each B_l the first b of ``torch.randperm(n, generator)`` with one generator
+  seeded with ``sharpness_seed`` (= the job's seed: fixed per checkpoint, probe version and params,
+  and stored) and n the size of the training split; then
+  ``batch_sharpness`` = (1/m) Σ_l g_lᵀ H_l g_l / ‖g_l‖², with L_l the mean cross-entropy on B_l,
+  g_l = ∇L_l and H_l = ∇²L_l (one gradient and one HVP per batch, ``sharpness_hvps`` = m), and
+  ``batch_sharpness_stderr`` = sample std / √m. A batch with g_l = 0 is left out. When b ≥ n (a
+  full-batch run) every batch is the whole split: one is drawn and the standard error is 0, and the
+  number is the full-batch Rayleigh quotient gᵀHg/‖g‖² ≤ λ_max. Null without the run's batch size
+  (a context without a run, as in hand-built tests) unless ``sharpness_batch_size`` is set, and
+  with m = 0. Weight decay is not part of L (the findings add it to the curvature, query.rules.f10).
 
 Warm start (``warm_start``): each job names the previous checkpoint of its run; when that job has
 already run (jobs are planned in step order, so an in-order executor always finds it), its top-k
@@ -65,7 +87,8 @@ from lsdb.spec import MAX_EXAMPLES, MAX_SEED, between, one_of, positive
 from . import _directions as D
 from .base import JobRequest, ProbeContext, Study, each_checkpoint, scope_field, select_params
 
-VERSION = 2  # 2: default trace estimator "deflated"
+VERSION = 3  # 2: default trace estimator "deflated"; 3: top_k = 0 (the default) is 2C + 2, batch sharpness
+#   and the top-subspace gradient fraction are measured
 TABLES = ("hessian", "hessian_eigenvalue", "hessian_density")
 BATCHNORM = "running"
 
@@ -79,6 +102,7 @@ MAX_DENSITY_VECTORS = 1_000
 MAX_DENSITY_ITERS = 10_000
 MAX_DENSITY_POINTS = 1_000_000
 MAX_HVP_CHUNK = 65_536
+MAX_SHARPNESS_BATCHES = 100_000  # batches of the batch sharpness (one gradient and one HVP each)
 CRITERIA = ("residual", "gap")
 TRACE_METHODS = ("deflated", "hutch++", "hutchinson")
 HVP_METHODS = ("double_backward", "fwd_rev")
@@ -88,7 +112,7 @@ HVP_METHODS = ("double_backward", "fwd_rev")
 class Params:
     batch_size: int = field(default=512, metadata=between(0, MAX_EXAMPLES, " (0 = the whole training split)"))
     batch_seed: int = field(default=0, metadata=between(0, MAX_SEED))
-    top_k: int = field(default=12, metadata=between(1, MAX_TOP_K))
+    top_k: int = field(default=0, metadata=between(0, MAX_TOP_K, " (0 = 2C + 2, C = number of classes)"))
     tol: float = field(default=1e-3, metadata=positive(1.0))
     criterion: str = field(default="residual", metadata=one_of(*CRITERIA))
     max_iter: int = field(default=200, metadata=between(1, MAX_ITER))
@@ -105,12 +129,16 @@ class Params:
     hvp_chunk: int = field(default=16, metadata=between(1, MAX_HVP_CHUNK))  # vectors per batched HVP
     warm_start: bool = False
     store_ritz: bool = True
+    sharpness_batches: int = field(default=8, metadata=between(0, MAX_SHARPNESS_BATCHES,
+                                                              " (0 = no batch sharpness)"))
+    sharpness_batch_size: int = field(default=0, metadata=between(0, MAX_EXAMPLES,
+                                                                 " (0 = the run's training batch size)"))
     params: tuple[str, ...] = scope_field()  # globs on parameter names; () = all (module docstring)
 
     @staticmethod
     def cross_check(values: dict) -> tuple[str, str] | None:
         """Lanczos finds at most one Ritz pair per step: fewer steps than top_k never converge."""
-        if values["max_iter"] < values["top_k"]:
+        if values["top_k"] and values["max_iter"] < values["top_k"]:
             return "max_iter", (f"must be >= top_k = {values['top_k']} "
                                 f"(Lanczos finds one eigenvalue per step at most)")
         return None
@@ -168,6 +196,13 @@ class HessianOperator:
 
     def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def gradient(self) -> torch.Tensor:
+        """∇L(w) as a flat vector: the first-order graph's value with "double_backward" (no extra
+        pass), one ``torch.func.grad`` with "fwd_rev". Not an HVP, so ``hvps`` is unchanged."""
+        if self.method == "double_backward":
+            return self._grad.detach()
+        return self.flatten(grad(self.loss_fn)(self.params)).detach()
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: t.view(s) for n, t, s in zip(self.names, v.split(self.sizes), self.shapes)}
@@ -428,11 +463,78 @@ def count_outliers(values: torch.Tensor) -> int:
     return count
 
 
+# ------------------------------------------------------------- gradient subspace, batch sharpness
+
+def subspace_fractions(vectors: torch.Tensor, g: torch.Tensor, dims: list[int]) -> list[float | None]:
+    """‖P_d g‖ / ‖g‖ for each d in ``dims``, P_d the orthogonal projector on the span of the first d
+    rows of ``vectors`` (k, P) (Ritz vectors, largest first). One QR of their transpose gives an
+    orthonormal basis whose first d columns span the first d rows, for every d at once. None for a
+    d > k or when g = 0."""
+    g = g.double()
+    norm = float(g.norm())
+    Q, _ = torch.linalg.qr(vectors.double().T)  # (P, k)
+    c = Q.T @ g
+    return [None if d > vectors.shape[0] or d < 1 or norm == 0 else float(c[:d].norm()) / norm for d in dims]
+
+
+@dataclass
+class BatchSharpness:
+    value: float | None  # mean over batches of g_Bᵀ H_B g_B / ‖g_B‖²
+    stderr: float | None  # sample std / √m; 0 when every batch is the whole split; None for m = 1
+    batches: int  # m, the batches that entered the mean
+    batch_size: int  # examples per batch (capped at the split's size)
+    hvps: int
+
+
+def batch_sharpness(make_loss, params: dict[str, torch.Tensor], n: int, batch_size: int, batches: int,
+                    generator: torch.Generator, method: str = "double_backward") -> BatchSharpness:
+    """E_B[g_Bᵀ H_B g_B / ‖g_B‖²] over ``batches`` random batches (module docstring).
+
+    ``make_loss(idx)`` is the mean loss on the training examples ``idx`` as a function of a params
+    dict; batch l is ``torch.randperm(n, generator=generator)[:batch_size]``. When the batch is the
+    whole split, one is evaluated (they would all be equal) and the standard error is 0."""
+    b = min(batch_size, n)
+    full = b >= n
+    values, hvps = [], 0
+    for _ in range(1 if full else batches):
+        idx = torch.randperm(n, generator=generator)[:b]
+        op = HessianOperator(make_loss(idx), params, method, 1)
+        g = op.gradient()
+        gg = float(g.double() @ g.double())
+        if not math.isfinite(gg):
+            raise ProbeSkipped("non-finite gradient of a sharpness batch")
+        if gg == 0:
+            continue
+        hg = op.matvec(g)
+        hvps += op.hvps
+        if not bool(torch.isfinite(hg).all()):
+            raise ProbeSkipped("non-finite Hessian-vector product")
+        values.append(float(g.double() @ hg.double()) / gg)
+    m = len(values)
+    if m == 0:
+        return BatchSharpness(None, None, 0, b, hvps)
+    v = torch.tensor(values, dtype=torch.float64)
+    se = 0.0 if full else (float(v.std() / math.sqrt(m)) if m > 1 else None)
+    return BatchSharpness(float(v.mean()), se, m, b, hvps)
+
+
 # ------------------------------------------------------------------------------------ compute
 
+def resolved_top_k(params: Params, classes: int) -> int:
+    """The k of a job: ``top_k``, or 2C + 2 when it is 0 (module docstring)."""
+    k = params.top_k or 2 * classes + 2
+    if params.max_iter < k:
+        raise ProbeError(f"probes.hessian.max_iter = {params.max_iter} is below top_k = {k}"
+                         + ("" if params.top_k else f" (the default 2C + 2 for C = {classes} classes)")
+                         + ": Lanczos finds one eigenvalue per step at most; raise max_iter or lower top_k")
+    return min(k, MAX_TOP_K)
+
+
 def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
-    if params.top_k < 1 or params.max_iter < 1:
-        raise ProbeError("probes.hessian.top_k and max_iter must be >= 1")
+    if params.top_k < 0 or params.max_iter < 1:
+        raise ProbeError("probes.hessian.top_k must be >= 0 and max_iter >= 1")
+    classes = int(ctx.data.num_classes)
+    top_k = resolved_top_k(params, classes)
     model = ctx.model
     state = D.prepare_state(model, ctx.states[0], ctx.device, ctx.dtype)
     names = select_params(D.trainable_names(model), params.params, "hessian")
@@ -457,8 +559,11 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
             r = torch.randn(op.P, generator=gen, dtype=torch.float64)
             s = prev.sum(0)
             v0 = s / s.norm() + _WARM_RANDOM_MIX * r / r.norm()
-        top = lanczos_top(op, params.top_k, params.tol, params.max_iter, v0, gen, params.criterion, params.verify)
+        top = lanczos_top(op, top_k, params.tol, params.max_iter, v0, gen, params.criterion, params.verify)
         lanczos_hvps = op.hvps
+        g = op.gradient()
+        D.require_finite(g, "gradient")
+        frac_c, frac_k = subspace_fractions(top.vectors, g, [classes, top.vectors.shape[0]])
 
         if params.trace_method == "deflated":
             trace, se = deflated_hutchinson(op, top.basis, top.products, params.trace_hvps, gen)
@@ -476,6 +581,19 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
             nodes = slq_nodes(op, params.density_vectors, params.density_iters, gen)
             grid, dens = slq_density(nodes, params.density_points, params.density_sigma)
         density_hvps = op.hvps - lanczos_hvps - trace_hvps
+
+        size = params.sharpness_batch_size or (ctx.runs[0].batch_size if ctx.runs else 0)
+        sharp = None
+        if params.sharpness_batches > 0 and size > 0:
+            xs, ys = ctx.data.x_train, ctx.data.y_train
+            dev = xs.device
+
+            def batch_loss_fn(i):
+                i = i.to(dev)
+                return D.loss_function(model, fixed, xs[i], ys[i])
+
+            sharp = batch_sharpness(batch_loss_fn, params_t, xs.shape[0], size, params.sharpness_batches,
+                                    torch.Generator().manual_seed(ctx.seed), params.hvp)
     finally:
         model.train(was_training)
 
@@ -492,6 +610,12 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
         "trace_method": params.trace_method, "trace_hvps": int(trace_hvps), "density_hvps": int(density_hvps),
         "warm_started": prev is not None, "subspace_overlap": overlap,
         "ritz_artifact": ctx.artifacts.put(ritz) if params.store_ritz or params.warm_start else None,
+        "grad_norm": float(g.double().norm()), "top_subspace_dim": classes if frac_c is not None else None,
+        "top_subspace_grad_fraction": frac_c, "top_k_grad_fraction": frac_k,
+        "batch_sharpness": sharp.value if sharp else None, "batch_sharpness_stderr": sharp.stderr if sharp else None,
+        "sharpness_batches": sharp.batches if sharp else None,
+        "sharpness_batch_size": sharp.batch_size if sharp else None,
+        "sharpness_seed": int(ctx.seed) if sharp else None, "sharpness_hvps": sharp.hvps if sharp else None,
     }
     if params.warm_start:
         _leave_note(ctx, params, row["ritz_artifact"])

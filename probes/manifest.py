@@ -24,7 +24,8 @@ def job_to_dict(job: JobSpec) -> dict:
 def job_from_dict(d: dict) -> JobSpec:
     d = dict(d)
     d["checkpoints"] = tuple(CheckpointRef(**c) for c in d["checkpoints"])
-    d["runs"] = tuple(RunRef(**{**r, "checkpoints": tuple(CheckpointRef(**c) for c in r["checkpoints"])})
+    d["runs"] = tuple(RunRef(**{**r, "checkpoints": tuple(CheckpointRef(**c) for c in r["checkpoints"]),
+                                "task_classes": tuple(r.get("task_classes", ()))})
                       for r in d["runs"])
     d["model"] = dataclass_from_dict(ModelSpec, d["model"])
     d["data"] = dataclass_from_dict(DataSpec, d["data"])

@@ -68,7 +68,7 @@ from lsdb.train.models import PLAIN_LAYERS, plain_layers
 
 from . import _directions as D
 from .barrier import barrier_stats
-from .base import JobRequest, ProbeContext, Study
+from .base import JobRequest, ProbeContext, Study, cross_init_pairs
 
 VERSION = 2  # 2: 21 points on the path by default (the barrier definition asks for >= 21)
 TABLES = ("merge",)
@@ -93,18 +93,7 @@ class Params:
 
 def plan(study: Study, params: Params) -> list[JobRequest]:
     """One job per unordered pair of finished parent runs of one variant with different seeds."""
-    by_variant: dict[str, list] = {}
-    for r in study.runs:
-        if r.kind == "parent" and r.status == "finished" and r.checkpoints:
-            by_variant.setdefault(r.variant, []).append(r)
-    jobs = []
-    for runs in by_variant.values():
-        runs.sort(key=lambda r: (r.seed, r.id))
-        for i, a in enumerate(runs):
-            for b in runs[i + 1:]:
-                if a.seed < b.seed:
-                    jobs.append(JobRequest((a.final.id, b.final.id), a.final.id, "cross_init"))
-    return jobs
+    return cross_init_pairs(study)
 
 
 # ------------------------------------------------------------------------------ layer chain

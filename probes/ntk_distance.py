@@ -18,7 +18,10 @@ Pairs (``role``; the row lands in ``metric_series`` at the anchor):
 - ``siblings``:    the final kernels of two children spawned from the same parent checkpoint
                    (anchor: the parent's spawn checkpoint);
 - ``spawn_final``: the parent's kernel at the spawn checkpoint and each child's final kernel
-                   (anchor: the spawn checkpoint).
+                   (anchor: the spawn checkpoint);
+- ``cross_init``:  the final kernels of two parents of one variant with different seeds (anchor:
+                   the lower seed's final checkpoint): how far apart different initialisations
+                   end, next to ``siblings`` (different data order from one start).
 
 BatchNorm (``BATCHNORM`` = "running", the ``batchnorm`` column of ``probe_job``): no network is
 evaluated here; the kernels compared are the ``ntk`` probe's, of the network in eval mode with
@@ -33,12 +36,12 @@ from lsdb.errors import ProbeError
 from lsdb.spec import check, one_of
 
 from . import _ntk_core as core
-from .base import JobRequest, ProbeContext, sibling_final_pairs, to_init_pairs, to_next_pairs
+from .base import JobRequest, ProbeContext, cross_init_pairs, sibling_final_pairs, to_init_pairs, to_next_pairs
 
 VERSION = 1
 TABLES = ("ntk_distance",)
 BATCHNORM = "running"  # of the stored kernels
-ROLES = ("init", "next", "siblings", "spawn_final")
+ROLES = ("init", "next", "siblings", "spawn_final", "cross_init")
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def plan(study, params: Params) -> list[JobRequest]:
     if not kernels:
         return []
     makers = {"init": to_init_pairs, "next": to_next_pairs, "siblings": sibling_final_pairs,
-              "spawn_final": spawn_final_pairs}
+              "spawn_final": spawn_final_pairs, "cross_init": cross_init_pairs}
     jobs = []
     for role in params.roles:
         for req in makers[role](study):
@@ -132,7 +135,7 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
         )
     s, angle = core.kernel_distance(k1, k2)
     delta = velocity = angular = None
-    if ctx.role != "siblings" and len(ctx.checkpoints) == 2:
+    if ctx.role not in ("siblings", "cross_init") and len(ctx.checkpoints) == 2:
         delta = abs(float(ctx.checkpoints[1].epoch) - float(ctx.checkpoints[0].epoch))
         if ctx.role == "next" and delta > 0:
             velocity, angular = s / delta, angle / delta

@@ -73,6 +73,7 @@ def job_meta(job: JobSpec, worker: str, device: str, started, **measured) -> dic
                 params_json=json.dumps(job.params, sort_keys=True), role=job.role,
                 checkpoint_id=job.checkpoints[0].id,
                 other_checkpoint_id=job.checkpoints[1].id if len(job.checkpoints) > 1 else None,
+                more_checkpoint_ids=json.dumps([c.id for c in job.checkpoints[2:]]) if len(job.checkpoints) > 2 else None,
                 anchor_checkpoint_id=job.anchor_checkpoint_id, inputs_json=json.dumps(job.inputs, sort_keys=True),
                 attempts=1, error=None, worker=worker, device=device, started_at=started.isoformat(), **measured)
 

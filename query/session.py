@@ -209,6 +209,13 @@ class Session:
 
         return report(self.for_analysis(), out, **kwargs)
 
+    def determinism(self, pooled: bool = False):
+        """``lsdb determinism``: see ``lsdb.query.determinism`` (``pooled``: the mean per source,
+        variant and spawn time)."""
+        from lsdb.query import determinism
+
+        return determinism.summary(self) if pooled else determinism.determinism(self)
+
     def chart(self, *args, **kwargs):
         """``lsdb chart``: see ``lsdb.query.charts.chart``."""
         from lsdb.query.charts import chart

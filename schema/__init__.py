@@ -4,7 +4,7 @@ Importing this package registers every table on ``Base.metadata``. Probe familie
 result tables in their own module (``probes`` for eval/weights, ``kernel``, ``geometry``).
 """
 
-from . import core, geometry, kernel, merge, probes  # noqa: F401  (registers the tables)
+from . import core, geometry, kernel, merge, probes, soup  # noqa: F401  (registers the tables)
 from .base import KEY_COLUMNS, Base, Metric, ProbeRow, metrics_of
 from .core import Checkpoint, Experiment, ExperimentRun, ProbeJob, Run, SchemaVersion
 from .views import metric_names, metric_series_sql, metric_sources, views_sql
@@ -17,7 +17,12 @@ from .views import metric_names, metric_series_sql, metric_sources, views_sql
 #    carries the experiment's name. A schema-2 store links each run to the experiment that
 #    recorded it. probe_job.batchnorm says how a job treated BatchNorm, probe_job.peak_memory_mb
 #    and probe_job.threads what it used (null on older jobs).
-SCHEMA_VERSION = 3
+# 4: probe_job.more_checkpoint_ids lists a job's checkpoints after the second (JSON; soups and task
+#    arithmetic read k > 2 checkpoints), null for jobs of one or two. run.finetune, task_classes,
+#    task_fraction and task_examples describe fine-tunes (kind "finetune"; null on other runs).
+# 5: hessian gains batch sharpness (batch_sharpness, its stderr, batches, batch size, seed, HVPs), the
+#    gradient's norm and its fraction in the top-C and top-k Ritz subspaces (null on older rows).
+SCHEMA_VERSION = 5
 MIN_SCHEMA_VERSION = 2
 
 # version -> SQL statements that upgrade a store from version-1 to version (new tables need none:
@@ -28,6 +33,16 @@ UPGRADES: dict[int, list[str]] = {
         "ALTER TABLE probe_job ADD COLUMN IF NOT EXISTS batchnorm VARCHAR",
         "ALTER TABLE probe_job ADD COLUMN IF NOT EXISTS peak_memory_mb DOUBLE",
         "ALTER TABLE probe_job ADD COLUMN IF NOT EXISTS threads INTEGER"],
+    4: ["ALTER TABLE probe_job ADD COLUMN IF NOT EXISTS more_checkpoint_ids VARCHAR",
+        "ALTER TABLE run ADD COLUMN IF NOT EXISTS finetune VARCHAR",
+        "ALTER TABLE run ADD COLUMN IF NOT EXISTS task_classes VARCHAR",
+        "ALTER TABLE run ADD COLUMN IF NOT EXISTS task_fraction DOUBLE",
+        "ALTER TABLE run ADD COLUMN IF NOT EXISTS task_examples INTEGER"],
+    5: [f"ALTER TABLE hessian ADD COLUMN IF NOT EXISTS {name} {kind}" for name, kind in (
+        ("grad_norm", "DOUBLE"), ("top_subspace_dim", "INTEGER"), ("top_subspace_grad_fraction", "DOUBLE"),
+        ("top_k_grad_fraction", "DOUBLE"), ("batch_sharpness", "DOUBLE"), ("batch_sharpness_stderr", "DOUBLE"),
+        ("sharpness_batches", "INTEGER"), ("sharpness_batch_size", "INTEGER"), ("sharpness_seed", "BIGINT"),
+        ("sharpness_hvps", "INTEGER"))],
 }
 
 __all__ = [

@@ -38,7 +38,7 @@ class Run(Base):
     id: Mapped[str] = mapped_column(String, primary_key=True)
     experiment_id: Mapped[str] = mapped_column(String, ForeignKey("experiment.id"), index=True)
     variant: Mapped[str] = mapped_column(String)
-    kind: Mapped[str] = mapped_column(String)  # parent | child | lowlr_child
+    kind: Mapped[str] = mapped_column(String)  # parent | child | lowlr_child | finetune
     seed: Mapped[int] = mapped_column(Integer)
     data_seed: Mapped[int] = mapped_column(Integer)
     dataset: Mapped[str] = mapped_column(String)
@@ -71,6 +71,13 @@ class Run(Base):
     diverged_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     diverged_reason: Mapped[str | None] = mapped_column(String, nullable=True)
     config_json: Mapped[str] = mapped_column(Text)
+    # a fine-tune (kind "finetune", from its parent's checkpoint parent_checkpoint_id at spawn_step):
+    # its name in the spec, its task's classes ("0,1,2"; null = every class), the fraction of their
+    # training examples it trains on, and how many examples that is; null on other runs
+    finetune: Mapped[str | None] = mapped_column(String, nullable=True)
+    task_classes: Mapped[str | None] = mapped_column(String, nullable=True)
+    task_fraction: Mapped[float | None] = mapped_column(Double, nullable=True)
+    task_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ExperimentRun(Base):
@@ -143,3 +150,6 @@ class ProbeJob(Base):
     # torch threads the job ran with: results differ in the last digits between thread counts
     # (docs/memory.md), so a study resumed with another --workers says which rows are which
     threads: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # a JSON list of the job's checkpoints after the second, for probes that read more than two
+    # (soups, task arithmetic); null otherwise. The job id hashes every checkpoint, in order.
+    more_checkpoint_ids: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Double, Integer, String
+from sqlalchemy import BigInteger, Boolean, Double, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .base import Base, Metric, ProbeRow
@@ -33,6 +33,8 @@ class BarrierResult(ProbeRow, Base):
         Metric("child_disagreement", "disagreement", role="siblings"),
         Metric("child_disagreement_over_error", "disagreement_over_error", role="siblings"),
         Metric("sibling_weight_distance", "weight_distance", role="siblings"),
+        Metric("cross_init_disagreement", "disagreement", role="cross_init"),
+        Metric("cross_init_weight_distance", "weight_distance", role="cross_init"),
         Metric("init_final_loss_barrier_test", "loss_barrier_test", role="init_final"),
         Metric("init_final_error_barrier_test", "error_barrier_test", role="init_final"),
     ]}}
@@ -80,7 +82,19 @@ class HessianResult(ProbeRow, Base):
     ‖Hy − θy‖ ≤ tol·max|θ| within the HVP budget; ``max_residual`` is the largest of those residuals.
     ``outliers`` = number of top eigenvalues above the largest log-gap (see the probe).
     ``subspace_overlap`` = ‖Y_prevᵀY‖²_F / k against the previous checkpoint's top-k subspace
-    (null without a warm start).
+    (null without a warm start). ``k`` is the number of eigenpairs asked for (probe version ≥ 3:
+    2C + 2 by default, C = number of classes).
+
+    Added in schema 5 (probe version 3; null on older rows):
+    ``grad_norm`` = ‖g‖, g = ∇L on the same fixed batch. ``top_subspace_grad_fraction`` = ‖P g‖/‖g‖,
+    P the orthogonal projector on the top-``top_subspace_dim`` (= C) Ritz vectors (Gur-Ari et al.
+    2018; null when k < C); ``top_k_grad_fraction`` the same on all k Ritz vectors.
+    ``batch_sharpness`` = mean over ``sharpness_batches`` random training batches B of
+    ``sharpness_batch_size`` examples of g_Bᵀ H_B g_B / ‖g_B‖² (loss, gradient and Hessian on B alone;
+    the quantity compared with the edge of stability 2/η in mini-batch runs), with
+    ``batch_sharpness_stderr`` its standard error (0 for a full-batch run, whose one batch is the whole
+    split); the batches are drawn with ``sharpness_seed``; ``sharpness_hvps`` HVPs (one per batch, not
+    counted in ``hvps``, which counts the products on the fixed batch).
     """
 
     __tablename__ = "hessian"
@@ -88,6 +102,12 @@ class HessianResult(ProbeRow, Base):
         Metric("hessian_top_eigenvalue", "top_eigenvalue"),
         Metric("hessian_trace", "trace"),
         Metric("hessian_outliers", "outliers"),
+        Metric("batch_sharpness", "batch_sharpness",
+               meaning="mean over training batches B of g_BᵀH_Bg_B/‖g_B‖² (hessian probe)"),
+        Metric("top_subspace_grad_fraction", "top_subspace_grad_fraction",
+               meaning="‖P g‖/‖g‖, P onto the top-C Hessian eigenvectors, g the gradient (hessian probe)"),
+        Metric("top_k_grad_fraction", "top_k_grad_fraction",
+               meaning="‖P g‖/‖g‖, P onto all k computed Hessian eigenvectors (hessian probe)"),
     ]}}
     batch_size: Mapped[int] = mapped_column(Integer)
     batch_loss: Mapped[float] = _f()
@@ -107,6 +127,16 @@ class HessianResult(ProbeRow, Base):
     warm_started: Mapped[bool] = mapped_column(Boolean)
     subspace_overlap: Mapped[float | None] = _f(nullable=True)
     ritz_artifact: Mapped[str | None] = mapped_column(String, nullable=True)
+    grad_norm: Mapped[float | None] = _f(nullable=True)
+    top_subspace_dim: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    top_subspace_grad_fraction: Mapped[float | None] = _f(nullable=True)
+    top_k_grad_fraction: Mapped[float | None] = _f(nullable=True)
+    batch_sharpness: Mapped[float | None] = _f(nullable=True)
+    batch_sharpness_stderr: Mapped[float | None] = _f(nullable=True)
+    sharpness_batches: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sharpness_batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sharpness_seed: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sharpness_hvps: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class HessianEigenvalueResult(ProbeRow, Base):

@@ -59,6 +59,7 @@ class NtkDistanceResult(ProbeRow, Base):
         Metric("kernel_angular_velocity", "angular_velocity", role="next"),
         Metric("sibling_kernel_distance", "distance", role="siblings"),
         Metric("kernel_distance_spawn_to_final", "distance", role="spawn_final"),
+        Metric("cross_init_kernel_distance", "distance", role="cross_init"),
     ]}}
     variant: Mapped[str] = mapped_column(String)
     distance: Mapped[float] = mapped_column(Double)

@@ -177,7 +177,10 @@ class FakeStudy(Study):
         self._results = results or {}
 
     def run(self, run_id: str) -> RunRef:
-        return next(r for r in self.runs if r.id == run_id)
+        for r in self.runs:
+            if r.id == run_id:
+                return r
+        raise KeyError(run_id)  # as lsdb.plan.StoreStudy does
 
     def results(self, table: str):
         import polars as pl

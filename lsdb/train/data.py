@@ -110,6 +110,7 @@ def _cifar10(spec) -> Data:
 
 
 LOADERS = {"mnist1d": _mnist1d, "digits": _digits, "cifar10": _cifar10}
+NUM_CLASSES = {"mnist1d": 10, "digits": 10, "cifar10": 10}  # checked against a fine-tune's classes at load
 
 
 def _from_factory(spec) -> Data:
@@ -156,6 +157,23 @@ def _from_dataset(ds, where: str, split: str) -> tuple[torch.Tensor, torch.Tenso
         raise SpecError(f"{where}: the {split} Dataset must give (x, y) pairs with integer y "
                         f"({type(e).__name__}: {e})") from None
     return xs, ys
+
+
+def task_indices(labels: torch.Tensor, classes: tuple[int, ...] = (), fraction: float = 1.0,
+                 seed: int = 0) -> torch.Tensor:
+    """The training examples of a fine-tune's task, as sorted indices into ``labels``: those whose
+    label is in ``classes`` (every example when empty); then, when ``fraction`` < 1, a fixed
+    subset of round(fraction · n) of these n (at least one), the first of a permutation drawn with
+    ``seed``. Empty when no example qualifies (the planner refuses such a task)."""
+    labels = torch.as_tensor(labels).cpu()
+    pool = torch.arange(labels.shape[0])
+    if classes:
+        pool = pool[torch.isin(labels, torch.tensor(classes, dtype=labels.dtype))]
+    if fraction < 1 and pool.numel():
+        keep = max(1, round(fraction * pool.numel()))
+        g = torch.Generator().manual_seed(seed)
+        pool = pool[torch.randperm(pool.numel(), generator=g)[:keep]].sort().values
+    return pool
 
 
 def probe_indices(data: Data, size: int, seed: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 
 from lsdb.errors import SpecError
 from lsdb.train import factories
+from lsdb.train.quantum import QPatchNet
 
 
 # Models that list their layers: ``prepare(x)`` reshapes the input, ``steps()`` names the modules the
@@ -217,6 +218,8 @@ MODELS = {
     "cnn2d": lambda m, shape, c: CNN2d(shape, c, m.width, m.depth),
     "mlp": lambda m, shape, c: MLP(shape, c, m.width, m.depth),
     "patchnet": lambda m, shape, c: PatchNet(shape, c, m.width, m.patches, m.depth),
+    # width is the qubits per patch (at most 8), depth the circuit layers (lsdb.train.quantum)
+    "qpatchnet": lambda m, shape, c: QPatchNet(shape, c, qubits=m.width, patches=m.patches, layers=m.depth),
     # width is the first stage's channels (16 in the paper; the spec's default 32 doubles every
     # stage), depth the blocks per stage (3 in ResNet-20)
     "resnet20": lambda m, shape, c: ResNet20(shape, c, m.width, m.depth),
