@@ -19,12 +19,18 @@ PROBE_OF = {
     **{m: "ntk_distance" for m in ("kernel_velocity", "kernel_angular_velocity", "kernel_distance_next",
                                    "kernel_distance_to_init", "sibling_kernel_distance")},
     **{m: "kernel_accuracy" for m in ("linearised_test_error",)},
-    **{m: "hessian" for m in ("hessian_top_eigenvalue", "hessian_trace", "hessian_outliers")},
+    **{m: "hessian" for m in ("hessian_top_eigenvalue", "hessian_trace", "hessian_outliers", "batch_sharpness",
+                              "top_subspace_grad_fraction", "top_k_grad_fraction")},
     **{m: "flatness" for m in ("sharpness_1d", "curvature_1d", "adversarial_sharpness")},
     **{m: "weights" for m in ("relative_sibling_distance",)},
     **{m: "merge" for m in ("cross_init_loss_barrier_test", "matched_loss_barrier_test")},
+    **{m: "soup" for m in ("children_soup_test_loss", "children_members_test_loss", "children_ensemble_test_error",
+                           "cross_init_soup_test_loss", "cross_init_members_test_loss",
+                           "cross_init_matched_soup_test_loss")},
+    **{m: "barrier" for m in ("cross_init_disagreement",)},
 }
-SIBLING_METRICS = {"error_barrier_test", "loss_barrier_test", "child_disagreement", "sibling_kernel_distance",
+SIBLING_METRICS = {"children_soup_test_loss", "children_members_test_loss", "children_ensemble_test_error",
+                   "error_barrier_test", "loss_barrier_test", "child_disagreement", "sibling_kernel_distance",
                    "relative_sibling_distance", "entezari_loss_barrier_test", "sibling_weight_distance"}
 
 #: Merging across different initialisations (F14, second part): the ``merge`` probe writes these.
@@ -54,6 +60,8 @@ def advice(metric: str) -> str:
     if metric in (MERGE_NAIVE, MERGE_MATCHED):
         return ("add [probes.merge] to the spec, with ≥ 2 seeds: it pairs the final checkpoints of parent runs "
                 "with different seeds")
+    if metric.startswith("cross_init_") and PROBE_OF.get(metric) == "barrier":
+        return "add [probes.barrier] with cross_init = true and ≥ 2 seeds (it pairs parents of different seeds)"
     probe = PROBE_OF.get(metric, "?")
     spawn = " and spawn times with children ([spawn] times = [...], children = 2)" if metric in SIBLING_METRICS else ""
     return f"add [probes.{probe}]{spawn} to the spec"

@@ -1,4 +1,4 @@
-"""Evaluate the published findings F1–F14 (docs/findings.md) against a store.
+"""Evaluate the published findings (docs/findings.md) against a store.
 
     import lsdb
     from lsdb.query.findings import findings
@@ -19,7 +19,8 @@ This module is the public entry. The work is split, each module importing only t
 - ``lsdb.query.evidence``: the store's numbers the findings read (``Evidence``) and what to add
   to the spec when a metric is missing (``advice``);
 - ``lsdb.query.verdict``: a finding's result (``Finding``) and how parts (``Part``) combine into a verdict;
-- ``lsdb.query.rules``: the rules F1–F14 themselves and the conventions they share (``FINDINGS``).
+- ``lsdb.query.rules``: the rules F1–F15 themselves and the conventions they share;
+- ``lsdb.query.merging_rules``: the merging rules F16–F19 (``FINDINGS`` here joins both).
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from __future__ import annotations
 from lsdb.errors import QueryError
 from lsdb.query.evidence import (FINDING_METRICS, MERGE_MATCHED, MERGE_NAIVE, NONLINEAR_ADVANTAGE, NUM_CLASSES,
                                  PROBE_OF, SIBLING_METRICS, Evidence, advice)
-from lsdb.query.rules import F2_MEASURES, F12_MEASURES, FINDINGS, catch_up, onsets
+from lsdb.query import merging_rules, rules
+from lsdb.query.rules import F2_MEASURES, F12_MEASURES, catch_up, onsets
 from lsdb.query.stats import Check, Stat, bootstrap_interval, check, spearman
 from lsdb.query.verdict import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED, VERDICTS, Finding, Part
+
+#: Every finding by id, in order: the landscape findings (``rules``), then the merging ones (``merging_rules``).
+FINDINGS = dict(sorted({**rules.FINDINGS, **merging_rules.FINDINGS}.items(), key=lambda kv: int(kv[0][1:])))
 
 __all__ = [
     "evaluate", "findings_results", "findings", "to_frame", "as_text",

@@ -175,9 +175,10 @@ class Frames:
 
         from lsdb.query.findings import Evidence
 
-        defaults = {"variant": "base", "kind": "parent", "model": "cnn1d", "patches": 1, "batch_size": 64,
+        defaults = {"variant": "base", "kind": "parent", "model": "cnn1d", "width": 32, "patches": 1, "batch_size": 64,
                     "adversarial": "none", "num_params": 8000, "parent_run_id": None, "parent_checkpoint_id": None,
-                    "spawn_epoch": None, "child_index": None, "status": "finished", "epochs": EPOCHS, "lr": 0.1}
+                    "spawn_epoch": None, "child_index": None, "status": "finished", "epochs": EPOCHS, "lr": 0.1,
+                    "momentum": 0.9, "weight_decay": 0.0, "steps_per_epoch": 100}  # as StoreBuilder.run writes
         runs = pl.DataFrame([{**defaults, **r} for r in self.runs])
         ck = {c["id"]: c for c in self.checkpoints}
         finals = {}
@@ -216,7 +217,7 @@ class Frames:
 class Study(Frames):
     """A small Fort-style study with closed-form metric curves, written once in memory.
 
-    ``holds=True`` draws curves with the shapes F1–F14 expect (fast early change, falling
+    ``holds=True`` draws curves with the shapes F1–F15 expect (fast early change, falling
     barriers, ~C Hessian outliers, ...); ``holds=False`` draws curves that violate each of them.
     ``stable=True`` makes the barrier negligible from spawn 0 (a network stable at init).
     Seeds differ by a factor ``1 + spread * seed`` on most curves (``spread`` = 0.05: every verdict is
@@ -228,7 +229,7 @@ class Study(Frames):
 
         super().__init__()
         exp = math.exp
-        self.path_points = {"barrier": 21}
+        self.path_points = {"barrier": 21, "merge": 21}
         for seed in seeds:
             j = 1 + spread * seed  # seeds differ a little
             pid = f"base-s{seed}"
@@ -248,6 +249,10 @@ class Study(Frames):
                 self.metrics.append(("hessian_top_eigenvalue", c,
                                      (5 + 20 * e * exp(-e / 4)) * j if holds else (1 + 0.1 * e) * j))
                 self.metrics.append(("hessian_trace", c, 10 * (5 + 20 * e * exp(-e / 4)) * j))
+                edge = 2 * (1 + 0.9) / _lr(e)  # F10: the threshold 2(1 + β)/η of heavy ball, β = 0.9
+                self.metrics.append(("batch_sharpness", c, (edge * (1 - exp(-e / 2)) if holds else 0.3 * edge) * j))
+                self.metrics.append(("top_subspace_grad_fraction", c, (0.4 if e < 0.05 * EPOCHS else 0.9)
+                                     - 0.2 * spread * seed if holds else 0.4 * j))  # F15
                 if e == 40:
                     self.metrics.append(("hessian_outliers", c, 10 if holds else 3))
                     for m in ("sharpness_1d", "adversarial_sharpness", "curvature_1d"):
@@ -265,6 +270,9 @@ class Study(Frames):
                     eb, lb = (0.2 + 0.01 * s) * j, (0.5 + 0.01 * s) * j
                 self.metrics += [("error_barrier_test", c, eb), ("loss_barrier_test", c, lb)]
                 fall = holds or stable
+                # F16: the soup of a spawn's children costs little once spawned late
+                self.metrics += [("children_members_test_loss", c, 0.3 * j),
+                                 ("children_soup_test_loss", c, 0.3 * j + (0.5 * exp(-s) if fall else 0.2))]
                 self.metrics += [
                     ("child_disagreement", c, (0.4 * exp(-s) if fall else 0.1 + 0.02 * s) * j),
                     ("sibling_kernel_distance", c, (0.5 * exp(-s / 2) if fall else 0.1 + 0.03 * s) * j),
@@ -280,6 +288,18 @@ class Study(Frames):
                 self._run(lid, seed, kind="lowlr_child", parent_run_id=pid, parent_checkpoint_id=c,
                           spawn_epoch=s, child_index=0, lr=0.01)
                 self._ckpt(lid, 40, test_error=0.1 + 0.05 * exp(-s))
+            # F17: parents of different seeds disagree on 0.4 of the test set (pairs anchored at the lower seed)
+            if seed != seeds[-1]:
+                self.metrics.append(("cross_init_disagreement", f"{pid}@4000", 0.4 * j))
+            # F19: a width sweep of MLPs whose matched barrier falls (holds) or rises with width
+            for w, falls, rises in ((8, 0.3, 0.1), (16, 0.2, 0.2), (32, 0.1, 0.3)):
+                wid = f"w{w}-s{seed}"
+                self._run(wid, seed, variant=f"w{w}", model="mlp", width=w)
+                self._ckpt(wid, 0, test_error=0.9, train_loss=2.3)
+                c = self._ckpt(wid, 40, test_error=0.12, train_loss=0.05)
+                if seed != seeds[-1]:
+                    self.metrics += [("matched_loss_barrier_test", c, (falls if holds else rises) * j),
+                                     ("cross_init_loss_barrier_test", c, 0.5 * j)]
             # variants: adversarial, large batch, patch networks (from t/T = 0.9 on: converged)
             for name, kw, sharp, lam in (
                 ("adversarial", {"adversarial": "pgd"}, 1.0 if holds else 0.5, None),
