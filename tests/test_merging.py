@@ -116,3 +116,15 @@ def test_a_soup_shard_with_altered_members_is_refused(store, tmp_path, edit, mes
     bad = replant(st, _soup_shard(st), lambda meta, folder: edit(meta["job"], folder))
     assert message in rejected_for(st, bad)
     assert lsdb.open(st).sql("SELECT count(*) AS n FROM soup")["n"][0] == before
+
+
+def test_determinism_command(store):
+    from typer.testing import CliRunner
+
+    from lsdb.cli import app
+
+    got = CliRunner().invoke(app, ["determinism", "--store", str(store.root), "--pooled", "--format", "csv"])
+    assert got.exit_code == 0, got.output
+    header, *rows = got.stdout.strip().splitlines()
+    assert header.startswith("source,variant,spawn_epoch,spawn_frac,pairs,disagreement")
+    assert len(rows) == 2 and rows[0].startswith("data order,base,1.0") and rows[1].startswith("initialisation,base,,")
