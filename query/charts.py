@@ -302,6 +302,64 @@ def hessian_spectrum_chart(session, runs=None, max_checkpoints: int = 6, width: 
     ).properties(width=width, height=_height(width), title=f"Hessian spectrum (top-k), run {run[:12]}")
 
 
+def merge_width_chart(session, runs=None, width: int = WIDTH):
+    """Test-loss barrier between parents of different seeds against model width, before and after
+    weight matching (``merge`` probe): a point per pair, the mean per width as a line."""
+    import polars as pl
+
+    alt = _alt()
+    _need_table(session, "merge", "merge")
+    df = session.sql(
+        "SELECT r.model, r.width, r.variant, m.naive_loss_barrier_test AS naive, m.matched_loss_barrier_test AS matched "
+        "FROM merge m JOIN probe_job j ON j.id = m.job_id JOIN checkpoint c ON c.id = m.anchor_checkpoint_id "
+        "JOIN run r ON r.id = c.run_id WHERE j.state = 'done'")
+    if df.height == 0:
+        raise NoChartData("no merge rows (add [probes.merge] and ≥ 2 seeds to the spec)")
+    long = df.unpivot(["naive", "matched"], index=["model", "width", "variant"], variable_name="path",
+                      value_name="barrier").with_columns(pl.col("path").replace({"naive": "naive", "matched": "weight-matched"}))
+    mean = long.group_by("model", "width", "path").agg(pl.col("barrier").mean()).sort("width")
+    x = alt.X("width:Q", scale=alt.Scale(type="log", nice=False), title="model width (channels or units; log)")
+    y = alt.Y("barrier:Q", title="test-loss barrier between seeds")
+    color = alt.Color("path:N", title="path")
+    points = alt.Chart(long).mark_point(opacity=0.5).encode(x, y, color, tooltip=["variant", "width", "path",
+                                                                                   alt.Tooltip("barrier:Q", format=".4g")])
+    lines = alt.Chart(mean).mark_line().encode(x, y, color, alt.Detail("model:N"))
+    return (points + lines).properties(width=width, height=_height(width),
+                                       title="Barrier between seeds vs width, before and after weight matching")
+
+
+#: soup rows drawn per group, in order: (column, label)
+SOUP_BARS = (("members_mean_test_loss", "members (mean)"), ("best_member_test_loss", "best member"),
+             ("uniform_test_loss", "uniform soup"), ("greedy_test_loss", "greedy soup"),
+             ("ensemble_test_loss", "ensemble (mean logits)"), ("matched_uniform_test_loss", "weight-matched soup"))
+
+
+def soup_chart(session, runs=None, width: int = WIDTH):
+    """Test loss of each soup group's members, best member, uniform and greedy soups, ensemble and
+    (for different seeds) weight-matched soup: the mean over groups of one kind (``soup`` probe)."""
+    import polars as pl
+
+    alt = _alt()
+    _need_table(session, "soup", "soup")
+    cols = ", ".join(f"avg(s.{c}) AS {c}" for c, _ in SOUP_BARS)
+    df = session.sql(f"SELECT j.role AS groups, count(*) AS n, {cols} FROM soup s JOIN probe_job j ON j.id = s.job_id "
+                     "WHERE j.state = 'done' GROUP BY j.role ORDER BY j.role")
+    if df.height == 0:
+        raise NoChartData("no soup rows (add [probes.soup] to the spec)")
+    labels = dict(SOUP_BARS)
+    long = (df.unpivot([c for c, _ in SOUP_BARS], index=["groups", "n"], variable_name="model", value_name="test_loss")
+            .drop_nulls("test_loss").with_columns(pl.col("model").replace(labels)))
+    return alt.Chart(long).mark_bar().encode(
+        alt.X("model:N", sort=[label for _, label in SOUP_BARS], title=None),
+        alt.Y("test_loss:Q", title="test loss (report half)"),
+        alt.Color("model:N", sort=[label for _, label in SOUP_BARS], legend=None),
+        alt.Column("groups:N", title="groups (mean over groups)"),
+        tooltip=["groups", "n", "model", alt.Tooltip("test_loss:Q", format=".4g")],
+    ).properties(width=max(120, width // max(1, df.height) - 20), height=_height(width),
+                 title="Weight averages against their members and their ensemble"
+                 ).resolve_scale(y="independent")  # naive soups of different seeds are 10× worse
+
+
 def _slice_frame(session, runs, dims: int):
     _need_table(session, "slice", "slice")
     ids = _parents(session, runs)
@@ -418,6 +476,8 @@ CHARTS: dict[str, Callable] = {
     "hessian_spectrum": hessian_spectrum_chart,
     "slice_1d": slice_1d_chart,
     "slice_2d": slice_2d_chart,
+    "merge_width": merge_width_chart,
+    "soup": soup_chart,
 }
 
 

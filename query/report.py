@@ -52,6 +52,15 @@ SECTIONS = [
     ("hessian_spectrum", "Hessian spectrum (F9, F10)",
      "The largest eigenvalues of the loss Hessian at a few checkpoints. A few large outliers (about one "
      "per class) above a bulk near zero is the expected picture."),
+    ("soup", "Weight averages: soups against members and ensembles (F16)",
+     "The test loss of the average of several networks' weights (uniform and greedy soups) next to the "
+     "networks themselves and to averaging their outputs (ensemble), for the children of each spawn, "
+     "children spawned late, and networks of different seeds (naively averaged and after weight "
+     "matching). Networks in one basin average well; networks of different seeds do not."),
+    ("merge_width", "Barrier between seeds vs width (F14, F19)",
+     "The loss barrier on the straight line between two networks of different seeds, before and after "
+     "permuting one network's hidden units to match the other's (weight matching). Wider networks leave "
+     "a smaller barrier after matching."),
     ("slice_1d", "1D loss slice", "Loss along a random filter-normalised direction through the final weights "
      "(Li et al. 2018): a wider valley means a flatter minimum."),
     ("slice_2d", "2D loss surface", "Loss on a plane spanned by two filter-normalised directions through the "
