@@ -405,6 +405,42 @@ def slice_2d_chart(session, runs=None, split: str | None = None, width: int = WI
                  title=f"2D loss surface ({split}), run {df['run_id'][0][:12]} at epoch {df['epoch'][0]:g}")
 
 
+def slice_2d_variants_chart(session, runs=None, split: str | None = None, width: int = WIDTH):
+    """The 2D loss surface of every variant side by side on one colour scale (F11: standard and
+    adversarially trained nets): per variant, its lowest-seed parent's latest sliced checkpoint."""
+    import polars as pl
+
+    alt = _alt()
+    _need_table(session, "slice", "slice")
+    df = session.sql(
+        "WITH s AS (SELECT t.*, c.run_id, c.epoch, c.step, r.variant, r.seed FROM slice t "
+        "JOIN probe_job j ON j.id = t.job_id JOIN checkpoint c ON c.id = t.checkpoint_id JOIN run r ON r.id = c.run_id "
+        "WHERE j.state = 'done' AND t.dims = 2 AND r.kind = 'parent'), "
+        "pick AS (SELECT variant, arg_min(checkpoint_id, seed * 1e12 - step) AS checkpoint_id FROM s GROUP BY variant) "
+        "SELECT s.variant, s.run_id, s.epoch, s.split, s.a, s.b, avg(s.loss) AS loss FROM s JOIN pick USING "
+        "(variant, checkpoint_id) GROUP BY ALL ORDER BY s.variant, s.split, s.a, s.b")
+    if df.height == 0 or df["variant"].n_unique() < 2:
+        raise NoChartData("needs 2D loss slices of at least two variants (add [probes.slice] and variants)")
+    split = split or ("test" if "test" in set(df["split"]) else df["split"][0])
+    df = df.filter(pl.col("split") == split).with_columns(pl.col("a").round(6), pl.col("b").round(6))
+    variants = df["variant"].unique(maintain_order=True).to_list()
+    side = max(140, min(_square(width), width // len(variants) - 60))
+    lo, hi = float(df["loss"].min()), float(df["loss"].max())
+    color = alt.Color("loss:Q", scale=alt.Scale(type="log", scheme="viridis", domain=[lo, hi]), title=f"{split} loss",
+                      legend=alt.Legend(format=LEGEND_FORMAT))
+    panels = []
+    for i, v in enumerate(variants):  # one view per variant (a facet would repeat the axis titles in one view)
+        part = df.filter(pl.col("variant") == v)
+        panels.append(alt.Chart(part).mark_rect().encode(
+            alt.X("a:O", title="a (direction 1)", axis=alt.Axis(labelOverlap=True, format=".2f")),
+            alt.Y("b:O", title="b (direction 2)" if i == 0 else None, sort="descending",
+                  axis=alt.Axis(labelOverlap=True, format=".2f")),
+            color, tooltip=["variant", "a", "b", alt.Tooltip("loss:Q", format=".4g")],
+        ).properties(width=side, height=side, title=f"{v} (epoch {part['epoch'][0]:g})"))
+    return alt.hconcat(*panels).resolve_scale(color="shared").properties(
+        title=f"2D loss surfaces ({split}) by variant, one colour scale")
+
+
 def kernel_accuracy_chart(session, runs=None, width: int = WIDTH):
     """Linearised-model (and kernel-regression) test error vs expansion time, with the low-lr
     children's final error at the same spawn times and the full network's final test error as a
@@ -476,6 +512,7 @@ CHARTS: dict[str, Callable] = {
     "hessian_spectrum": hessian_spectrum_chart,
     "slice_1d": slice_1d_chart,
     "slice_2d": slice_2d_chart,
+    "slice_2d_variants": slice_2d_variants_chart,
     "merge_width": merge_width_chart,
     "soup": soup_chart,
 }

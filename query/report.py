@@ -52,6 +52,9 @@ SECTIONS = [
     ("hessian_spectrum", "Hessian spectrum (F9, F10)",
      "The largest eigenvalues of the loss Hessian at a few checkpoints. A few large outliers (about one "
      "per class) above a bulk near zero is the expected picture."),
+    ("slice_2d_variants", "2D loss surfaces side by side (F11)",
+     "The 2D loss surface of one network of each variant (e.g. standard, FGSM- and PGD-trained) on one colour "
+     "scale: a wider dark region is a flatter minimum. F11 compares their flatness at matched clean accuracy."),
     ("soup", "Weight averages: soups against members and ensembles (F16)",
      "The test loss of the average of several networks' weights (uniform and greedy soups) next to the "
      "networks themselves and to averaging their outputs (ensemble), for the children of each spawn, "

@@ -1,6 +1,6 @@
-"""The published findings F1–F14 (docs/findings.md) as rules over a store's ``Evidence``.
+"""The published findings F1–F15 (docs/findings.md) as rules over a store's ``Evidence``.
 
-One function per finding, ``f1`` … ``f14``; each docstring states the rule and names its thresholds, all of
+One function per finding, ``f1`` … ``f15``; each docstring states the rule and names its thresholds, all of
 which live in ``lsdb.query.thresholds`` (``T`` here). They were fixed before looking at data and are never
 tuned to it. ``FINDINGS`` maps an id to its rule; ``lsdb.query.findings`` evaluates and prints them.
 docs/findings.md describes every finding for readers.
@@ -33,8 +33,7 @@ import numpy as np
 from lsdb.query import thresholds as T
 from lsdb.query.evidence import (MERGE_MATCHED, MERGE_NAIVE, NONLINEAR_ADVANTAGE, NUM_CLASSES, Evidence,
                                   _clean_error, _variant_final, advice)
-from lsdb.query.stats import (Stat, _first_frac, _g, _nearest, _ratio, _rolling_median, check, spearman,
-                              too_few_seeds)
+from lsdb.query.stats import Stat, _first_frac, _g, _nearest, _ratio, _rolling_median, check, spearman
 from lsdb.query.verdict import FAILS, Finding, Part, _combine, _join, _not_measured
 
 #: Where the expansion grid of the linearised model is set (F5, F6 advice).
@@ -526,61 +525,168 @@ def f9(ev: Evidence) -> Finding:
                                                       check(vals, C + T.F9_ABOVE, "<=")])])
 
 
-def f10(ev: Evidence) -> Finding:
-    """F10, the top Hessian eigenvalue rises then falls, or sits at the edge of stability 2/η.
+def _lr_phases(lr: dict) -> list[tuple[float, float, float]]:
+    """Constant-learning-rate phases of one run from its checkpoints' lr series (sorted by time): (start t/T,
+    end t/T, lr). A phase starts at the first checkpoint with its lr and ends at the next phase's start (the
+    last one at the run's last checkpoint)."""
+    frac, value = lr["frac"], lr["value"]
+    starts = [0] + [i for i in range(1, len(value)) if not np.isclose(value[i], value[i - 1], rtol=1e-9, atol=0)]
+    ends = [float(frac[i]) for i in starts[1:]] + [float(frac[-1])]
+    return [(float(frac[i]), e, float(value[i])) for i, e in zip(starts, ends)]
 
-    Per seed (≥ MIN_TIMES checkpoints), passes when hessian_top_eigenvalue is non-monotone (its peak strictly
-    inside, rising from the first value and falling to the last by ≥ F10_CHANGE_MIN of the peak each) or when the
-    median of λ / (2/η) over t/T ≥ F3_LATE_FRAC lies in [F10_EDGE_LOW, F10_EDGE_HIGH]. Holds when at least
-    SEED_MAJORITY of the seeds pass (unsettled under MIN_SEEDS seeds).
-    """
-    f = Finding("F10", "The top Hessian eigenvalue rises then falls", "hessian_top_eigenvalue vs time",
-                f"non-monotone (rises and falls by ≥ {T.F10_CHANGE_MIN:.0%} of its peak), or the last half "
-                f"within [{T.F10_EDGE_LOW:g}, {T.F10_EDGE_HIGH:g}] × 2/η")
-    if miss := ev.missing(["hessian_top_eigenvalue"]):
-        return _not_measured(f, miss)
-    lr = ev.base_series("lr")
-    passed, rises, falls, edges = [], [], [], []
+
+def _edge_of_stability(ev: Evidence, run: dict, metric: str) -> dict | None:
+    """One run: ``metric`` (λ_max or batch sharpness) + weight decay over the threshold 2(1 + β)/η of the lr in
+    force at each checkpoint, summarised per constant-lr phase as the median over its settled window (the part at
+    or after start + F10_SETTLED_FRAC × length, ≥ MIN_TIMES checkpoints). ``ratio``: the longest measured phase's
+    median; ``reach``: the first t/T with ratio ≥ F10_EDGE_LOW (NaN when never)."""
+    s, lr = ev.by_run(metric, [run["id"]]).get(run["id"]), ev.by_run("lr", [run["id"]]).get(run["id"])
+    if s is None or lr is None or len(s["value"]) == 0:
+        return None
+    beta, wd = float(run["momentum"]), float(run.get("weight_decay") or 0.0)
+    lr_at = dict(zip(lr["checkpoint_id"], lr["value"]))
+    eta = np.array([lr_at.get(c, math.nan) for c in s["checkpoint_id"]], dtype=float)
+    ok = np.isfinite(eta) & (eta > 0) & np.isfinite(s["value"])
+    frac, eta = s["frac"][ok], eta[ok]
+    ratio = (s["value"][ok] + wd) * eta / (2 * (1 + beta))
+    phases = []
+    for k, (start, end, phase_lr) in enumerate(p := _lr_phases(lr)):
+        inside = (frac >= start - 1e-12) & ((frac < end - 1e-12) if k < len(p) - 1 else (frac <= end + 1e-12))
+        window = inside & (frac >= start + T.F10_SETTLED_FRAC * (end - start) - 1e-12)
+        n = int(window.sum())
+        phases.append({"start": start, "end": end, "lr": phase_lr, "n": n,
+                       "ratio": float(np.median(ratio[window])) if n >= T.MIN_TIMES else math.nan})
+    measured = [ph for ph in phases if np.isfinite(ph["ratio"])]
+    if not measured:
+        return None
+    deciding = max(measured, key=lambda ph: ph["end"] - ph["start"])
+    reach = _first_frac(frac, ratio >= T.F10_EDGE_LOW)
+    return {"ratio": deciding["ratio"], "phase": deciding, "phases": phases, "reach": reach, "momentum": beta}
+
+
+def _rise_fall(ev: Evidence) -> dict[str, tuple[float, float, bool]]:
+    """Per base parent with ≥ MIN_TIMES Hessians: λ_max's rise (peak − first) and fall (peak − last) as fractions
+    of the peak, and whether it rises then falls (peak strictly inside, both ≥ F10_CHANGE_MIN)."""
+    out = {}
     for rid, s in ev.base_series("hessian_top_eigenvalue").items():
         v = s["value"]
-        if len(v) < T.MIN_TIMES:
+        if len(v) < T.MIN_TIMES or v.max() <= 0:
             continue
         k = int(np.argmax(v))
         rise, fall = (v[k] - v[0]) / v[k], (v[k] - v[-1]) / v[k]
-        nonmono = 0 < k < len(v) - 1 and rise >= T.F10_CHANGE_MIN and fall >= T.F10_CHANGE_MIN
-        edge = math.nan
-        if rid in lr:
-            lr_at = dict(zip(lr[rid]["checkpoint_id"], lr[rid]["value"]))
-            late = s["frac"] >= T.F3_LATE_FRAC
-            eta = np.array([lr_at.get(c, math.nan) for c in s["checkpoint_id"][late]])
-            if late.any():
-                edge = float(np.nanmedian(v[late] * eta / 2))
-        passed.append(nonmono or T.F10_EDGE_LOW <= edge <= T.F10_EDGE_HIGH)
-        rises.append(rise)
-        falls.append(fall)
-        edges.append(edge)
-    if not passed:
-        return _not_measured(f, [], f"fewer than {T.MIN_TIMES} checkpoints with a Hessian per seed")
-    f.numbers = {"rise": Stat.of(rises).as_dict(), "fall": Stat.of(falls).as_dict(),
-                 "late_lambda_over_2_eta": Stat.of(edges).as_dict(), "seeds_passing": sum(passed)}
-    f.measured = (f"rise {Stat.of(rises)}, fall {Stat.of(falls)} (of the peak); late λ/(2/η) "
-                  f"{Stat.of(edges)}; {sum(passed)}/{len(passed)} seeds pass")
-    return _combine(f, [Part("shape", sum(passed) >= T.SEED_MAJORITY * len(passed), too_few_seeds(len(passed)))])
+        out[rid] = (rise, fall, bool(0 < k < len(v) - 1 and rise >= T.F10_CHANGE_MIN and fall >= T.F10_CHANGE_MIN))
+    return out
+
+
+#: F10's regimes: (part name, the curvature compared, its label).
+F10_REGIMES = {"full": ("edge of stability, full batch", "hessian_top_eigenvalue", "λ_max"),
+               "mini": ("edge of stability, mini-batch", "batch_sharpness", "batch sharpness")}
+
+
+def f10(ev: Evidence) -> Finding:
+    """F10, edge of stability: the curvature rises to the optimiser's stability threshold and hovers there.
+
+    Threshold at a checkpoint: 2(1 + β)/η with η the learning rate in force there (the checkpoint's lr, so it is
+    recomputed after every drop) and β the run's heavy-ball momentum (2/η for β = 0). lsdb trains with torch's
+    SGD, heavy ball without Nesterov; a run recorded from another optimiser (``lsdb.Recorder``) is judged as if
+    it were heavy ball. The curvature: hessian_top_eigenvalue (λ_max on the probe's fixed batch) for full-batch
+    parents (steps_per_epoch = 1, i.e. batch size ≥ training set), any variant; batch_sharpness for the
+    mini-batch base parents; the run's weight decay is added to either. Per run (``_edge_of_stability``): the
+    median of (curvature + wd) / threshold over the settled window (second half, F10_SETTLED_FRAC) of its longest
+    constant-lr phase with ≥ MIN_TIMES checkpoints there. One part per regime present: holds when the checks
+    ≥ F10_EDGE_LOW and ≤ F10_EDGE_HIGH both pass; a regime whose curvature was not measured is an unmeasured part.
+    Reported, not deciding: every phase's ratio, the first t/T at F10_EDGE_LOW, for mini-batch runs λ_max of the
+    fixed batch against the threshold and the ratio to 2(1 − β)/η (the lower plateau reported with momentum and
+    small batches), and whether λ_max of the base parents rises then falls (``_rise_fall``).
+    """
+    import polars as pl
+
+    f = Finding("F10", "Edge of stability: the curvature hovers at the optimiser's threshold",
+                "hessian_top_eigenvalue (full batch), batch_sharpness (mini-batch) vs 2(1+β)/η",
+                f"(curvature + weight decay) / (2(1+β)/η) within [{T.F10_EDGE_LOW:g}, {T.F10_EDGE_HIGH:g}] (median "
+                f"over the second half of the longest constant-lr phase): λ_max for full-batch runs, batch sharpness "
+                f"for mini-batch runs; λ_max rise-then-fall reported")
+    if miss := ev.missing(["hessian_top_eigenvalue"]):
+        return _not_measured(f, miss)
+    if "steps_per_epoch" not in ev.runs.columns or "momentum" not in ev.runs.columns:
+        return _not_measured(f, [], "the run table lacks steps_per_epoch or momentum: cannot tell full-batch runs "
+                                    "or compute the threshold 2(1+β)/η")
+    parents = ev.runs.filter(pl.col("kind") == "parent")
+    groups = {"full": parents.filter(pl.col("steps_per_epoch") == 1),
+              "mini": ev.parents().filter(pl.col("steps_per_epoch") != 1)}
+    parts, texts, notes = [], [], []
+    for regime, runs in groups.items():
+        if runs.height == 0:
+            continue
+        name, metric, label = F10_REGIMES[regime]
+        if not ev.has(metric):
+            parts.append(Part(name, None, "", f"{advice(metric)} (probe version ≥ 3, sharpness_batches > 0)"))
+            continue
+        per = {r["id"]: got for r in runs.iter_rows(named=True) if (got := _edge_of_stability(ev, r, metric))}
+        if not per:
+            parts.append(Part(name, None, "", f"{label} lacks ≥ {T.MIN_TIMES} checkpoints in the second half of a "
+                                              "constant-lr phase; add checkpoints ([checkpoints] every_epochs)"))
+            continue
+        values = [p["ratio"] for p in per.values()]
+        st, reach = Stat.of(values), Stat.of(p["reach"] for p in per.values())
+        never = sum(1 for p in per.values() if math.isnan(p["reach"]))
+        variants = sorted(set(runs.filter(pl.col("id").is_in(list(per)))["variant"].to_list()))
+        f.numbers[f"{regime}_batch_ratio"] = st.as_dict()
+        text = (f"{'full batch' if regime == 'full' else 'mini-batch'} ({', '.join(variants)}): {label}/threshold "
+                f"{st} at lr {_g(next(iter(per.values()))['phase']['lr'])}; reaches {T.F10_EDGE_LOW:g}× at t/T {reach}"
+                + (f" ({never} run(s) never)" if never else ""))
+        others = {}
+        for p in per.values():
+            for ph in p["phases"]:
+                if ph is not p["phase"] and np.isfinite(ph["ratio"]):
+                    others.setdefault(ph["lr"], []).append(ph["ratio"])
+        if others:
+            text += "; other lr phases: " + ", ".join(f"lr {_g(lr)} {Stat.of(v)}" for lr, v in others.items())
+        if regime == "mini":
+            beta = [p["momentum"] for p in per.values()]
+            if max(beta) > 0:
+                low = Stat.of(p["ratio"] * (1 + p["momentum"]) / (1 - p["momentum"]) for p in per.values())
+                f.numbers["mini_batch_ratio_to_2_1_minus_beta"] = low.as_dict()
+                text += f"; against 2(1−β)/η {low}"
+            lam = {r["id"]: got for r in runs.iter_rows(named=True)
+                   if (got := _edge_of_stability(ev, r, "hessian_top_eigenvalue"))}
+            if lam:
+                lst = Stat.of(p["ratio"] for p in lam.values())
+                f.numbers["mini_batch_lambda_max_ratio"] = lst.as_dict()
+                text += f"; λ_max of the probe batch/threshold {lst}"
+        texts.append(text)
+        parts.append(Part.all_of(name, [check(values, T.F10_EDGE_LOW, ">="), check(values, T.F10_EDGE_HIGH, "<=")]))
+    if not groups["full"].height:
+        notes.append("no full-batch run (batch size ≥ training set) in this store; examples/edge-of-stability.toml "
+                     "has one")
+    rf = _rise_fall(ev)
+    if rf:
+        rises, falls = Stat.of(v[0] for v in rf.values()), Stat.of(v[1] for v in rf.values())
+        n_rf = sum(v[2] for v in rf.values())
+        f.numbers.update(rise=rises.as_dict(), fall=falls.as_dict(), seeds_rise_then_fall=n_rf)
+        texts.append(f"λ_max rises then falls in {n_rf}/{len(rf)} base seeds (rise {rises}, fall {falls} of the peak)")
+    f.measured = "; ".join(texts)
+    f.detail = _join(*notes)
+    if not any(p.ok is not None for p in parts):
+        return _not_measured(f, [], "; ".join(f"{p.name}: {p.advice}" for p in parts) or
+                             "no parent runs to judge")
+    return _combine(f, parts)
 
 
 def f11(ev: Evidence) -> Finding:
     """F11, adversarial training is not flatter.
 
     sharpness_1d at each run's latest checkpoint that has it, averaged per seed, for adversarially trained parents
-    (any variant) and standard base parents; σ(adv)/σ(std) per matching seed, else the ratio of means (``_ratio``).
-    Holds when the ratio check (≥ F11_RATIO_MIN) passes. Precondition: the mean clean test errors differ by at
-    most F11_MATCH_ERROR (matched accuracy); otherwise inconclusive.
+    and standard base parents. One part per adversarial variant (FGSM and PGD runs are compared separately):
+    σ(adv)/σ(std) per matching seed, else the ratio of means (``_ratio``); it holds when the ratio check (≥
+    F11_RATIO_MIN) passes. Precondition per part: the variant's mean clean test error is within F11_MATCH_ERROR of
+    the standard runs' (matched accuracy); otherwise that part is inconclusive and says the gap.
     """
     import polars as pl
 
     f = Finding("F11", "Adversarial training is not flatter", "sharpness_1d at the final checkpoint",
                 f"σ_1D(adversarial) ≥ {T.F11_RATIO_MIN:g} · σ_1D(standard) at matched clean accuracy "
-                f"(clean test errors within {T.F11_MATCH_ERROR:g})")
+                f"(clean test errors within {T.F11_MATCH_ERROR:g}), per adversarial variant")
     adv = ev.runs.filter((pl.col("kind") == "parent") & (pl.col("adversarial") != "none"))
     if adv.height == 0:
         return _not_measured(f, [], "no adversarially trained runs in this store: add a variant, e.g. "
@@ -588,19 +694,29 @@ def f11(ev: Evidence) -> Finding:
     if miss := ev.missing(["sharpness_1d"]):
         return _not_measured(f, miss)
     std = ev.parents().filter(pl.col("adversarial") == "none")
-    a, s = _variant_final(ev, "sharpness_1d", adv), _variant_final(ev, "sharpness_1d", std)
-    if not a or not s:
+    s = _variant_final(ev, "sharpness_1d", std)
+    e_std = _clean_error(ev, std)
+    parts, texts = [], []
+    for variant in sorted(set(adv["variant"].to_list())):
+        runs = adv.filter(pl.col("variant") == variant)
+        a = _variant_final(ev, "sharpness_1d", runs)
+        if not a or not s:
+            continue
+        r, how = _ratio(a, s)
+        e_adv = _clean_error(ev, runs)
+        gap = abs(e_adv - e_std)
+        kind = runs["adversarial"][0]
+        f.numbers[variant] = {"ratio": r.as_dict(), "clean_error": e_adv, "clean_error_gap": gap}
+        texts.append(f"{variant} ({kind}): σ(adv)/σ(std) {r} ({how}), clean test error {e_adv:.3g} (gap {gap:.3g})")
+        why = "" if gap <= T.F11_MATCH_ERROR else (
+            f"{variant}: the clean test errors differ by {gap:.3g} > {T.F11_MATCH_ERROR:g}: not at matched accuracy "
+            f"(tune [variants.{variant}.train] adv_epsilon / adv_mix, or train longer)")
+        parts.append(Part.all_of(variant, [check(r.values, T.F11_RATIO_MIN, ">=")], why=why))
+    if not parts:
         return _not_measured(f, [], "sharpness_1d lacks the adversarial or the standard runs")
-    r, how = _ratio(a, s)
-    e_adv, e_std = _clean_error(ev, adv), _clean_error(ev, std)
-    gap = abs(e_adv - e_std)
-    f.numbers = {"ratio": r.as_dict(), "clean_error_gap": gap}
-    f.measured = (f"σ(adv)/σ(std) {r} ({how}); clean test error adversarial {e_adv:.3g}, standard {e_std:.3g} "
-                  f"(gap {gap:.3g})")
-    why = "" if gap <= T.F11_MATCH_ERROR else (
-        f"the clean test errors differ by {gap:.3g} > {T.F11_MATCH_ERROR:g}: not at matched accuracy "
-        "(tune [variants.adversarial.train] adv_epsilon / adv_mix)")
-    return _combine(f, [Part.all_of("ratio", [check(r.values, T.F11_RATIO_MIN, ">=")], why=why)])
+    f.numbers["standard_clean_error"] = e_std
+    f.measured = f"standard clean test error {e_std:.3g}; " + "; ".join(texts)
+    return _combine(f, parts)
 
 
 #: Every sharpness measure F12 reports, the deciding one (F12_DECIDING_METRIC) first.
@@ -732,43 +848,85 @@ def _not_at_minimum(ev: Evidence, runs) -> str:
     return "; ".join(texts)
 
 
+#: The patch-network families of F13, each judged on its own: (model name, label, prefix of its part names).
+F13_FAMILIES = (("patchnet", "classical", ""), ("qpatchnet", "quantum", "quantum "))
+
+
 def f13(ev: Evidence) -> Finding:
     """F13, more patches give a smaller top Hessian eigenvalue at the minimum; more parameters per patch a larger
     one.
 
-    Patch networks: parents of any variant with model "patchnet", at least two patch counts. Part "patches":
-    hessian_top_eigenvalue at the latest checkpoint that has it, λ(most patches)/λ(fewest) per matching seed, else
-    the ratio of means; holds when its check (≤ F13_RATIO_MAX) passes. Part "parameters per patch", where runs at
-    one patch count differ in num_params: per patch count, Spearman of num_params with the final eigenvalue and with
-    the final train loss (the sign of Pearson's r under 3 runs); holds when the mean is > 0 for the eigenvalue and
-    < 0 for the loss. Precondition for both ("at the minimum"): every patch network compared is converged
-    (``_not_at_minimum``: train loss falling by ≤ CONVERGED_LOSS_DROP_MAX over the last CONVERGED_WINDOW_FRAC).
+    Two families of patch networks, each judged on its own (``_f13_family``): the classical ones (model
+    "patchnet", parts "patches" and "parameters per patch") and the quantum ones (model "qpatchnet", Kawase et
+    al.'s distributed quantum neural network, parts "quantum patches" and "quantum parameters per patch").
+    A family is the parents of any variant with its model; it is judged with at least two patch counts, its
+    parts are not measured (with advice) at one, and a family without runs has no parts. The verdict combines
+    every part (``_combine``); ``measured`` gives each family's numbers after its label.
     """
     import polars as pl
 
     f = Finding("F13", "More patches, smaller top Hessian eigenvalue", "hessian_top_eigenvalue at the final "
-                "checkpoint of patch networks", f"λ(most patches)/λ(fewest) ≤ {T.F13_RATIO_MAX:g} at the minimum; "
+                "checkpoint of patch networks (classical patchnet, quantum qpatchnet; each family on its own)",
+                f"λ(most patches)/λ(fewest) ≤ {T.F13_RATIO_MAX:g} at the minimum; "
                 "more parameters per patch → larger λ and lower final loss")
-    patch = ev.runs.filter((pl.col("kind") == "parent") & (pl.col("model") == "patchnet"))
-    counts = sorted(set(patch["patches"].to_list()))
-    if len(counts) < 2:
+    parents = ev.runs.filter(pl.col("kind") == "parent")
+    families = [(model, label, prefix, parents.filter(pl.col("model") == model))
+                for model, label, prefix in F13_FAMILIES]
+    families = [fam for fam in families if fam[3].height]
+    if not any(fam[3]["patches"].n_unique() >= 2 for fam in families):
         return _not_measured(f, [], "needs patch-network runs with at least two patch counts: add variants, "
-                                    "e.g. [variants.patch1.model] name = \"patchnet\", patches = 1 (and 4, 9)")
+                                    "e.g. [variants.patch1.model] name = \"patchnet\" (or \"qpatchnet\" for the "
+                                    "quantum family), patches = 1 (and 4, 9)")
     if miss := ev.missing(["hessian_top_eigenvalue"]):
         return _not_measured(f, miss)
+    parts, texts = [], []
+    for model, label, prefix, runs in families:
+        got, text, numbers = _f13_family(ev, runs, prefix)
+        parts += got
+        f.numbers.update(numbers)
+        if text:
+            texts.append(f"{label} ({model}): {text}")
+    if not texts:
+        return _not_measured(f, [], "; ".join(f"{p.name}: {p.advice}" for p in parts))
+    f.measured = " | ".join(texts)
+    return _combine(f, parts)
+
+
+def _f13_family(ev: Evidence, patch, prefix: str) -> tuple[list[Part], str, dict]:
+    """F13's two parts for one family's parent runs ``patch``, named with ``prefix``: (parts, measured text,
+    numbers, keys prefixed likewise: "ratio", "patches" for the classical family, "quantum_ratio", ...).
+
+    Part "patches": hessian_top_eigenvalue at the latest checkpoint that has it, per seed the mean over the
+    runs at a patch count, λ(most patches)/λ(fewest) per matching seed, else the ratio of means; holds when its
+    check (≤ F13_RATIO_MAX) passes. Part "parameters per patch", where runs at one patch count differ in
+    num_params (model width, or depth: layers of a quantum circuit): per patch count, Spearman of num_params
+    with the final eigenvalue and with the final train loss over its runs (the sign of Pearson's r under 3
+    runs); holds when the mean over patch counts is > 0 for the eigenvalue and < 0 for the loss. Precondition
+    for both ("at the minimum"): every network compared is converged (``_not_at_minimum``: train loss falling
+    by ≤ CONVERGED_LOSS_DROP_MAX over the last CONVERGED_WINDOW_FRAC).
+    """
+    import polars as pl
+
+    name, key = (lambda p: prefix + p), prefix.strip().replace(" ", "_") + ("_" if prefix else "")
+    counts = sorted(set(patch["patches"].to_list()))
+    sweep = "add variants that differ in model.width (or, for qpatchnet, model.depth) at one patch count"
+    if len(counts) < 2:
+        return [Part(name("patches"), None, "", f"runs at one patch count ({counts[0]}) only: add variants with "
+                                                  "other patch counts, e.g. patches = 1, 4, 9")], "", {}
     lam = {n: _variant_final(ev, "hessian_top_eigenvalue", patch.filter(pl.col("patches") == n)) for n in counts}
     lo, hi = counts[0], counts[-1]
     if not lam[lo] or not lam[hi]:
-        return _not_measured(f, [], "hessian_top_eigenvalue lacks the patch networks' final checkpoints")
+        return [Part(name("patches"), None, "", "hessian_top_eigenvalue lacks these patch networks' final "
+                                                  "checkpoints")], "", {}
     r, how = _ratio(lam[hi], lam[lo])
-    f.numbers = {"ratio": r.as_dict(), "patches": counts}
+    numbers = {f"{key}ratio": r.as_dict(), f"{key}patches": counts}
     ends = []
     for n in counts:
         fins = [fin for rid in patch.filter(pl.col("patches") == n)["id"] if (fin := ev.final(rid)) is not None]
         ends.append(f"{n}: {Stat.of(x['train_loss'] for x in fins).mean:.3g} / "
                     f"{Stat.of(x['test_error'] for x in fins).mean:.3g}")
-    f.measured = f"λ({hi})/λ({lo}) {r} ({how}); final train loss / test error by patches {', '.join(ends)}"
-    # part 2: a width sweep at a fixed patch count
+    measured = f"λ({hi})/λ({lo}) {r} ({how}); final train loss / test error by patches {', '.join(ends)}"
+    # part 2: a size sweep at a fixed patch count
     rho_l, rho_loss, swept = [], [], []
     for n in counts:
         grp = patch.filter(pl.col("patches") == n)
@@ -787,13 +945,10 @@ def f13(ev: Evidence) -> Finding:
     part2 = None
     if rho_l:
         part2 = Stat.of(rho_l).mean > 0 and Stat.of(rho_loss).mean < 0
-        f.measured += f"; params vs λ: Spearman {Stat.of(rho_l)}, vs final loss {Stat.of(rho_loss)}"
-    compared = patch.filter(pl.col("patches").is_in(sorted({lo, hi, *swept})))
-    why = _not_at_minimum(ev, compared)
-    return _combine(f, [
-        Part.all_of("patches", [check(r.values, T.F13_RATIO_MAX, "<=")], why=why),
-        Part("parameters per patch", part2, why if part2 is not None else "",
-             "add variants that differ in model.width at one patch count")])
+        measured += f"; params vs λ: Spearman {Stat.of(rho_l)}, vs final loss {Stat.of(rho_loss)}"
+    why = _not_at_minimum(ev, patch.filter(pl.col("patches").is_in(sorted({lo, hi, *swept}))))
+    return [Part.all_of(name("patches"), [check(r.values, T.F13_RATIO_MAX, "<=")], why=why),
+            Part(name("parameters per patch"), part2, why if part2 is not None else "", sweep)], measured, numbers
 
 
 def f14(ev: Evidence) -> Finding:
@@ -840,7 +995,48 @@ def f14(ev: Evidence) -> Finding:
     return _combine(f, [part_a, part_b])
 
 
+def f15(ev: Evidence) -> Finding:
+    """F15, the gradient lies mostly in the top-C Hessian eigenspace after the first few percent of training
+    (Gur-Ari, Roberts & Dyer 2018; C = classes of the data set, NUM_CLASSES).
+
+    Per base parent: the median of top_subspace_grad_fraction (‖P_top-C g‖/‖g‖ on the hessian probe's fixed
+    batch) over its checkpoints at t/T ≥ F15_AFTER_FRAC (≥ MIN_TIMES of them). Holds when the check of those
+    medians (≥ F15_FRACTION_MIN) passes. Reported beside it: the smallest value after F15_AFTER_FRAC, the median
+    before it, and top_k_grad_fraction (all k Ritz vectors) likewise.
+    """
+    C = NUM_CLASSES.get(ev.dataset or "", None)
+    f = Finding("F15", "The gradient lies in the top-C Hessian eigenspace", "top_subspace_grad_fraction after "
+                f"t/T = {T.F15_AFTER_FRAC:g}", f"‖P_top-C g‖/‖g‖ ≥ {T.F15_FRACTION_MIN:g} (median over checkpoints "
+                f"after the first {T.F15_AFTER_FRAC:.0%} of training; C = {C or '?'})")
+    if miss := ev.missing(["top_subspace_grad_fraction"]):
+        return _not_measured(f, miss, f"no top_subspace_grad_fraction in this store: {advice(miss[0])} (probe "
+                                      "version ≥ 3, top_k ≥ C)")
+
+    def per_seed(metric: str) -> dict[str, tuple[float, float, float]]:
+        out = {}
+        for rid, s in ev.base_series(metric).items():
+            late = s["frac"] >= T.F15_AFTER_FRAC - 1e-12
+            if late.sum() >= T.MIN_TIMES:
+                early = s["value"][~late]
+                out[rid] = (float(np.median(s["value"][late])), float(s["value"][late].min()),
+                            float(np.median(early)) if len(early) else math.nan)
+        return out
+
+    per = per_seed("top_subspace_grad_fraction")
+    if not per:
+        return _not_measured(f, [], f"fewer than {T.MIN_TIMES} checkpoints with the fraction after t/T = "
+                                    f"{T.F15_AFTER_FRAC:g}; add checkpoints or [probes.hessian] on more of them")
+    med, low, early = (Stat.of(v[i] for v in per.values()) for i in range(3))
+    f.numbers = {"fraction": med.as_dict(), "min_after": low.as_dict(), "before": early.as_dict(), "classes": C}
+    f.measured = f"top-C fraction {med} (lowest after t/T {T.F15_AFTER_FRAC:g}: {low}; before: {early})"
+    if ev.has("top_k_grad_fraction") and (allk := per_seed("top_k_grad_fraction")):
+        st = Stat.of(v[0] for v in allk.values())
+        f.numbers["top_k_fraction"] = st.as_dict()
+        f.measured += f"; all k Ritz vectors {st}"
+    return _combine(f, [Part.of("fraction", check([v[0] for v in per.values()], T.F15_FRACTION_MIN, ">="))])
+
+
 FINDINGS: dict[str, Callable[[Evidence], Finding]] = {
     "F1": f1, "F2": f2, "F3": f3, "F4": f4, "F5": f5, "F6": f6, "F7": f7,
-    "F8": f8, "F9": f9, "F10": f10, "F11": f11, "F12": f12, "F13": f13, "F14": f14,
+    "F8": f8, "F9": f9, "F10": f10, "F11": f11, "F12": f12, "F13": f13, "F14": f14, "F15": f15,
 }

@@ -21,7 +21,7 @@ from .chromium import (VEGA_TEXT_PROBE, external_requests, ink_fraction, render,
                        vega_text_problems)
 from .conftest_query import StoreBuilder, has_metric, metric_table, study_store
 
-NEEDS_ROWS_OF_THEIR_OWN = {"hessian_spectrum", "slice_1d", "slice_2d"}  # tables beyond metric_series
+NEEDS_ROWS_OF_THEIR_OWN = {"hessian_spectrum", "slice_1d", "slice_2d", "slice_2d_variants"}  # tables beyond metric_series
 SPECTRUM_EPOCHS = (0.1 + 0.2, 40.0)  # 0.30000000000000004: the legend must still say 0.3
 
 
@@ -56,6 +56,13 @@ def geometry(tmp_path_factory):
             b.add("slice", job_id="js", idx=i, checkpoint_id=c, other_checkpoint_id=None, anchor_checkpoint_id=c,
                   dims=2, a=float(a), b=float(bb), split="test", loss=1 + a * a + bb * bb, error=0.1)
             i += 1
+    # an adversarially trained variant, flatter, for the side-by-side surfaces (slice_2d_variants)
+    b.run("a0", variant="adversarial", adversarial="fgsm")
+    ca = b.checkpoint("a0", 40.0)
+    b.add("probe_job", id="ja", probe="slice", checkpoint_id=ca, anchor_checkpoint_id=ca, **job)
+    for i, (a, bb) in enumerate((a, bb) for a in (-1, 0, 1) for bb in (-1, 0, 1)):
+        b.add("slice", job_id="ja", idx=i, checkpoint_id=ca, other_checkpoint_id=None, anchor_checkpoint_id=ca,
+              dims=2, a=float(a), b=float(bb), split="test", loss=1 + 0.5 * (a * a + bb * bb), error=0.1)
     return Session.open(b.flush())
 
 
