@@ -78,7 +78,10 @@ def plan(spec: SpecArg, store: StoreOpt = None,
         typer.echo("nothing to do: the store holds everything this spec declares")
         return
     parents = sum(r.kind == "parent" for r in p.runs_to_train)
-    typer.echo(f"  runs to train:       {len(p.runs_to_train)} ({parents} parents, {len(p.runs_to_train) - parents} children)")
+    finetunes = sum(r.kind == "finetune" for r in p.runs_to_train)
+    typer.echo(f"  runs to train:       {len(p.runs_to_train)} ({parents} parents, "
+               f"{len(p.runs_to_train) - parents - finetunes} children"
+               + (f", {finetunes} fine-tunes)" if finetunes else ")"))
     typer.echo(f"  checkpoints missing: {p.checkpoints_missing}"
                + (f" ({p.checkpoints_damaged} stored but damaged, to retrain)" if p.checkpoints_damaged else ""))
     typer.echo(f"  probe jobs missing:  {p.jobs_missing}" + ("" if not p.jobs_by_probe else

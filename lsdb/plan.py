@@ -394,7 +394,8 @@ def _selector(study: Study, sel):
             return c.id in (r.init.id, r.final.id)
         if sel.on_checkpoints == "spawn":
             # children's spawn points; a fine-tune's base is not one
-            spawn_points = {k.parent_checkpoint_id for k in study.runs if k.parent_checkpoint_id and k.kind != "finetune"}
+            spawn_points = {k.parent_checkpoint_id for k in study.runs
+                            if k.parent_checkpoint_id and k.kind != "finetune"}
             return c.id in spawn_points or c.id == r.final.id
         return True
 

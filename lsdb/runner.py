@@ -300,29 +300,42 @@ def _train_task(store: Store, r: PlannedRun, state: _State, damaged: dict[str, s
         return None  # the parent has not reached the spawn time (yet, or it diverged before)
     stored = state.steps.get(r.id, {})
     expected = {s: (stored[s][1], stored[s][2]) for s in need if s in stored}
-    step, weights, opt_id, opt_sha = start
+    step, weights, opt_id, opt_sha, inherited = start
+    f = r.finetune
+    task = {} if f is None else dict(task_classes=f.classes, task_fraction=f.train_fraction, task_seed=f.fraction_seed)
     return TrainTask(store_root=str(store.root), run_id=r.id, config=r.config, seed=r.seed, data_seed=r.data_seed,
                      steps_per_epoch=r.steps_per_epoch, total_steps=r.total_steps, save_steps=tuple(need),
                      lr_factor=r.lr_factor, checkpoint_ids=r.checkpoint_ids, start_step=step, start_weights=weights,
-                     start_optimizer=opt_id, start_optimizer_sha=opt_sha,
-                     stop_step=max(need) if ended else None, expected=expected)
+                     start_optimizer=opt_id, start_optimizer_sha=opt_sha, save_start=inherited,
+                     stop_step=max(need) if ended else None, expected=expected, **task)
 
 
 def _resume_point(r: PlannedRun, state: _State, damaged: dict[str, str], first_needed: int):
     """The latest intact point at or before ``first_needed`` to train from: (step, weights sha,
-    optimiser checkpoint id, optimiser sha); weights None = a fresh initialisation at step 0."""
-    candidates = [(s, sha, cid, opt) for s, (cid, sha, opt) in state.steps.get(r.id, {}).items()
+    optimiser checkpoint id, optimiser sha, inherited); weights None = a fresh initialisation at
+    step 0; inherited = the weights are the parent's (a fine-tune's base), which the run saves as
+    its own checkpoint at that step when its schedule has it.
+
+    A child continues its parent's trajectory, momentum included. A fine-tune starts at its own
+    step 0 from the base's weights with a fresh optimiser: it is a new task at a new learning
+    rate, and the parent's momentum would first push on along the parent's task for about
+    1/(1 − momentum) steps (fine-tuning starts its optimiser afresh, as in Ilharco et al. 2023)."""
+    candidates = [(s, sha, cid, opt, False) for s, (cid, sha, opt) in state.steps.get(r.id, {}).items()
                   if cid not in damaged]
     if r.parent_id is None:
-        candidates.append((0, None, None, None))
+        candidates.append((0, None, None, None, False))
     else:
         spawn = state.steps.get(r.parent_id, {}).get(r.spawn_step)
         if spawn is not None and spawn[0] not in damaged:
-            candidates.append((r.spawn_step, spawn[1], spawn[0], spawn[2]))
+            if r.kind == "finetune":
+                candidates.append((0, spawn[1], None, None, True))
+            else:
+                candidates.append((r.spawn_step, spawn[1], spawn[0], spawn[2], True))
     candidates = [c for c in candidates if c[0] <= first_needed]
     if not candidates:
         return None
-    return max(candidates, key=lambda c: (c[0], c[1] is not None))
+    # the run's own checkpoint before an inherited one at the same step
+    return max(candidates, key=lambda c: (c[0], c[1] is not None, not c[4]))
 
 
 def _train_entry(task) -> dict:

@@ -1,7 +1,7 @@
 """The declarative experiment spec: TOML in, frozen dataclasses out.
 
-A spec names the data, model, optimiser, seeds, checkpoint schedule, spawns and probes of an
-experiment. Unknown keys are errors that suggest the nearest valid key; bad values are errors that
+A spec names the data, model, optimiser, seeds, checkpoint schedule, spawns, fine-tunes and probes
+of an experiment. Unknown keys are errors that suggest the nearest valid key; bad values are errors that
 name the key and its line. Identity is the sha256 of the canonical JSON with defaults left out, so
 adding a default-valued key never changes an experiment's identity (pinned in tests/test_spec.py).
 
@@ -628,7 +628,8 @@ def _parse_finetunes(table, where) -> tuple[FinetuneSpec, ...]:
         raise SpecError(f"{where.at((), 'finetunes')}: [finetunes] must be a table of fine-tune names, "
                         f"e.g. [finetunes.digits012]")
     if len(table) > MAX_COUNT:
-        raise SpecError(f"{where.at((), 'finetunes')}: [finetunes] declares {len(table)} fine-tunes; at most {MAX_COUNT}")
+        raise SpecError(f"{where.at((), 'finetunes')}: [finetunes] declares {len(table)} fine-tunes; "
+                        f"at most {MAX_COUNT}")
     out = []
     for name, body in table.items():
         at = where.at(("finetunes",), name)
@@ -744,10 +745,11 @@ def _check_cross_fields(spec: Spec, where, catalog: Catalog | None):
             )
         # a spawn time without children still costs the planner a pass, so it counts as one
         runs += len(seeds) * (1 + times * max(1, cfg.spawn.children + cfg.spawn.lowlr_children))
-    runs += _check_finetunes(spec, where, catalog)
-    if runs > MAX_RUNS:
-        raise SpecError(f"{where.source}: the spec declares {runs:,} runs (variants × seeds × (1 + spawn times × "
-                        f"children), and fine-tunes × seeds); lsdb plans at most {MAX_RUNS:,}")
+    finetunes = _check_finetunes(spec, where, catalog)
+    if runs + finetunes > MAX_RUNS:
+        raise SpecError(f"{where.source}: the spec declares {runs + finetunes:,} runs (variants × seeds × (1 + spawn "
+                        f"times × children){', and fine-tunes × seeds' if finetunes else ''}); lsdb plans at most "
+                        f"{MAX_RUNS:,}")
     variants = ["base"] + [v for v, _ in spec.variants]
     for name, params in spec.probes:
         chosen = dict(params).get("on_variants", ())

@@ -24,6 +24,7 @@ PROBES: dict[str, str] = {
     "slice": "lsdb.probes.slice",
     "merge": "lsdb.probes.merge",
     "soup": "lsdb.probes.soup",
+    "task_arithmetic": "lsdb.probes.task_arithmetic",
 }
 
 

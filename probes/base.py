@@ -253,8 +253,13 @@ def checkpoint_refs_ok(text: str, least: int, most: int) -> bool:
         return False
     for p in parts:
         run, _, step = p.rpartition("@")
-        if not run or not (step in ("init", "final") or step.lstrip("-").isdigit()):
+        if not run:
             return False
+        if step not in ("init", "final"):
+            try:
+                int(step)  # as resolve_checkpoint_refs reads it ("+5" and "-1" too)
+            except ValueError:
+                return False
     return True
 
 

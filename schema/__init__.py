@@ -4,7 +4,7 @@ Importing this package registers every table on ``Base.metadata``. Probe familie
 result tables in their own module (``probes`` for eval/weights, ``kernel``, ``geometry``).
 """
 
-from . import core, geometry, kernel, merge, probes, soup  # noqa: F401  (registers the tables)
+from . import core, geometry, kernel, merge, probes, soup, tasks  # noqa: F401  (registers the tables)
 from .base import KEY_COLUMNS, Base, Metric, ProbeRow, metrics_of
 from .core import Checkpoint, Experiment, ExperimentRun, ProbeJob, Run, SchemaVersion
 from .views import metric_names, metric_series_sql, metric_sources, views_sql

@@ -36,6 +36,10 @@ def test_every_spec_key_is_in_the_readme():
     for section, cls in list(SECTIONS.items()) + [("probes.NAME", ProbeSelection)]:
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in README, f"{section}.{f.name} missing from README's spec table"
+    from lsdb.spec import FINETUNE_KEYS
+
+    for key in FINETUNE_KEYS:
+        assert f"`{key}`" in README, f"finetunes.NAME.{key} missing from README's spec table"
 
 
 def test_every_probe_is_in_the_readme():

@@ -291,6 +291,39 @@ def test_random_files_load_or_fail_with_one_line(data):
             one_line(e)
 
 
+@st.composite
+def finetune_documents(draw):
+    """Digits (whose labels load fast) with [finetunes.NAME] tables of the real keys, valid-looking
+    values, a "base" of any kind, then wild keys and values, and now and then no table at all."""
+    from lsdb.spec import FINETUNE_KEYS, _FinetuneTable
+
+    doc: dict = {"data": {"name": "digits", "probe_set_size": 8}, "optim": {"epochs": 2.0, "lr_drops": [1.0]}}
+    if draw(st.booleans()):
+        doc["variants"] = {"wide": {"model": {"width": 8}}}
+    doc["finetunes"] = {}
+    for name in draw(st.lists(st.one_of(st.sampled_from(["a", "b-2", "ünï", "base"]), keys), unique=True, max_size=3)):
+        table = draw(table_for(_FinetuneTable))
+        if draw(st.integers(0, 3)) > 0:  # mostly what a fine-tune needs, so that many get planned
+            table.setdefault("steps", 3)
+            table.setdefault("lr", 0.05)
+            table["classes"] = draw(st.lists(st.integers(0, 9), unique=True, max_size=4))
+        if draw(st.booleans()):
+            table["base"] = draw(st.one_of(st.sampled_from(["final", 0, 1, 1.5, 2, 2.0]), floats, ints,
+                                           st.sampled_from(WORDS)))
+        if draw(st.integers(0, 3)) == 3:
+            table[draw(st.one_of(st.sampled_from(FINETUNE_KEYS), keys))] = draw(anything)
+        doc["finetunes"][name] = table
+    if draw(st.integers(0, 9)) == 9:
+        doc["finetunes"] = draw(anything)
+    return doc
+
+
+@FUZZ
+@given(doc=finetune_documents())
+def test_finetune_documents_load_and_plan_or_fail_with_one_line(doc):
+    outcome(toml_document(doc), 1437)
+
+
 # ------------------------------------------------------------------------------ (b) regressions
 
 def refused(text: str, *fragments: str, n_train: int = 1437) -> str:

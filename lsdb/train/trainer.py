@@ -18,7 +18,7 @@ from lsdb.ids import utcnow
 from lsdb.spec import RunConfig
 from lsdb.train.checkpoints import (load_optimizer, load_weights, optimizer_sha256, save_optimizer, save_weights,
                                     tensors_sha256)
-from lsdb.train.data import load_data
+from lsdb.train.data import load_data, task_indices
 from lsdb.train.models import build_model, check_fits
 
 EVAL_BATCH = 2048
@@ -47,6 +47,14 @@ class TrainTask:
     stop_step: int | None = None
     # steps whose rows are stored already (file lost or damaged): step -> (weights sha, optimiser sha)
     expected: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # the start weights are another run's (a fine-tune's base): save them as this run's checkpoint
+    # at start_step when it is to be saved, instead of taking them for this run's stored one
+    save_start: bool = False
+    # a fine-tune's task: batches come from these training examples only
+    # (lsdb.train.data.task_indices; () and 1.0 = the whole training split)
+    task_classes: tuple[int, ...] = ()
+    task_fraction: float = 1.0
+    task_seed: int = 0
 
     @property
     def end(self) -> int:
@@ -166,7 +174,14 @@ def _train(task: TrainTask, emit) -> dict:
     adversarial = _adversary(model, cfg) if cfg.train.adversarial != "none" else None
 
     n = data.x_train.shape[0]
+    pool = None  # a fine-tune's task: step k's batch is pool[batch_indices(k, len(pool), …)]
+    if task.task_classes or task.task_fraction < 1:
+        pool = task_indices(data.y_train, task.task_classes, task.task_fraction, task.task_seed)
+        n = pool.numel()
     chance = 1.0 - 1.0 / data.num_classes
+    # trained on some classes only, a network's error on the whole training split sits near
+    # 1 − |classes|/C by design, so a collapse to chance is not detected there (non-finite losses are)
+    detect_chance = not task.task_classes
     save = [s for s in task.save_steps if s >= task.start_step]
 
     problems: list[str] = []
@@ -189,7 +204,7 @@ def _train(task: TrainTask, emit) -> dict:
     status = {"run_id": task.run_id, "status": "finished", "diverged_step": None, "diverged_reason": None}
     step = task.start_step
     pending = set(save)
-    if step in pending and not task.start_weights:
+    if step in pending and (not task.start_weights or task.save_start):
         checkpoint(step)
         pending.discard(step)
     elif step in pending:
@@ -199,6 +214,8 @@ def _train(task: TrainTask, emit) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, spe, task.lr_factor)
         idx = batch_indices(step, n, cfg.optim.batch_size, spe, task.data_seed)
+        if pool is not None:
+            idx = pool[idx]
         xb, yb = data.x_train[idx], data.y_train[idx]
         loss = F.cross_entropy(model(xb), yb)
         if adversarial is not None and cfg.train.adv_mix > 0:
@@ -217,7 +234,7 @@ def _train(task: TrainTask, emit) -> dict:
             if not math.isfinite(train_loss):
                 status.update(status="diverged", diverged_step=step, diverged_reason="non-finite loss at checkpoint")
                 break
-            if step / spe >= cfg.train.chance_after_epochs and train_error >= chance - 0.02:
+            if detect_chance and step / spe >= cfg.train.chance_after_epochs and train_error >= chance - 0.02:
                 status.update(status="diverged", diverged_step=step,
                               diverged_reason=f"collapsed to chance accuracy (train error {train_error:.3f})")
                 break
