@@ -328,6 +328,30 @@ def merge_width_chart(session, runs=None, width: int = WIDTH):
                                        title="Barrier between seeds vs width, before and after weight matching")
 
 
+def task_arithmetic_chart(session, runs=None, width: int = WIDTH):
+    """Task arithmetic against λ (``task_arithmetic`` probe): the merged network's error on the
+    tasks' own test examples (mean over tasks and bases) and on the whole test split, for plain
+    addition and TIES-merging; λ = 0 is the base."""
+    import polars as pl
+
+    alt = _alt()
+    _need_table(session, "task_arithmetic", "task_arithmetic")
+    df = session.sql(
+        "SELECT t.method, t.lam, CASE WHEN t.finetune IS NULL THEN 'whole test split' ELSE 'each task (mean)' END "
+        "AS evaluated_on, avg(t.error) AS error FROM task_arithmetic t JOIN probe_job j ON j.id = t.job_id "
+        "WHERE j.state = 'done' GROUP BY ALL ORDER BY t.method, t.lam")
+    if df.height == 0:
+        raise NoChartData("no task arithmetic rows (declare [finetunes.NAME] and add [probes.task_arithmetic])")
+    df = df.with_columns(pl.col("method").replace({"sum": "addition", "ties": "TIES"}))
+    return alt.Chart(df).mark_line(point=True).encode(
+        alt.X("lam:Q", title="λ (w_base + λ·merged task vector; 0 = the base)"),
+        alt.Y("error:Q", title="test error"),
+        alt.Color("method:N", title="merge"),
+        alt.StrokeDash("evaluated_on:N", title="evaluated on"),
+        tooltip=["method", "evaluated_on", "lam", alt.Tooltip("error:Q", format=".4g")],
+    ).properties(width=width, height=_height(width), title="Task arithmetic: error against λ")
+
+
 #: soup rows drawn per group, in order: (column, label)
 SOUP_BARS = (("members_mean_test_loss", "members (mean)"), ("best_member_test_loss", "best member"),
              ("uniform_test_loss", "uniform soup"), ("greedy_test_loss", "greedy soup"),
@@ -515,6 +539,7 @@ CHARTS: dict[str, Callable] = {
     "slice_2d_variants": slice_2d_variants_chart,
     "merge_width": merge_width_chart,
     "soup": soup_chart,
+    "task_arithmetic": task_arithmetic_chart,
 }
 
 

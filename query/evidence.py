@@ -28,6 +28,9 @@ PROBE_OF = {
                            "cross_init_soup_test_loss", "cross_init_members_test_loss",
                            "cross_init_matched_soup_test_loss")},
     **{m: "barrier" for m in ("cross_init_disagreement",)},
+    **{m: "task_arithmetic" for m in ("task_vector_cosine", "task_addition_normalised_accuracy",
+                                      "ties_normalised_accuracy", "task_addition_task_error", "ties_task_error",
+                                      "finetune_task_error", "base_task_error")},
 }
 SIBLING_METRICS = {"children_soup_test_loss", "children_members_test_loss", "children_ensemble_test_error",
                    "error_barrier_test", "loss_barrier_test", "child_disagreement", "sibling_kernel_distance",
@@ -60,6 +63,9 @@ def advice(metric: str) -> str:
     if metric in (MERGE_NAIVE, MERGE_MATCHED):
         return ("add [probes.merge] to the spec, with ≥ 2 seeds: it pairs the final checkpoints of parent runs "
                 "with different seeds")
+    if PROBE_OF.get(metric) == "task_arithmetic":
+        return ("declare fine-tunes of the parents ([finetunes.NAME] with classes = [...], steps, lr; at least two) "
+                "and add [probes.task_arithmetic]")
     if metric.startswith("cross_init_") and PROBE_OF.get(metric) == "barrier":
         return "add [probes.barrier] with cross_init = true and ≥ 2 seeds (it pairs parents of different seeds)"
     probe = PROBE_OF.get(metric, "?")

@@ -27,6 +27,8 @@ CROSS_SOUP, CROSS_MATCHED_SOUP, CROSS_MEMBERS = ("cross_init_soup_test_loss", "c
                                                  "cross_init_members_test_loss")
 CHILD_DISAGREEMENT, INIT_DISAGREEMENT = "child_disagreement", "cross_init_disagreement"
 MATCHED, NAIVE = "matched_loss_barrier_test", "cross_init_loss_barrier_test"
+COSINE, ADDITION, ADDITION_ERROR, TIES_ERROR = ("task_vector_cosine", "task_addition_normalised_accuracy",
+                                               "task_addition_task_error", "ties_task_error")
 
 
 def _latest_excess(ev: Evidence, a: str, b: str, at: int = -1) -> dict[str, tuple[float, float]]:
@@ -113,6 +115,42 @@ def f17(ev: Evidence) -> Finding:
     ])
 
 
+def f18(ev: Evidence) -> Finding:
+    """F18, directedness: fine-tunes of one base move along nearly independent directions, and their sum keeps most
+    of what each gained (Ilharco et al. 2023; ``task_arithmetic`` probe, anchored at the base checkpoint of each
+    base parent; the latest base measured). Means over the base's tasks: E_base, E_ft (each fine-tune on its own
+    task) and E_sum (w_base + Στ_i on each task, λ = 1).
+
+    Part "near-orthogonal": |task_vector_cosine| (the mean cosine of the base's pairs of task vectors) ≤
+    F18_COSINE_MAX. Part "addition keeps the gains": (E_base − E_sum) / (E_base − E_ft) ≥ F18_GAIN_KEPT_MIN, the
+    share of the fine-tunes' error reduction the sum keeps (not Ilharco's normalised accuracy (1 − E_sum)/(1 − E_ft),
+    reported beside it, which a base already good at every task passes without any gain); a base whose fine-tunes
+    gained nothing (E_base ≤ E_ft) leaves the part unmeasured there. λ = 1 is the sum itself: no λ is chosen, as
+    lsdb has no validation split to choose it on. TIES at λ = 1 is reported beside it."""
+    f = Finding("F18", "Directedness: task vectors are near-orthogonal and their sum keeps each task's gain",
+                f"{COSINE}; {ADDITION_ERROR} against base_task_error and finetune_task_error",
+                f"|cosine| ≤ {T.F18_COSINE_MAX:g}; w_base + Στ keeps ≥ {T.F18_GAIN_KEPT_MIN:g} of the fine-tunes' "
+                f"task-error reduction")
+    if miss := ev.missing([COSINE, ADDITION_ERROR, "base_task_error", "finetune_task_error"]):
+        return _not_measured(f, miss)
+
+    def last(metric):
+        return {rid: float(s["value"][-1]) for rid, s in ev.base_series(metric).items() if len(s["value"])}
+
+    cos = [abs(v) for v in last(COSINE).values()]
+    base, ft, added, tied = last("base_task_error"), last("finetune_task_error"), last(ADDITION_ERROR), last(TIES_ERROR)
+    kept = [(base[r] - added[r]) / (base[r] - ft[r]) for r in added if r in base and r in ft and base[r] > ft[r]]
+    kept_ties = [(base[r] - tied[r]) / (base[r] - ft[r]) for r in tied if r in base and r in ft and base[r] > ft[r]]
+    norm = list(last(ADDITION).values())
+    f.numbers = {"abs_cosine": Stat.of(cos).as_dict(), "gain_kept": Stat.of(kept).as_dict(),
+                 "gain_kept_ties": Stat.of(kept_ties).as_dict(), "normalised_accuracy": Stat.of(norm).as_dict()}
+    f.measured = (f"|mean cosine of the task vectors| {Stat.of(cos)}; task error base {Stat.of(base.values())}, "
+                  f"fine-tunes {Stat.of(ft.values())}, sum (λ = 1) {Stat.of(added.values())}: gain kept {Stat.of(kept)} "
+                  f"(TIES {Stat.of(kept_ties)}); normalised accuracy of the sum {Stat.of(norm)}")
+    return _combine(f, [Part.all_of("near-orthogonal", [check(cos, T.F18_COSINE_MAX, "<=")]),
+                        Part.all_of("addition keeps the gains", [check(kept, T.F18_GAIN_KEPT_MIN, ">=")])])
+
+
 def f19(ev: Evidence) -> Finding:
     """F19, connectivity: the loss barrier between nets of different seeds left after weight matching falls with
     width (Entezari et al. 2022; Ainsworth et al. 2023). Parents of one model (the one with the most widths) in
@@ -154,4 +192,4 @@ def f19(ev: Evidence) -> Finding:
     return _combine(f, [Part.all_of("falls with width", [check(rhos, T.FALLS_SPEARMAN_MAX, "<=")])])
 
 
-FINDINGS = {"F16": f16, "F17": f17, "F19": f19}
+FINDINGS = {"F16": f16, "F17": f17, "F18": f18, "F19": f19}

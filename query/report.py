@@ -60,6 +60,10 @@ SECTIONS = [
      "networks themselves and to averaging their outputs (ensemble), for the children of each spawn, "
      "children spawned late, and networks of different seeds (naively averaged and after weight "
      "matching). Networks in one basin average well; networks of different seeds do not."),
+    ("task_arithmetic", "Task arithmetic (F18)",
+     "Fine-tunes of one base network on different tasks, added back to it: the base plus λ times the sum of "
+     "their weight changes (or their TIES-merge). Error on each task's own test examples and on the whole "
+     "test split; λ = 0 is the base. A λ picked from this chart is picked on test data."),
     ("merge_width", "Barrier between seeds vs width (F14, F19)",
      "The loss barrier on the straight line between two networks of different seeds, before and after "
      "permuting one network's hidden units to match the other's (weight matching). Wider networks leave "

@@ -144,6 +144,8 @@ F16_SOUP_EXCESS_MAX = 0.05      # soup test loss − members' mean at the latest
 F17_LATE_RATIO_MAX = 0.5        # late children's disagreement / different seeds' [ours]
 F17_EARLY_RATIO_MIN = 0.5       # early children's disagreement / different seeds' [ours]
 F17_EARLY_FRAC_MAX = 0.05       # an "early" spawn: at most 5% of training [ours]
+F18_COSINE_MAX = 0.2           # "near-orthogonal" task vectors: |cos| at most this [ours]
+F18_GAIN_KEPT_MIN = 0.5         # Σ τ keeps ≥ half the fine-tunes' mean task-error reduction [ours]
 F19_MIN_WIDTHS = 3              # widths a trend with width rests on (as MIN_TIMES) [ours]
 
 # ------------------------------------------------------------------------- transition

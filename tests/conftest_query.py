@@ -17,6 +17,7 @@ from lsdb.schema import Base, metrics_of
 from lsdb.store import Store
 
 _WHERE_EQ = re.compile(r"t\.(\w+)\s*=\s*('([^']*)'|-?[0-9.]+)")
+_WHERE_NOT_NULL = re.compile(r"t\.(\w+)\s+IS NOT NULL")
 
 
 def metric_table(name: str):
@@ -87,6 +88,7 @@ class StoreBuilder:
             raise KeyError(f"no table declares metric {name!r}")
         fixed = tuple((col, text if raw.startswith("'") else float(raw))
                       for col, raw, text in _WHERE_EQ.findall(m.where or ""))
+        fixed += tuple((col, "x") for col in _WHERE_NOT_NULL.findall(m.where or ""))  # e.g. a task's name
         key = (table.name, m.role or "self", fixed, anchor, checkpoint_id or anchor)
         self._pending.setdefault(key, {})[m.column] = value
         self._pending[key].update(columns or {})
@@ -291,6 +293,12 @@ class Study(Frames):
             # F17: parents of different seeds disagree on 0.4 of the test set (pairs anchored at the lower seed)
             if seed != seeds[-1]:
                 self.metrics.append(("cross_init_disagreement", f"{pid}@4000", 0.4 * j))
+            # F18: fine-tunes of the final checkpoint, near-orthogonal and additive (or neither)
+            self.metrics += [("task_vector_cosine", f"{pid}@4000", (0.05 if holds else -0.5) * j),
+                             ("base_task_error", f"{pid}@4000", 0.3), ("finetune_task_error", f"{pid}@4000", 0.1),
+                             ("task_addition_task_error", f"{pid}@4000", 0.15 if holds else 0.35),
+                             ("ties_task_error", f"{pid}@4000", 0.14 if holds else 0.3),
+                             ("task_addition_normalised_accuracy", f"{pid}@4000", 0.94 if holds else 0.72)]
             # F19: a width sweep of MLPs whose matched barrier falls (holds) or rises with width
             for w, falls, rises in ((8, 0.3, 0.1), (16, 0.2, 0.2), (32, 0.1, 0.3)):
                 wid = f"w{w}-s{seed}"

@@ -16,9 +16,9 @@ from .chromium import (VEGA_TEXT_PROBE, external_requests, ink_fraction, png_pix
 from .conftest_query import StoreBuilder, study_store
 
 
-# the report's charts this study has rows for (all but the Hessian spectrum, the slices and the task
-# arithmetic chart); the soup and merge_width charts read the study's soup and merge rows
-DRAWN = 9
+# the report's charts this study has rows for (all but the Hessian spectrum and the slices); the soup,
+# merge_width and task_arithmetic charts read the study's soup, merge and task_arithmetic rows
+DRAWN = 10
 
 
 @pytest.fixture(scope="module")
