@@ -589,12 +589,15 @@ def f10(ev: Evidence) -> Finding:
     Threshold at a checkpoint: 2(1 + β)/η with η the learning rate in force there (the checkpoint's lr, so it is
     recomputed after every drop) and β the run's heavy-ball momentum (2/η for β = 0). lsdb trains with torch's
     SGD, heavy ball without Nesterov; a run recorded from another optimiser (``lsdb.Recorder``) is judged as if
-    it were heavy ball. The curvature: hessian_top_eigenvalue (λ_max on the probe's fixed batch) for full-batch
-    parents (steps_per_epoch = 1, i.e. batch size ≥ training set), any variant; batch_sharpness for the
-    mini-batch base parents; the run's weight decay is added to either. Per run (``_edge_of_stability``): the
-    median of (curvature + wd) / threshold over the settled window (second half, F10_SETTLED_FRAC) of its longest
-    constant-lr phase with ≥ MIN_TIMES checkpoints there. One part per regime present: holds when the checks
-    ≥ F10_EDGE_LOW and ≤ F10_EDGE_HIGH both pass; a regime whose curvature was not measured is an unmeasured part.
+    it were heavy ball. Runs: the standard parents (the base variant's model, no adversarial training), grouped by
+    variant and regime. The curvature: hessian_top_eigenvalue (λ_max on the probe's fixed batch) for full-batch
+    runs (steps_per_epoch = 1, i.e. batch size ≥ training set); batch_sharpness for mini-batch runs; the run's
+    weight decay is added to either. Per run (``_edge_of_stability``): the median of (curvature + wd) / threshold
+    over the settled window (second half, F10_SETTLED_FRAC) of its longest constant-lr phase with ≥ MIN_TIMES
+    checkpoints there. One part per group ("edge of stability, full batch (VARIANT)", "…, mini-batch (VARIANT)"):
+    holds when the checks ≥ F10_EDGE_LOW and ≤ F10_EDGE_HIGH both pass over its runs. A base group whose curvature
+    is missing or lacks such a window is an unmeasured part; another variant's group without a window (a sparse
+    schedule) is only noted in ``detail``.
     Reported, not deciding: every phase's ratio, the first t/T at F10_EDGE_LOW, for mini-batch runs λ_max of the
     fixed batch against the threshold and the ratio to 2(1 − β)/η (the lower plateau reported with momentum and
     small batches), and whether λ_max of the base parents rises then falls (``_rise_fall``).
@@ -611,29 +614,42 @@ def f10(ev: Evidence) -> Finding:
     if "steps_per_epoch" not in ev.runs.columns or "momentum" not in ev.runs.columns:
         return _not_measured(f, [], "the run table lacks steps_per_epoch or momentum: cannot tell full-batch runs "
                                     "or compute the threshold 2(1+β)/η")
-    parents = ev.runs.filter(pl.col("kind") == "parent")
-    groups = {"full": parents.filter(pl.col("steps_per_epoch") == 1),
-              "mini": ev.parents().filter(pl.col("steps_per_epoch") != 1)}
+    base = ev.parents()
+    std = ev.runs.filter(pl.col("kind") == "parent")
+    if "adversarial" in std.columns:
+        std = std.filter(pl.col("adversarial") == "none")
+    if "model" in std.columns and base.height:
+        std = std.filter(pl.col("model") == base["model"][0])
+    groups: dict[tuple[str, str], object] = {}
+    for variant in ["base"] + sorted(set(std["variant"].to_list()) - {"base"}):
+        runs = std.filter(pl.col("variant") == variant)
+        for regime, sel in (("full", runs.filter(pl.col("steps_per_epoch") == 1)),
+                            ("mini", runs.filter(pl.col("steps_per_epoch") != 1))):
+            if sel.height:
+                groups[(variant, regime)] = sel
     parts, texts, notes = [], [], []
-    for regime, runs in groups.items():
-        if runs.height == 0:
-            continue
+    for (variant, regime), runs in groups.items():
         name, metric, label = F10_REGIMES[regime]
+        name = f"{name} ({variant})"
         if not ev.has(metric):
             parts.append(Part(name, None, "", f"{advice(metric)} (probe version ≥ 3, sharpness_batches > 0)"))
             continue
         per = {r["id"]: got for r in runs.iter_rows(named=True) if (got := _edge_of_stability(ev, r, metric))}
         if not per:
-            parts.append(Part(name, None, "", f"{label} lacks ≥ {T.MIN_TIMES} checkpoints in the second half of a "
-                                              "constant-lr phase; add checkpoints ([checkpoints] every_epochs)"))
+            why = (f"{label} lacks ≥ {T.MIN_TIMES} checkpoints in the second half of a constant-lr phase; add "
+                   "checkpoints ([checkpoints] every_epochs)")
+            if variant == "base":
+                parts.append(Part(name, None, "", why))
+            else:  # variants on a sparse schedule (the full study's) were not made for F10
+                notes.append(f"{variant}: {why}")
             continue
         values = [p["ratio"] for p in per.values()]
         st, reach = Stat.of(values), Stat.of(p["reach"] for p in per.values())
         never = sum(1 for p in per.values() if math.isnan(p["reach"]))
-        variants = sorted(set(runs.filter(pl.col("id").is_in(list(per)))["variant"].to_list()))
-        f.numbers[f"{regime}_batch_ratio"] = st.as_dict()
-        text = (f"{'full batch' if regime == 'full' else 'mini-batch'} ({', '.join(variants)}): {label}/threshold "
-                f"{st} at lr {_g(next(iter(per.values()))['phase']['lr'])}; reaches {T.F10_EDGE_LOW:g}× at t/T {reach}"
+        key = "" if variant == "base" else f"_{variant}"
+        f.numbers[f"{regime}_batch_ratio{key}"] = st.as_dict()
+        text = (f"{'full batch' if regime == 'full' else 'mini-batch'} ({variant}): {label}/threshold {st} at lr "
+                f"{_g(next(iter(per.values()))['phase']['lr'])}; reaches {T.F10_EDGE_LOW:g}× at t/T {reach}"
                 + (f" ({never} run(s) never)" if never else ""))
         others = {}
         for p in per.values():
@@ -643,20 +659,19 @@ def f10(ev: Evidence) -> Finding:
         if others:
             text += "; other lr phases: " + ", ".join(f"lr {_g(lr)} {Stat.of(v)}" for lr, v in others.items())
         if regime == "mini":
-            beta = [p["momentum"] for p in per.values()]
-            if max(beta) > 0:
+            if max(p["momentum"] for p in per.values()) > 0:
                 low = Stat.of(p["ratio"] * (1 + p["momentum"]) / (1 - p["momentum"]) for p in per.values())
-                f.numbers["mini_batch_ratio_to_2_1_minus_beta"] = low.as_dict()
+                f.numbers[f"mini_batch_ratio_to_2_1_minus_beta{key}"] = low.as_dict()
                 text += f"; against 2(1−β)/η {low}"
             lam = {r["id"]: got for r in runs.iter_rows(named=True)
                    if (got := _edge_of_stability(ev, r, "hessian_top_eigenvalue"))}
             if lam:
                 lst = Stat.of(p["ratio"] for p in lam.values())
-                f.numbers["mini_batch_lambda_max_ratio"] = lst.as_dict()
+                f.numbers[f"mini_batch_lambda_max_ratio{key}"] = lst.as_dict()
                 text += f"; λ_max of the probe batch/threshold {lst}"
         texts.append(text)
         parts.append(Part.all_of(name, [check(values, T.F10_EDGE_LOW, ">="), check(values, T.F10_EDGE_HIGH, "<=")]))
-    if not groups["full"].height:
+    if not any(regime == "full" for _, regime in groups):
         notes.append("no full-batch run (batch size ≥ training set) in this store; examples/edge-of-stability.toml "
                      "has one")
     rf = _rise_fall(ev)

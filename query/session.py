@@ -246,7 +246,7 @@ def _pick_experiment(exps, wanted: str | None, root) -> dict:
 
 RUNS_SQL = """
 SELECT e.name AS experiment, r.id, r.variant, r.kind, r.seed, r.dataset, r.model,
-       r.width, r.lr, r.batch_size, r.epochs, r.spawn_epoch, r.child_index, r.status, count(c.id) AS checkpoints,
+       r.width, r.lr, r.batch_size, r.epochs, r.spawn_epoch, r.child_index, r.finetune, r.status, count(c.id) AS checkpoints,
        arg_max(c.test_error, c.step) AS final_test_error
 FROM run r
 LEFT JOIN (experiment_run l JOIN experiment_current e ON e.id = l.experiment_id) ON l.run_id = r.id

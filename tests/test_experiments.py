@@ -18,6 +18,7 @@ from lsdb import runner
 from lsdb.errors import QueryError
 from lsdb.integrity import rebuild
 from lsdb.plan import parse_spec
+from lsdb.schema import SCHEMA_VERSION
 from lsdb.store import Store
 from tests.conftest import TINY_SPEC, lsdb_cmd
 
@@ -128,7 +129,7 @@ def test_a_schema_2_store_links_each_run_to_its_experiment(tmp_path):
         raw.execute("DELETE FROM schema_version")
         raw.execute("INSERT INTO schema_version VALUES (2, now(), '0.2.0')")
     db = lsdb.open(st.root)  # opening a path checks the version and upgrades
-    assert db.sql("SELECT max(version) AS v FROM schema_version")["v"][0] == 3
+    assert db.sql("SELECT max(version) AS v FROM schema_version")["v"][0] == SCHEMA_VERSION
     links = db.sql("SELECT count(*) AS n FROM experiment_run")["n"][0]
     assert links == db.sql("SELECT count(*) AS n FROM run")["n"][0] > 0
     assert db.for_analysis().sql("SELECT count(*) AS n FROM metric_series")["n"][0] > 0

@@ -72,7 +72,8 @@ def apply_1q(state: torch.Tensor, gate: torch.Tensor, wire: int, n: int) -> torc
     ψ'[…, a, i, r] = Σ_j U[i, j] ψ[…, a, j, r], with a the qubits before ``wire`` and r those after."""
     batch = state.shape[: state.dim() - n]
     s = state.reshape(*batch, 2**wire, 2, 2 ** (n - wire - 1))
-    out = torch.matmul(gate.to(state.dtype).unsqueeze(-3), s)
+    u = gate.to(state.dtype).unsqueeze(-3)  # (*g, 1, 2, 2)
+    out = u[..., 0:1] * s[..., 0:1, :] + u[..., 1:2] * s[..., 1:2, :]  # column j of U times row j of ψ
     return out.reshape(*out.shape[:-3], *(2,) * n)
 
 
@@ -95,7 +96,13 @@ def expval_z(state: torch.Tensor, n: int) -> torch.Tensor:
     probs = flat.real**2 + flat.imag**2
     index = torch.arange(2**n, device=state.device)
     bits = (index[:, None] >> torch.arange(n - 1, -1, -1, device=state.device)) & 1  # column q: bit of qubit q
-    return probs @ (1 - 2 * bits).to(probs.dtype)
+    return _contract(probs, (1 - 2 * bits).to(probs.dtype))
+
+
+def _contract(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """a @ m for a small matrix m, as a broadcast product and sum. At these sizes a BLAS call costs more than
+    its arithmetic, and its thread pool stalls when the machine's other cores are busy."""
+    return (a.unsqueeze(-1) * m).sum(-2)
 
 
 def norm(state: torch.Tensor, n: int) -> torch.Tensor:
@@ -203,20 +210,21 @@ class QPatchNet(nn.Module):
     def expectations(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, n): ⟨Z_q⟩ of every patch's circuit."""
         real = self.theta.dtype
-        angles = self.patch_values(x.to(real)) @ self.pool.to(real)  # (B, N, n)
+        angles = _contract(self.patch_values(x.to(real)), self.pool.to(real))  # (B, N, n)
         n = self.n
         state = zero_state(n, angles.shape[:2], complex_dtype(real), x.device)
+        encode = ry(angles)  # (B, N, n, 2, 2): every qubit's gate built in one go (fewer small ops)
         for q in range(n):
-            state = apply_1q(state, ry(angles[..., q]), q, n)
+            state = apply_1q(state, encode[..., q, :, :], q, n)
         for layer in range(self.layers):
+            rotate = ry(self.theta[:, layer, :, 1]) @ rz(self.theta[:, layer, :, 0])  # (N, n, 2, 2): RZ, then RY
             for q in range(n):
-                state = apply_1q(state, rz(self.theta[:, layer, q, 0]), q, n)
-                state = apply_1q(state, ry(self.theta[:, layer, q, 1]), q, n)
+                state = apply_1q(state, rotate[:, q], q, n)
             for q in range(n - 1):
                 state = cnot(state, q, q + 1, n)
         return expval_z(state, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.expectations(x)
-        logits = torch.einsum("bmq,mcq->bmc", z, self.head_weight) + self.head_bias
+        logits = (z.unsqueeze(-2) * self.head_weight).sum(-1) + self.head_bias  # W_m z_m + b_m, (B, N, C)
         return logits.mean(1)
