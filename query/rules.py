@@ -864,7 +864,7 @@ def _not_at_minimum(ev: Evidence, runs) -> str:
 
 
 #: The patch-network families of F13, each judged on its own: (model name, label, prefix of its part names).
-F13_FAMILIES = (("patchnet", "classical", ""), ("qpatchnet", "quantum", "quantum "))
+F13_FAMILIES = (("patchnet", "classical", "classical "), ("qpatchnet", "quantum", "quantum "))
 
 
 def f13(ev: Evidence) -> Finding:
@@ -922,7 +922,8 @@ def _f13_family(ev: Evidence, patch, prefix: str) -> tuple[list[Part], str, dict
     """
     import polars as pl
 
-    name, key = (lambda p: prefix + p), prefix.strip().replace(" ", "_") + ("_" if prefix else "")
+    # numbers keep the names F13 had before the quantum family ("ratio", ...); parts say their family
+    name, key = (lambda p: prefix + p), "" if prefix == "classical " else prefix.strip().replace(" ", "_") + "_"
     counts = sorted(set(patch["patches"].to_list()))
     sweep = "add variants that differ in model.width (or, for qpatchnet, model.depth) at one patch count"
     if len(counts) < 2:

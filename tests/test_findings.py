@@ -210,9 +210,9 @@ def test_seeds_on_both_sides_of_the_onset_threshold_are_inconclusive():
 
 def test_a_holding_finding_with_unmeasured_parts_reads_partly_measured(holding):
     f13 = holding["F13"]
-    assert f13.verdict == HOLDS and f13.label == "holds (partly measured: parameters per patch missing)"
+    assert f13.verdict == HOLDS and f13.label == "holds (partly measured: classical parameters per patch missing)"
     assert to_frame([f13])["verdict"][0] == f13.label
-    assert as_text([f13]).splitlines()[0].startswith("F13  HOLDS (partly measured: parameters per patch missing)")
+    assert as_text([f13]).splitlines()[0].startswith("F13  HOLDS (partly measured: classical parameters per patch missing)")
     assert holding["F1"].label == HOLDS
 
 

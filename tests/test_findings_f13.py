@@ -72,14 +72,14 @@ def test_the_quantum_family_fails_on_patches_and_on_parameters():
 def test_each_family_gets_its_own_parts_and_numbers():
     study = patch_study(quantum(ratio=1.0), classical={1: 10.0, 4: 7.0, 9: 5.0})
     f = f13(study)
-    assert f.verdict == FAILS and "fails on: quantum patches" in f.detail and "fails on: patches" not in f.detail
+    assert f.verdict == FAILS and "fails on: quantum patches" in f.detail and "fails on: classical patches" not in f.detail
     classical, quantum_text = f.measured.split(" | ")
     assert classical.startswith("classical (patchnet): λ(9)/λ(1) 0.5 ± 0 (3 seeds) (per seed)")
     assert quantum_text.startswith("quantum (qpatchnet): λ(9)/λ(1) 1 ± 0 (3 seeds) (per seed)")
     assert f.numbers["ratio"]["mean"] == pytest.approx(0.5) and f.numbers["quantum_ratio"]["mean"] == pytest.approx(1)
     # the classical family has no size sweep: its second part is not measured, named with what to add
     both = f13(patch_study(quantum(), classical={1: 10.0, 4: 7.0, 9: 5.0}))
-    assert both.verdict == HOLDS and both.unmeasured == ["parameters per patch"]
+    assert both.verdict == HOLDS and both.unmeasured == ["classical parameters per patch"]
     assert "model.width" in both.detail
 
 

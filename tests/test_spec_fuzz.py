@@ -142,7 +142,7 @@ WORDS = ["auto", "vmap", "fused", "loop", "final", "all", "trace", "full", "sum_
          "deflated", "hutch++", "hutchinson", "double_backward", "fwd_rev", "float32", "float64", "structured",
          "jacobian", "ntvp", "linearised", "kernel_regression", "fixed", "kernel_scaled", "init", "next",
          "siblings", "spawn_final", "parents", "children", "lowlr_children", "init_final", "spawn", "schedule",
-         "none", "fgsm", "pgd", "mnist1d", "digits", "cifar10", "cnn1d", "cnn2d", "mlp", "patchnet", "base",
+         "none", "fgsm", "pgd", "mnist1d", "digits", "cifar10", "cnn1d", "cnn2d", "mlp", "patchnet", "qpatchnet", "base",
          "a@1 b@final", "", " ", "fulll", "hutch", "gapp"]
 EDGE_INTS = [0, 1, 2, 3, -1, 10, 21, 1000, 1001, 1002, 10_000, 10_001, 10_002, 100_000, 10**6, 10**9, 2**31 - 1,
              2**31, 2**53, 2**62, 2**63 - 1, -(2**63), 10**30, -(10**30)]
