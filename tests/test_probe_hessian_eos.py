@@ -44,7 +44,7 @@ def _dense(model, x, y):
         return F.cross_entropy(functional_call(model, params, (x,)), y)
 
     g = torch.autograd.functional.jacobian(loss, w0)
-    return g, torch.autograd.functional.hessian(loss, w0)
+    return g, torch.autograd.functional.hessian(loss, w0, vectorize=True)
 
 
 def _ctx(tmp_path, batch_size=None, seed=7):

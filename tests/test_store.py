@@ -125,3 +125,42 @@ def test_temporaries_of_dead_writers_are_cleaned(tmp_path):
     removed = clean_temporaries(s)
     assert sorted(removed) == sorted(left) and not any(p.exists() for p in left)
     assert mine.exists()  # a live writer's file stays
+
+
+def test_a_store_before_the_hessian_sharpness_columns_gains_them_null_for_old_rows(tmp_path):
+    """Schema 5 adds batch sharpness and the gradient's top-subspace fraction to ``hessian``: a store of
+    schema 3 (``create_all`` never adds columns to a table that exists) gets them from UPGRADES[5], with
+    nulls on the rows written before, and ``metric_series`` still reads."""
+    import sqlalchemy as sa
+
+    from lsdb.schema import SCHEMA_VERSION, UPGRADES, Base
+
+    new = [s.split("EXISTS ")[1].split()[0] for s in UPGRADES[5]]
+    assert "batch_sharpness" in new and "top_subspace_grad_fraction" in new
+    store = Store.init(tmp_path / "store")
+    with store.write() as conn:  # make it look like a store written before the columns existed
+        for view in [r[0] for r in conn.execute(sa.text("SELECT view_name FROM duckdb_views() WHERE NOT internal"))]:
+            conn.execute(sa.text(f'DROP VIEW "{view}"'))
+        # DuckDB drops no column an index's later column depends on: recreate the table without them
+        old_table = sa.Table("hessian", sa.MetaData(), *[
+            sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+            for c in Base.metadata.tables["hessian"].columns if c.name not in new])
+        conn.execute(sa.text("DROP TABLE hessian"))
+        old_table.create(conn)
+        conn.execute(sa.text(
+            "INSERT INTO hessian (job_id, idx, checkpoint_id, anchor_checkpoint_id, batch_size, batch_loss, "
+            "top_eigenvalue, k, lanczos_iters, hvps, converged, max_residual, tol, outliers, trace, trace_stderr, "
+            "trace_method, trace_hvps, density_hvps, warm_started) VALUES ('old', 0, 'c', 'c', 512, 1.0, 5.0, 12, "
+            "30, 90, true, 0.001, 0.001, 3, 50.0, 1.0, 'deflated', 30, 30, false)"))
+        conn.execute(sa.text("UPDATE schema_version SET version = 3"))
+    store.migrate()
+    with store.read() as con:
+        columns = {r[0]: r[1] for r in con.execute(
+            "SELECT column_name, data_type FROM duckdb_columns() WHERE table_name = 'hessian'").fetchall()}
+        old = con.execute(f"SELECT top_eigenvalue, {', '.join(new)} FROM hessian WHERE job_id = 'old'").fetchone()
+        version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        con.execute("SELECT count(*) FROM metric_series WHERE metric = 'batch_sharpness'").fetchone()
+    assert columns["batch_sharpness"] == "DOUBLE" and columns["sharpness_seed"] == "BIGINT"
+    assert columns["top_subspace_dim"] == "INTEGER" and set(new) <= set(columns)
+    assert old[0] == 5.0 and all(v is None for v in old[1:])
+    assert version == SCHEMA_VERSION >= 5
