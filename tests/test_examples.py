@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 import lsdb
+from lsdb.query.findings import FINDINGS
 from tests.chromium import external_requests, render, require_chromium
 from tests.conftest import REPO, lsdb_cmd
 from tests.timeouts import hang_timeout
@@ -64,7 +65,7 @@ def test_demo_quick_gives_a_verdict_for_every_finding_and_a_report(tmp_path, cli
     report = tmp_path / "report.html"
     out = lsdb_run("demo", "--quick", "--store", store, "--report", str(report), env=cli_env)
     verdicts = [line for line in out.splitlines() if line[:1] == "F" and line[1:3].strip().isdigit()]
-    assert len(verdicts) == 14
+    assert len(verdicts) == len(FINDINGS)
     assert all(any(v in line for v in ("HOLDS", "DOES NOT HOLD", "INCONCLUSIVE", "NOT MEASURED")) for line in verdicts)
     measured = [line for line in verdicts if "NOT MEASURED" not in line]
     assert len(measured) >= 8  # the quick study measures the kernel, barrier and Hessian findings
