@@ -286,7 +286,7 @@ def test_metric_names_are_the_agreed_ones():
                                        "ntk_alignment", "ntk_centered_alignment"}
     assert names(kernel.NtkDistanceResult) == {"kernel_distance_to_init", "kernel_distance_next", "kernel_velocity",
                                                "kernel_angular_velocity", "sibling_kernel_distance",
-                                               "kernel_distance_spawn_to_final"}
+                                               "kernel_distance_spawn_to_final", "cross_init_kernel_distance"}
     cols = set(kernel.KernelAccuracyResult.__table__.c.keys())
     assert {"method", "lr_mode", "lr", "steps", "train_loss", "train_error", "test_loss", "test_error",
             "lambda"} <= cols
