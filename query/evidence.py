@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from lsdb.query import thresholds as T
+from lsdb.train import NUM_CLASSES  # noqa: F401  (the C of F9 and F15; rules and findings import it from here)
 
 #: Which spec entry produces a metric: the advice given when it is missing.
 PROBE_OF = {
@@ -24,24 +25,20 @@ PROBE_OF = {
     **{m: "flatness" for m in ("sharpness_1d", "curvature_1d", "adversarial_sharpness")},
     **{m: "weights" for m in ("relative_sibling_distance",)},
     **{m: "merge" for m in ("cross_init_loss_barrier_test", "matched_loss_barrier_test")},
-    **{m: "soup" for m in ("children_soup_test_loss", "children_members_test_loss", "children_ensemble_test_error",
-                           "cross_init_soup_test_loss", "cross_init_members_test_loss",
-                           "cross_init_matched_soup_test_loss")},
+    **{m: "soup" for m in ("children_soup_test_loss", "children_members_test_loss", "cross_init_soup_test_loss",
+                           "cross_init_members_test_loss", "cross_init_matched_soup_test_loss")},
     **{m: "barrier" for m in ("cross_init_disagreement",)},
     **{m: "task_arithmetic" for m in ("task_vector_cosine", "task_addition_normalised_accuracy",
                                       "ties_normalised_accuracy", "task_addition_task_error", "ties_task_error",
                                       "finetune_task_error", "base_task_error")},
 }
-SIBLING_METRICS = {"children_soup_test_loss", "children_members_test_loss", "children_ensemble_test_error",
-                   "error_barrier_test", "loss_barrier_test", "child_disagreement", "sibling_kernel_distance",
+SIBLING_METRICS = {"children_soup_test_loss", "children_members_test_loss", "error_barrier_test", "loss_barrier_test", "child_disagreement", "sibling_kernel_distance",
                    "relative_sibling_distance", "entezari_loss_barrier_test", "sibling_weight_distance"}
 
 #: Merging across different initialisations (F14, second part): the ``merge`` probe writes these.
 MERGE_NAIVE = "cross_init_loss_barrier_test"
 MERGE_MATCHED = "matched_loss_barrier_test"
 
-#: Number of classes of each built-in data set (the C of F9).
-NUM_CLASSES = {"mnist1d": 10, "digits": 10, "cifar10": 10}
 
 #: The advantage is computed here (linearised error − final error of low-lr children).
 NONLINEAR_ADVANTAGE = "nonlinear_advantage"

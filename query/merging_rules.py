@@ -22,7 +22,6 @@ from lsdb.query.stats import Stat, check, spearman
 from lsdb.query.verdict import Finding, Part, _combine, _not_measured
 
 SOUP_LOSS, MEMBERS_LOSS = "children_soup_test_loss", "children_members_test_loss"
-ENSEMBLE_ERROR = "children_ensemble_test_error"
 CROSS_SOUP, CROSS_MATCHED_SOUP, CROSS_MEMBERS = ("cross_init_soup_test_loss", "cross_init_matched_soup_test_loss",
                                                  "cross_init_members_test_loss")
 CHILD_DISAGREEMENT, INIT_DISAGREEMENT = "child_disagreement", "cross_init_disagreement"
@@ -51,8 +50,8 @@ def f16(ev: Evidence) -> Finding:
     """F16, mode convexity: the uniform average of the children of the latest spawn has a test loss at most
     F16_SOUP_EXCESS_MAX above its members' mean (``soup`` probe, role "spawn_children", report half of the test
     split), per seed: check(children_soup_test_loss − children_members_test_loss at each seed's latest spawn ≤
-    F16_SOUP_EXCESS_MAX). Reported beside it: the same excess at the earliest spawn, the ensemble's error, and for
-    parents of different seeds the naive and weight-matched soups' excess over their members."""
+    F16_SOUP_EXCESS_MAX). Reported beside it: the same excess at the earliest spawn, and for parents of different
+    seeds the naive and weight-matched soups' excess over their members."""
     f = Finding("F16", "Mode convexity: late children average into a model as good as they are",
                 f"{SOUP_LOSS} − {MEMBERS_LOSS} at the latest spawn",
                 f"the uniform soup of late-spawned children is no worse than its members (test loss excess ≤ "
