@@ -274,10 +274,18 @@ class _JacobianCache:
 
 # --------------------------------------------------------------------------------------- kernels
 
+def jacobian_rows(net: Network, x: torch.Tensor, chunk: int = 128, sum_logits: bool = False) -> torch.Tensor:
+    """Every input's Jacobian (n, C, P), computed in blocks of ``chunk`` inputs as ``ntk``,
+    ``cross_ntk`` and ``trace_ntk_diagonal`` compute theirs, so passing it to them (``jac``,
+    ``j_rows``, ``j_cols``) gives the same numbers as letting each compute its own."""
+    return torch.cat([jacobian(net, x[b], sum_logits) for b in _blocks(x.shape[0], chunk)])
+
+
 def ntk(net: Network, x: torch.Tensor, variant: str = "trace", implementation: str = "auto",
-        chunk: int = 128, cache_mb: float = 1024.0) -> torch.Tensor:
+        chunk: int = 128, cache_mb: float = 1024.0, jac: torch.Tensor | None = None) -> torch.Tensor:
     """The empirical NTK of ``net`` on inputs ``x`` (see the module docstring for the variants),
-    in the dtype and on the device of ``net``'s parameters. Exactly symmetric."""
+    in the dtype and on the device of ``net``'s parameters. Exactly symmetric. ``jac``: the
+    inputs' Jacobians from ``jacobian_rows`` with the same ``chunk``, when the caller has them."""
     check_variant(variant)
     check_implementation(implementation)
     if implementation == "structured" and not supports_structured(net):
@@ -291,7 +299,10 @@ def ntk(net: Network, x: torch.Tensor, variant: str = "trace", implementation: s
     out = torch.empty(n * per, n * per, device=p0.device, dtype=p0.dtype)
     blocks = _blocks(n, chunk)
 
-    if implementation != "ntvp":
+    if jac is not None:
+        cache = _JacobianCache(lambda k: jac[blocks[k]], float("inf"))
+        block_fn = lambda bi, bj: _gram(cache.get(bi), cache.get(bj), variant)  # noqa: E731
+    elif implementation != "ntvp":
         use = {"auto": None, "structured": True, "jacobian": False}[implementation]
         cache = _JacobianCache(lambda k: jacobian(net, x[blocks[k]], variant == "sum_logits", use), cache_mb * 2**20)
         block_fn = lambda bi, bj: _gram(cache.get(bi), cache.get(bj), variant)  # noqa: E731
@@ -316,19 +327,25 @@ def ntk(net: Network, x: torch.Tensor, variant: str = "trace", implementation: s
 
 
 def cross_ntk(net: Network, x_rows: torch.Tensor, x_cols: torch.Tensor, variant: str = "trace",
-              chunk: int = 128) -> torch.Tensor:
+              chunk: int = 128, j_rows: torch.Tensor | None = None,
+              j_cols: torch.Tensor | None = None) -> torch.Tensor:
     """Θ(x_rows, x_cols): the rectangular kernel between two input sets (jacobian contraction),
     (m·per)×(n·per) with per = C for ``full`` and 1 otherwise. The column Jacobian is held whole;
-    the rows are streamed in blocks of ``chunk``."""
+    the rows are streamed in blocks of ``chunk``. ``j_rows``/``j_cols``: those inputs' Jacobians
+    from ``jacobian_rows`` with the same ``chunk``, when the caller has them."""
     check_variant(variant)
     sl = variant == "sum_logits"
-    j_cols = torch.cat([jacobian(net, x_cols[b], sl) for b in _blocks(x_cols.shape[0], chunk)])
-    return torch.cat([_gram(jacobian(net, x_rows[b], sl), j_cols, variant)
+    if j_cols is None:
+        j_cols = jacobian_rows(net, x_cols, chunk, sl)
+    return torch.cat([_gram(jacobian(net, x_rows[b], sl) if j_rows is None else j_rows[b], j_cols, variant)
                       for b in _blocks(x_rows.shape[0], chunk)])
 
 
-def trace_ntk_diagonal(net: Network, x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """diag Θ^tr: Θ^tr[i,i] = ‖J(x_i)‖²_F = Σ_a ‖∂f_a(x_i)/∂w‖², without the off-diagonal."""
+def trace_ntk_diagonal(net: Network, x: torch.Tensor, chunk: int = 128, jac: torch.Tensor | None = None) -> torch.Tensor:
+    """diag Θ^tr: Θ^tr[i,i] = ‖J(x_i)‖²_F = Σ_a ‖∂f_a(x_i)/∂w‖², without the off-diagonal.
+    ``jac``: the inputs' Jacobians from ``jacobian_rows``, when the caller has them."""
+    if jac is not None:
+        return jac.pow(2).sum(dim=(1, 2))
     return torch.cat([jacobian(net, x[b]).pow(2).sum(dim=(1, 2)) for b in _blocks(x.shape[0], chunk)])
 
 

@@ -47,15 +47,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.func import jvp
 
 from lsdb.errors import ProbeError, ProbeSkipped
 from lsdb.spec import MAX_EXAMPLES, between, check, non_negative, one_of, positive
-from lsdb.train.models import plain_layers
 
 from . import _ntk_core as core
+from ._linearisation import CachedLinearisation
 from .base import ProbeContext, each_checkpoint, scope_field
 
 VERSION = 1
@@ -129,98 +127,6 @@ def _loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     raise ProbeError(f"unknown loss '{kind}'; valid: ce, mse")
 
 
-class CachedLinearisation:
-    """f_lin(x_i; w_t + δ) for training inputs x_i, by index, through the model's own layers.
-
-    With the checkpoint's layer inputs h_l and ReLU masks m_l cached for every training input, the
-    tangent t = J_t(x)δ follows t_{l+1} = op_l(h_l; δW_l, δb_l) + op_l(t_l; W_l) for a convolution
-    or linear layer, m_l ⊙ t_l for a ReLU, and a reshape for a flatten; f_lin = f(x; w_t) + t.
-    That is the jvp without recomputing the unchanging primal pass, so a training step costs two
-    layer applications forward and their backward. δ may cover only some layers (a probe's
-    ``params`` scope): a layer without one adds no δ term, and before the first such layer the
-    tangent is zero.
-    """
-
-    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int = 1024):
-        # ``params``: every layer weight at w_t (the differentiated ones and those held fixed)
-        self.steps, self.params = model.steps(), params
-        blocks = [_primal(model, self.steps, params, x[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
-        self.cached = [None if col[0] is None else torch.cat(col) for col in zip(*[b[0] for b in blocks])]
-        self.f0 = torch.cat([b[1] for b in blocks])
-
-    @classmethod
-    def build(cls, model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
-              budget_mb: float, buffers: dict[str, torch.Tensor] | None = None) -> "CachedLinearisation | None":
-        """The cached linearisation, or None (the caller then takes the jvp) when the model does not
-        list supported layers, its listed layers do not compute its forward pass on the first
-        inputs (``buffers``: the rest of its state, parameters outside the scope included), or the
-        cache would exceed ``budget_mb``."""
-        steps = plain_layers(model)
-        if steps is None or x.shape[0] == 0:
-            return None
-        params = {**(buffers or {}), **params}
-        one, logits = _primal(model, steps, params, x[:2])
-        with torch.no_grad():
-            plain = torch.func.functional_call(model, params, (x[:2],))
-        if not torch.allclose(logits, plain, rtol=1e-5, atol=1e-6):  # a model whose steps() is not its forward
-            return None
-        per_input = sum(t[:1].numel() * t.element_size() for t in one if t is not None)
-        if per_input * x.shape[0] > budget_mb * 2**20:
-            return None
-        return cls(model, params, x)
-
-    def __call__(self, delta: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-        t = None  # J δ so far; None while it is zero (the input, and layers before the scope)
-        for (name, m), c in zip(self.steps, self.cached):
-            if isinstance(m, nn.ReLU):
-                t = None if t is None else t * c[idx]
-            elif isinstance(m, nn.Flatten):
-                t = None if t is None else m(t)
-            elif t is not None or f"{name}.weight" in delta or f"{name}.bias" in delta:
-                t = None if t is None else _apply(m, t, self.params[f"{name}.weight"], None)
-                d_weight, d_bias = delta.get(f"{name}.weight"), delta.get(f"{name}.bias")
-                if d_weight is not None or d_bias is not None:  # this layer's own δ term
-                    h = c[idx]
-                    out = (_apply(m, h, d_weight, d_bias) if d_weight is not None
-                           else _bias_only(m, h, d_bias))
-                    t = out if t is None else t + out
-        return self.f0[idx] if t is None else self.f0[idx] + t
-
-
-def _primal(model: nn.Module, steps, params: dict[str, torch.Tensor], x: torch.Tensor):
-    """What the linearisation caches for a block of inputs (each layer's input, a ReLU's mask,
-    None for a flatten) and the block's logits f(x; w_t)."""
-    cached = []
-    with torch.no_grad():
-        h = model.prepare(x)
-        for name, m in steps:
-            if isinstance(m, nn.ReLU):
-                cached.append(h > 0)
-                h = torch.relu(h)
-            elif isinstance(m, nn.Flatten):
-                cached.append(None)
-                h = m(h)
-            else:
-                cached.append(h)
-                h = _apply(m, h, params[f"{name}.weight"], params.get(f"{name}.bias"))
-    return cached, h
-
-
-def _bias_only(m: nn.Module, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The tangent of a layer whose bias alone is differentiated: δb broadcast over the output of
-    ``m`` at input ``h`` (its shape found by applying ``m``'s weight shape with zeros)."""
-    zero = torch.zeros_like(m.weight, dtype=h.dtype, device=h.device)
-    return _apply(m, h, zero, bias)
-
-
-def _apply(m: nn.Module, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Layer ``m`` (convolution or linear) applied to ``h`` with the given weight and bias."""
-    if isinstance(m, nn.Linear):
-        return F.linear(h, weight, bias)
-    conv = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
-    return conv(h, weight, bias, m.stride, m.padding, m.dilation, m.groups)
-
-
 def train_linearised(net: core.Network, x: torch.Tensor, y: torch.Tensor, *, lr: float, steps: int,
                      batch_size: int, momentum: float = 0.0, weight_decay: float = 0.0,
                      loss: str = "ce", seed: int = 0,
@@ -233,11 +139,6 @@ def train_linearised(net: core.Network, x: torch.Tensor, y: torch.Tensor, *, lr:
     ``cached`` (built on the same ``x``) replaces the jvp by the cached layer-wise tangent.
     """
     loss_of = _loss_fn(loss)
-    if cached is None:
-        def logits_of(d, idx):
-            return linearised_logits(net, d, x[idx])
-    else:
-        logits_of = cached
     delta = {k: torch.zeros_like(v) for k, v in net.params.items()}
     buf = {k: torch.zeros_like(v) for k, v in net.params.items()}
     n = x.shape[0]
@@ -249,9 +150,13 @@ def train_linearised(net: core.Network, x: torch.Tensor, y: torch.Tensor, *, lr:
             order, pos = torch.randperm(n, generator=gen).to(x.device), 0
         idx = order[pos : pos + batch_size]
         pos += batch_size
-        leaves = {k: v.detach().requires_grad_(True) for k, v in delta.items()}
-        with torch.enable_grad():
-            grads = torch.autograd.grad(loss_of(logits_of(leaves, idx), y[idx]), list(leaves.values()))
+        if cached is not None:
+            grads = list(cached.loss_grad(delta, idx, y[idx], loss).values())
+        else:
+            leaves = {k: v.detach().requires_grad_(True) for k, v in delta.items()}
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss_of(linearised_logits(net, leaves, x[idx]), y[idx]),
+                                            list(leaves.values()))
         with torch.no_grad():
             if weight_decay:
                 grads = [g + weight_decay * (net.params[k] + delta[k]) for k, g in zip(delta, grads)]
@@ -262,25 +167,27 @@ def train_linearised(net: core.Network, x: torch.Tensor, y: torch.Tensor, *, lr:
     return delta
 
 
-def _evaluate(logits_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-              chunk: int) -> tuple[float, float]:
-    """Mean cross-entropy and error of ``logits_of`` on (x, y), in blocks of ``chunk`` inputs."""
+def _evaluate(logits_of: Callable[[slice], torch.Tensor], y: torch.Tensor, chunk: int) -> tuple[float, float]:
+    """Mean cross-entropy and error against labels ``y``, in blocks of ``chunk`` inputs:
+    ``logits_of(rows)`` gives the logits of the inputs ``rows`` (a slice) of the set ``y`` labels."""
     total_loss, wrong = 0.0, 0
     with torch.no_grad():
-        for s in range(0, x.shape[0], chunk):
-            logits = logits_of(x[s : s + chunk])
-            yb = y[s : s + chunk]
+        for s in range(0, y.shape[0], chunk):
+            rows = slice(s, min(s + chunk, y.shape[0]))
+            logits = logits_of(rows)
+            yb = y[rows]
             total_loss += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
             wrong += int((logits.argmax(-1) != yb).sum())
-    return total_loss / x.shape[0], wrong / x.shape[0]
+    return total_loss / y.shape[0], wrong / y.shape[0]
 
 
-def _linearised_row(ctx: ProbeContext, net: core.Network, params: Params, x_probe: torch.Tensor) -> dict:
+def _linearised_row(ctx: ProbeContext, net: core.Network, params: Params, x_probe: torch.Tensor,
+                    j_probe: torch.Tensor | None) -> dict:
     run = ctx.runs[0]
     if params.lr_mode == "fixed":
         lr = run.lr * params.lr_factor
     else:
-        mean_diag = float(core.trace_ntk_diagonal(net, x_probe, params.chunk).mean())
+        mean_diag = float(core.trace_ntk_diagonal(net, x_probe, params.chunk, j_probe).mean())
         if not (mean_diag > 0 and math.isfinite(mean_diag)):
             raise ProbeSkipped(f"trace NTK mean diagonal is {mean_diag}; cannot scale the learning rate")
         lr = params.kernel_lr / mean_diag
@@ -296,9 +203,10 @@ def _linearised_row(ctx: ProbeContext, net: core.Network, params: Params, x_prob
                              batch_size=run.batch_size, momentum=run.momentum,
                              weight_decay=run.weight_decay, loss="ce", seed=ctx.seed, cached=cached)
     m = params.train_eval_size or data.x_train.shape[0]
-    f = lambda xb: linearised_logits(net, delta, xb)  # noqa: E731
-    train_loss, train_error = _evaluate(f, data.x_train[:m], data.y_train[:m], params.chunk)
-    test_loss, test_error = _evaluate(f, data.x_test, data.y_test, params.chunk)
+    train_loss, train_error = _evaluate(lambda r: linearised_logits(net, delta, data.x_train[r]),
+                                        data.y_train[:m], params.chunk)
+    test_loss, test_error = _evaluate(lambda r: linearised_logits(net, delta, data.x_test[r]),
+                                      data.y_test, params.chunk)
     return {"method": "linearised", "lr_mode": params.lr_mode, "lr": lr, "steps": steps,
             "kernel_variant": None, "n_train": m, "train_loss": train_loss, "train_error": train_error,
             "test_loss": test_loss, "test_error": test_error, "lambda": None}
@@ -308,19 +216,21 @@ def _linearised_row(ctx: ProbeContext, net: core.Network, params: Params, x_prob
 
 def kernel_regression(net: core.Network, x_fit: torch.Tensor, targets: torch.Tensor,
                       x_eval: torch.Tensor, lam: float, variant: str = "trace", chunk: int = 256,
-                      k_fit: torch.Tensor | None = None) -> torch.Tensor:
+                      k_fit: torch.Tensor | None = None, j_fit: torch.Tensor | None = None,
+                      j_eval: torch.Tensor | None = None) -> torch.Tensor:
     """f̂(x*) = f(x*) + Θ(x*, X)(Θ(X, X) + λI)⁻¹(T − f(X)) for every x* in ``x_eval``.
 
     ``targets`` T is (n, C). ``variant`` ``trace``: Θ^tr shared by all logits (one n×n solve
     with C right-hand sides); ``full``: the nC×nC kernel with vec(T − f(X)) (index i·C + a).
-    ``k_fit`` may pass a precomputed Θ(X, X).
+    ``k_fit`` may pass a precomputed Θ(X, X), ``j_fit``/``j_eval`` the Jacobians of X and of
+    ``x_eval`` (``core.jacobian_rows`` with the same ``chunk``).
     """
     with torch.no_grad():
         f_fit, f_eval = net(x_fit), net(x_eval)
     n, c = f_fit.shape
     if k_fit is None:
-        k_fit = core.ntk(net, x_fit, variant, chunk=chunk)
-    k_cross = core.cross_ntk(net, x_eval, x_fit, variant, chunk)
+        k_fit = core.ntk(net, x_fit, variant, chunk=chunk, jac=j_fit)
+    k_cross = core.cross_ntk(net, x_eval, x_fit, variant, chunk, j_rows=j_eval, j_cols=j_fit)
     resid = targets.to(f_fit.dtype) - f_fit
     eye = torch.eye(k_fit.shape[0], dtype=k_fit.dtype, device=k_fit.device)
     if variant == "full":
@@ -331,16 +241,21 @@ def kernel_regression(net: core.Network, x_fit: torch.Tensor, targets: torch.Ten
 
 
 def _kernel_regression_row(ctx: ProbeContext, net: core.Network, params: Params, x_probe: torch.Tensor,
-                           y_probe: torch.Tensor) -> dict:
+                           y_probe: torch.Tensor, j_probe: torch.Tensor | None) -> dict:
     c = ctx.data.num_classes
-    k_fit = core.ntk(net, x_probe, params.kernel_variant, chunk=params.chunk, cache_mb=KERNEL_CACHE_MB)
+    k_fit = core.ntk(net, x_probe, params.kernel_variant, chunk=params.chunk, cache_mb=KERNEL_CACHE_MB,
+                     jac=j_probe)
     lam = params.ridge * float(torch.diagonal(k_fit).mean())
     onehot = torch.nn.functional.one_hot(y_probe.long(), c)
-    predict = lambda xe: kernel_regression(net, x_probe, onehot, xe, lam, params.kernel_variant,  # noqa: E731
-                                           params.chunk, k_fit)
+
+    def predict(x_eval: torch.Tensor, j_eval: torch.Tensor | None = None) -> torch.Tensor:
+        return kernel_regression(net, x_probe, onehot, x_eval, lam, params.kernel_variant, params.chunk,
+                                 k_fit, j_probe, j_eval)
+
     big = max(params.chunk, EVAL_BLOCK)  # larger blocks, fewer solves
-    train_loss, train_error = _evaluate(predict, x_probe, y_probe, big)
-    test_loss, test_error = _evaluate(predict, ctx.data.x_test, ctx.data.y_test, big)
+    train_loss, train_error = _evaluate(
+        lambda r: predict(x_probe[r], None if j_probe is None else j_probe[r]), y_probe, big)
+    test_loss, test_error = _evaluate(lambda r: predict(ctx.data.x_test[r]), ctx.data.y_test, big)
     return {"method": "kernel_regression", "lr_mode": None, "lr": None, "steps": None,
             "kernel_variant": params.kernel_variant, "n_train": int(x_probe.shape[0]),
             "train_loss": train_loss, "train_error": train_error, "test_loss": test_loss,
@@ -357,9 +272,24 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
     with torch.no_grad():
         if not math.isfinite(float(torch.nn.functional.cross_entropy(net(x_probe), y_probe))):
             raise ProbeSkipped("non-finite loss")
+    j_probe = _probe_jacobian(net, x_probe, params)
     rows = []
     if "linearised" in params.methods:
-        rows.append(_linearised_row(ctx, net, params, x_probe))
+        rows.append(_linearised_row(ctx, net, params, x_probe, j_probe))
     if "kernel_regression" in params.methods:
-        rows.append(_kernel_regression_row(ctx, net, params, x_probe, y_probe))
+        rows.append(_kernel_regression_row(ctx, net, params, x_probe, y_probe, j_probe))
     return {"kernel_accuracy": rows}
+
+
+def _probe_jacobian(net: core.Network, x_probe: torch.Tensor, params: Params) -> torch.Tensor | None:
+    """The probe set's Jacobian, computed once for every use in the job (the kernel-scaled learning
+    rate, Θ(X, X), and the cross kernels of the predictions); None when only one use needs it or it
+    would exceed ``KERNEL_CACHE_MB``, and each use then computes its own blocks as before."""
+    uses = (("linearised" in params.methods and params.lr_mode == "kernel_scaled")
+            + 3 * ("kernel_regression" in params.methods))
+    with torch.no_grad():
+        c = net(x_probe[:1]).shape[-1]
+    size = x_probe.shape[0] * c * net.num_params * next(iter(net.params.values())).element_size()
+    if uses < 2 or size > KERNEL_CACHE_MB * 2**20:
+        return None
+    return core.jacobian_rows(net, x_probe, params.chunk)

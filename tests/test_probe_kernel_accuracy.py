@@ -255,6 +255,21 @@ def test_compute_rows(tmp_path):
     assert again[0] == lin  # minibatch order comes from the job's seed
 
 
+@pytest.mark.parametrize("variant", ["trace", "full"])
+def test_one_probe_jacobian_gives_the_rows_of_one_per_use(tmp_path, monkeypatch, variant):
+    """The job computes the probe set's Jacobian once and reuses it for the learning rate, Θ(X, X)
+    and the cross kernels; with it over budget every use computes its own blocks: same rows."""
+    model, state, data = tc.case("cnn").build()
+    ctx = make_ctx(model, state, data, tmp_path)
+    params = ka.Params(steps=5, kernel_variant=variant, chunk=2)
+    net = core.bind(model, state, "cpu", torch.float64)
+    assert ka._probe_jacobian(net, data.x_train[:5], params) is not None
+    shared = ka.compute(ctx, params)["kernel_accuracy"]
+    monkeypatch.setattr(ka, "KERNEL_CACHE_MB", 0.0)
+    assert ka._probe_jacobian(net, data.x_train[:5], params) is None
+    assert ka.compute(ctx, params)["kernel_accuracy"] == shared
+
+
 def test_fixed_lr_and_method_selection(tmp_path):
     model, state, data = tc.case("mlp").build()
     ctx = make_ctx(model, state, data, tmp_path)

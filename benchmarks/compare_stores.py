@@ -1,0 +1,86 @@
+"""Compare every stored probe value of two stores: a speed-up must not change what a study stores.
+
+    python benchmarks/compare_stores.py BEFORE_STORE AFTER_STORE [--rtol 1e-5]
+
+Rows are matched on their key (``job_id``, ``idx``): job ids hash the probe, its version, its
+parameters and its checkpoints, so the same study run twice has the same keys. For every result
+table and every numeric column the script prints the largest difference relative to the value's
+magnitude, max |a − b| / max(|a|, |b|, atol), and the rows present in one store only. A column
+fails when that exceeds its tolerance: ``--rtol`` (default 1e-5, float32 rounding of a
+recomputation in another order), or the probe's own where it states one (the Hessian's Lanczos
+tolerance ``tol`` = 1e-3 bounds its eigenvalues; its trace and density are Monte Carlo estimates
+whose stored standard error is their tolerance). Timing columns (``seconds``) are skipped. Exits 1
+on any failure, so a script can gate on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import duckdb
+
+SKIP = {"seconds", "idx"}
+# per table and column: the tolerance the probe states, where looser than --rtol
+STATED = {
+    ("hessian", "top_eigenvalue"): 1e-3,
+    ("hessian_eigenvalue", "value"): 1e-3,
+    ("hessian_eigenvalue", "residual"): math.inf,  # how far each run went below tol: not a result
+}
+
+
+def numeric_columns(con, table: str) -> list[str]:
+    rows = con.execute(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+        [table]).fetchall()
+    kinds = ("DOUBLE", "FLOAT", "REAL", "INTEGER", "BIGINT", "SMALLINT", "HUGEINT", "DECIMAL")
+    return [name for name, kind in rows if kind.upper().startswith(kinds) and name not in SKIP]
+
+
+def compare(before: Path, after: Path, rtol: float, atol: float = 1e-12) -> int:
+    con = duckdb.connect()
+    con.execute("ATTACH ? AS a (READ_ONLY)", [str(before / "lsdb.duckdb")])
+    con.execute("ATTACH ? AS b (READ_ONLY)", [str(after / "lsdb.duckdb")])
+    tables = [r[0] for r in con.execute(
+        "SELECT table_name FROM information_schema.columns WHERE table_catalog = 'a' AND column_name = 'job_id' "
+        "AND table_name <> 'probe_job' GROUP BY table_name ORDER BY table_name").fetchall()]
+    failures = 0
+    print(f"{'table':<22} {'column':<30} {'rows':>7} {'max rel diff':>13} {'tolerance':>10}")
+    for table in tables:
+        con.execute(f"USE a")
+        cols = numeric_columns(con, table)
+        con.execute("USE memory")
+        only = con.execute(
+            f'SELECT (SELECT count(*) FROM a.main."{table}" x ANTI JOIN b.main."{table}" y USING (job_id, idx)), '
+            f'(SELECT count(*) FROM b.main."{table}" y ANTI JOIN a.main."{table}" x USING (job_id, idx))').fetchone()
+        if only != (0, 0):
+            print(f"{table:<22} {'(rows in one store only)':<30} {only[0]:>7} / {only[1]} FAIL")
+            failures += 1
+        for col in cols:
+            n, worst, nulls = con.execute(
+                f'SELECT count(*), max(abs(x."{col}" - y."{col}") / greatest(abs(x."{col}"), abs(y."{col}"), ?)), '
+                f'count(*) FILTER ((x."{col}" IS NULL) <> (y."{col}" IS NULL) OR isnan(x."{col}") <> isnan(y."{col}")) '
+                f'FROM a.main."{table}" x JOIN b.main."{table}" y USING (job_id, idx)', [atol]).fetchone()
+            tol = max(rtol, STATED.get((table, col), 0.0))
+            bad = nulls or (worst is not None and not worst <= tol)
+            failures += bool(bad)
+            shown = "—" if worst is None else f"{worst:.2e}"
+            print(f"{table:<22} {col:<30} {n:>7} {shown:>13} {tol:>10.0e}{'  FAIL' if bad else ''}"
+                  f"{f' ({nulls} null/NaN mismatches)' if nulls else ''}")
+    print(f"{failures} column(s) out of tolerance" if failures else "every stored value within tolerance")
+    return 1 if failures else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("before", type=Path)
+    ap.add_argument("after", type=Path)
+    ap.add_argument("--rtol", type=float, default=1e-5)
+    args = ap.parse_args()
+    sys.exit(compare(args.before, args.after, args.rtol))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""The linearised model's tangent J_t(x)δ for training inputs by index, and its gradient, by hand.
+
+f_lin(x_i; w_t + δ) = f(x_i; w_t) + J_t(x_i)δ is linear in δ, and for a model that lists plain
+layers (convolutions, linear layers, ReLU, flatten) the tangent follows the layers:
+t_{l+1} = op_l(h_l; δW_l, δb_l) + op_l(t_l; W_l) at a convolution or linear layer, m_l ⊙ t_l at a
+ReLU (m_l its mask at w_t), a reshape at a flatten. Everything at w_t is fixed, so it is computed
+once for every training input and cached: each layer's input h_l unfolded into patches (im2col),
+each ReLU's mask, and the logits f(x; w_t). A training step is then matrix products on the cached
+patches, and the backward pass is written out (a convolution's input gradient is the patch
+gradient folded back, col2im), with no autograd graph: the small layers of the studies' models
+spend most of a conv call's time outside the arithmetic (``benchmarks/kernel_accuracy.py``).
+
+Layout: activations are kept channels-last, (B, *positions, channels), so that a convolution is
+one product of (B·positions, kernel·in) patches with a (kernel·in, out) weight. A flatten of a
+channels-last activation orders features (position, channel); the linear layer after it reads its
+weight's columns in that order (torch orders them (channel, position)).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lsdb.train.models import plain_layers
+
+
+class _Layer:
+    """One convolution or linear layer: its fixed weight in patch layout and how to (un)fold."""
+
+    def __init__(self, name: str, m: nn.Module, weight: torch.Tensor, columns: torch.Tensor | None):
+        self.name, self.linear = name, isinstance(m, nn.Linear)
+        if self.linear:
+            # after a flatten, inputs come in internal feature order: ``columns`` is the torch
+            # column of each (None: the same order)
+            self.columns = columns
+            self.fixed = self.to_patch(weight)
+        else:
+            self.d = 1 if isinstance(m, nn.Conv1d) else 2
+            self.k, self.stride, self.pad, self.dil = m.kernel_size, m.stride, m.padding, m.dilation
+            # weight (out, in, *k) -> patch layout (*k, in, out), flattened to (kernel·in, out)
+            self.perm = (*range(2, 2 + self.d), 1, 0)
+            self.inverse = tuple(self.perm.index(i) for i in range(2 + self.d))
+            self.fixed = self.to_patch(weight)
+
+    def to_patch(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight (or its δ) in torch layout -> (in, out) in patch layout."""
+        if self.linear:
+            return (w if self.columns is None else w[:, self.columns]).T
+        return w.permute(self.perm).reshape(-1, w.shape[0])
+
+    def from_patch(self, g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A gradient (in, out) in patch layout -> torch layout ``shape``."""
+        if self.linear:
+            if self.columns is None:
+                return g.T
+            out = g.new_empty(shape)
+            out[:, self.columns] = g.T
+            return out
+        return g.reshape(*(shape[i] for i in self.perm)).permute(self.inverse)
+
+    def windows(self, h: torch.Tensor) -> torch.Tensor:
+        """Channels-last h (B, *S, C) -> its patches (B, *S_out, *k, C), a view where it can be."""
+        pad = []
+        for p in reversed(self.pad):
+            pad += [p, p]
+        h = F.pad(h, [0, 0, *pad])
+        for i in range(self.d):  # unfold appends each window dimension after the channels
+            h = h.unfold(1 + i, self.dil[i] * (self.k[i] - 1) + 1, self.stride[i])
+        if any(d != 1 for d in self.dil):
+            h = h[(..., *(slice(None, None, d) for d in self.dil))]
+        return h.permute(0, *range(1, 1 + self.d), *range(2 + self.d, 2 + 2 * self.d), 1 + self.d)
+
+    def fold(self, g: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        """The adjoint of ``windows`` (col2im): patch gradients (B, *S_out, *k, C) summed back onto
+        the input positions (B, *size, C)."""
+        out = g.shape[1 : 1 + self.d]
+        padded = [s + 2 * p for s, p in zip(size, self.pad)]
+        acc = g.new_zeros(g.shape[0], *padded, g.shape[-1])
+        for offs in itertools.product(*(range(k) for k in self.k)):
+            where = tuple(slice(o * dl, o * dl + st * (n - 1) + 1, st)
+                          for o, dl, st, n in zip(offs, self.dil, self.stride, out))
+            acc[(slice(None), *where)] += g[(slice(None),) * (1 + self.d) + offs]
+        return acc[(slice(None), *(slice(p, p + s) for p, s in zip(self.pad, size)))]
+
+
+class CachedLinearisation:
+    """f_lin(x_i; w_t + δ) for training inputs x_i, by index, from the layers' cached patches.
+
+    ``__call__(delta, idx)`` gives the logits (differentiable, for checks); ``loss_grad(delta,
+    idx, y, loss)`` the gradient of the mean loss over the batch with respect to δ, by the
+    hand-written backward pass. δ may cover only some layers (a probe's ``params`` scope): a layer
+    without one adds no δ term, and before the first such layer the tangent is zero.
+    """
+
+    def __init__(self, steps, params: dict[str, torch.Tensor], x: torch.Tensor, scope: set[str],
+                 model: nn.Module, chunk: int = 1024):
+        blocks = [primal(model, steps, params, x[s : s + chunk], scope) for s in range(0, x.shape[0], chunk)]
+        self.plan = blocks[0][0]
+        self.cached = [None if col[0] is None else torch.cat(col) for col in zip(*[b[1] for b in blocks])]
+        self.f0 = torch.cat([b[2] for b in blocks])
+
+    @classmethod
+    def build(cls, model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+              budget_mb: float, buffers: dict[str, torch.Tensor] | None = None) -> "CachedLinearisation | None":
+        """The cached linearisation, or None (the caller then takes the jvp) when the model does not
+        list supported layers, its listed layers do not compute its forward pass on the first
+        inputs (``buffers``: the rest of its state, parameters outside the scope included), or the
+        cache would exceed ``budget_mb``."""
+        steps = plain_model_steps(model)
+        if steps is None or x.shape[0] == 0:
+            return None
+        scope = set(params)
+        full = {**(buffers or {}), **params}
+        probe = cls(steps, full, x[:2], scope, model)
+        with torch.no_grad():
+            plain = torch.func.functional_call(model, full, (x[:2],))
+        if not torch.allclose(probe.f0, plain, rtol=1e-5, atol=1e-6):  # a model whose steps() is not its forward
+            return None
+        per_input = sum(c[:1].numel() * c.element_size() for c in probe.cached if c is not None)
+        if per_input * x.shape[0] > budget_mb * 2**20:
+            return None
+        return cls(steps, full, x, scope, model)
+
+    def _forward(self, delta: dict[str, torch.Tensor], idx: torch.Tensor, keep: list | None):
+        """The tangent's forward pass; ``keep`` collects, per plan entry, what the backward needs."""
+        t, b = None, idx.shape[0]
+        for (kind, layer), c in zip(self.plan, self.cached):
+            saved = None
+            if kind == "relu":
+                if t is not None:
+                    saved = c.index_select(0, idx)
+                    t = t * saved
+            elif kind == "flatten":
+                if t is not None:
+                    saved = t.shape
+                    t = t.reshape(b, -1)
+            else:
+                d_weight, d_bias = delta.get(f"{layer.name}.weight"), delta.get(f"{layer.name}.bias")
+                if t is not None or d_weight is not None or d_bias is not None:
+                    z = None
+                    if t is not None:
+                        patches = t if layer.linear else layer.windows(t)
+                        z = patches.reshape(-1, layer.fixed.shape[0]) @ layer.fixed
+                    u = None if c is None else c.index_select(0, idx).reshape(-1, c.shape[-1])
+                    if d_weight is not None:
+                        term = u @ layer.to_patch(d_weight)
+                        z = term if z is None else z + term
+                    if d_bias is not None:
+                        z = d_bias.expand(b * layer.positions, -1) if z is None else z + d_bias
+                    saved = (u, t is not None)
+                    t = z.reshape(b, *layer.out_shape, -1)
+            if keep is not None:
+                keep.append(saved)
+        return t
+
+    def __call__(self, delta: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+        t = self._forward(delta, idx, None)
+        return self.f0[idx] if t is None else self.f0[idx] + t
+
+    def loss_grad(self, delta: dict[str, torch.Tensor], idx: torch.Tensor, y: torch.Tensor,
+                  loss: str = "ce") -> dict[str, torch.Tensor]:
+        """∇_δ of the batch's mean loss (``ce``: cross-entropy on class indices; ``mse``: ½ mean
+        ‖f − y‖²), by the backward pass written out; a key of ``delta`` per gradient."""
+        keep: list = []
+        t = self._forward(delta, idx, keep)
+        f0 = self.f0.index_select(0, idx)
+        logits = f0 if t is None else f0 + t
+        b = idx.shape[0]
+        if loss == "ce":
+            g = torch.softmax(logits, dim=1)
+            g.scatter_add_(1, y.long().unsqueeze(1), g.new_full((b, 1), -1.0))
+        else:
+            g = logits - y.to(logits.dtype)
+        g = g / b
+        grads: dict[str, torch.Tensor] = {}
+        for (kind, layer), saved in zip(reversed(self.plan), reversed(keep)):
+            if saved is None:  # nothing before here depends on δ
+                break
+            if kind == "relu":
+                g = g * saved
+            elif kind == "flatten":
+                g = g.reshape(saved)
+            else:
+                u, has_input = saved
+                g2 = g.reshape(-1, g.shape[-1])
+                w_key, b_key = f"{layer.name}.weight", f"{layer.name}.bias"
+                if w_key in delta:
+                    grads[w_key] = layer.from_patch(u.T @ g2, delta[w_key].shape)
+                if b_key in delta:
+                    grads[b_key] = g2.sum(0)
+                if not has_input:
+                    break
+                gp = g2 @ layer.fixed.T
+                g = gp.reshape(b, -1) if layer.linear else layer.fold(
+                    gp.reshape(b, *layer.out_shape, *layer.k, -1), layer.in_shape)
+        return {k: grads[k] for k in delta}
+
+
+def primal(model: nn.Module, steps, params: dict[str, torch.Tensor], x: torch.Tensor, scope: set[str]):
+    """The primal pass of a plain-layer model on a block of inputs: its plan (one entry per step:
+    ("relu", None), ("flatten", channels-last shape before it) or ("layer", _Layer)), what is cached
+    per input (a layer's input patches where ``scope`` differentiates it, a ReLU's mask, None
+    otherwise) and the logits f(x; w). It runs the model's own layer functions, so masks and
+    logits are exactly the network's."""
+    plan, cached, columns = [], [], None
+    last = lambda a: a.movedim(1, -1) if a.dim() > 2 else a  # noqa: E731  channels-last
+    with torch.no_grad():
+        h = model.prepare(x)
+        for name, m in steps:
+            if isinstance(m, nn.ReLU):
+                mask = last(h > 0).to(h.dtype)
+                cached.append(mask if columns is None else mask[:, columns])  # a flatten came before
+                h = torch.relu(h)
+                plan.append(("relu", None))
+            elif isinstance(m, nn.Flatten):
+                shape = tuple(last(h).shape[1:])
+                if h.dim() > 2:  # the torch column of each (position, channel) feature
+                    c, positions = h.shape[1], h[0, 0].numel()
+                    columns = torch.arange(c * positions, device=h.device).reshape(c, positions).T.reshape(-1)
+                h = m(h)
+                cached.append(None)
+                plan.append(("flatten", shape))
+            else:
+                layer = _Layer(name, m, params[f"{name}.weight"], columns if isinstance(m, nn.Linear) else None)
+                own = f"{name}.weight" in scope or f"{name}.bias" in scope
+                patches = (h if columns is None else h[:, columns]) if layer.linear else layer.windows(last(h))
+                columns = None
+                layer.in_shape = tuple(last(h).shape[1:-1])  # positions in and out (() for a linear layer)
+                layer.out_shape = tuple(patches.shape[1 : 1 + (0 if layer.linear else layer.d)])
+                flat = patches.reshape(h.shape[0], -1, patches.shape[-1] if layer.linear else layer.fixed.shape[0])
+                layer.positions = flat.shape[1]
+                cached.append(flat if own else None)
+                h = _apply(m, h, params[f"{name}.weight"], params.get(f"{name}.bias"))
+                plan.append(("layer", layer))
+    return plan, cached, h
+
+
+def plain_model_steps(model: nn.Module):
+    """``plain_layers(model)`` when every convolution is ungrouped (what the patches cover), else None."""
+    steps = plain_layers(model)
+    if steps is None or any(isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups != 1 for _, m in steps):
+        return None
+    return steps
+
+
+def _apply(m: nn.Module, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Layer ``m`` (convolution or linear) applied to ``h`` with the given weight and bias."""
+    if isinstance(m, nn.Linear):
+        return F.linear(h, weight, bias)
+    conv = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
+    return conv(h, weight, bias, m.stride, m.padding, m.dilation, m.groups)
