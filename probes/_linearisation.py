@@ -99,8 +99,45 @@ class CachedLinearisation:
                  model: nn.Module, chunk: int = 1024):
         blocks = [primal(model, steps, params, x[s : s + chunk], scope) for s in range(0, x.shape[0], chunk)]
         self.plan = blocks[0][0]
-        self.cached = [None if col[0] is None else torch.cat(col) for col in zip(*[b[1] for b in blocks])]
-        self.f0 = torch.cat([b[2] for b in blocks])
+        cached = [None if col[0] is None else torch.cat(col) for col in zip(*[b[1] for b in blocks])]
+        f0 = torch.cat([b[2] for b in blocks])
+        # one row per input holding everything cached for it, so that a step gathers its batch once
+        self.slots: list[tuple[int, int, tuple[int, ...]] | None] = []
+        parts, offset = [], 0
+        for c in [*cached, f0]:
+            if c is None:
+                self.slots.append(None)
+                continue
+            width = c[0].numel()
+            self.slots.append((offset, offset + width, tuple(c.shape[1:])))
+            parts.append(c.reshape(c.shape[0], -1))
+            offset += width
+        self.table = torch.cat(parts, dim=1)
+        self.bytes = self.table.numel() * self.table.element_size()
+        self._programs: dict[frozenset, list] = {}
+
+    def _part(self, rows: torch.Tensor, i: int) -> torch.Tensor:
+        """Entry ``i`` (of the plan; the last is f0) of the gathered ``rows``, in its cached shape."""
+        start, stop, shape = self.slots[i]
+        return rows[:, start:stop].unflatten(1, shape)
+
+    def _program(self, keys: frozenset) -> list[tuple]:
+        """The plan's steps from the first layer with a δ up, with their δ keys resolved (static
+        for a given set of keys, so a training step does no name lookups)."""
+        program = self._programs.get(keys)
+        if program is None:
+            program, live = [], False
+            for i, (kind, layer) in enumerate(self.plan):
+                if kind == "layer":
+                    w_key, b_key = f"{layer.name}.weight", f"{layer.name}.bias"
+                    w_key, b_key = (w_key if w_key in keys else None), (b_key if b_key in keys else None)
+                    if live or w_key or b_key:
+                        program.append((kind, layer, i, w_key, b_key, live))
+                        live = True
+                elif live:
+                    program.append((kind, layer, i, None, None, True))
+            self._programs[keys] = program
+        return program
 
     @classmethod
     def build(cls, model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
@@ -117,57 +154,50 @@ class CachedLinearisation:
         probe = cls(steps, full, x[:2], scope, model)
         with torch.no_grad():
             plain = torch.func.functional_call(model, full, (x[:2],))
-        if not torch.allclose(probe.f0, plain, rtol=1e-5, atol=1e-6):  # a model whose steps() is not its forward
+        f0 = probe._part(probe.table, len(probe.plan))
+        if not torch.allclose(f0, plain, rtol=1e-5, atol=1e-6):  # a model whose steps() is not its forward
             return None
-        per_input = sum(c[:1].numel() * c.element_size() for c in probe.cached if c is not None)
-        if per_input * x.shape[0] > budget_mb * 2**20:
+        if probe.bytes // 2 * x.shape[0] > budget_mb * 2**20:
             return None
         return cls(steps, full, x, scope, model)
 
     def _forward(self, delta: dict[str, torch.Tensor], idx: torch.Tensor, keep: list | None):
-        """The tangent's forward pass; ``keep`` collects, per plan entry, what the backward needs."""
-        t, b = None, idx.shape[0]
-        for (kind, layer), c in zip(self.plan, self.cached):
+        """The tangent's forward pass and the batch's f0; ``keep`` collects what the backward needs."""
+        rows, b, t = self.table.index_select(0, idx), idx.shape[0], None
+        for kind, layer, i, w_key, b_key, has_input in self._program(frozenset(delta)):
             saved = None
             if kind == "relu":
-                if t is not None:
-                    saved = c.index_select(0, idx)
-                    t = t * saved
+                saved = self._part(rows, i)
+                t = t * saved
             elif kind == "flatten":
-                if t is not None:
-                    saved = t.shape
-                    t = t.reshape(b, -1)
+                t = t.reshape(b, -1)
             else:
-                d_weight, d_bias = delta.get(f"{layer.name}.weight"), delta.get(f"{layer.name}.bias")
-                if t is not None or d_weight is not None or d_bias is not None:
-                    z = None
-                    if t is not None:
-                        patches = t if layer.linear else layer.windows(t)
-                        z = patches.reshape(-1, layer.fixed.shape[0]) @ layer.fixed
-                    u = None if c is None else c.index_select(0, idx).reshape(-1, c.shape[-1])
-                    if d_weight is not None:
-                        term = u @ layer.to_patch(d_weight)
-                        z = term if z is None else z + term
-                    if d_bias is not None:
-                        z = d_bias.expand(b * layer.positions, -1) if z is None else z + d_bias
-                    saved = (u, t is not None)
-                    t = z.reshape(b, *layer.out_shape, -1)
+                z = None
+                if has_input:
+                    patches = t if layer.linear else layer.windows(t)
+                    z = patches.reshape(-1, layer.fixed.shape[0]) @ layer.fixed
+                u = self._part(rows, i).reshape(-1, layer.patch_width) if self.slots[i] else None
+                if w_key:
+                    term = u @ layer.to_patch(delta[w_key])
+                    z = term if z is None else z + term
+                if b_key:
+                    z = delta[b_key].expand(b * layer.positions, -1) if z is None else z + delta[b_key]
+                saved = u
+                t = z.reshape(b, *layer.out_shape, -1)
             if keep is not None:
                 keep.append(saved)
-        return t
+        f0 = self._part(rows, len(self.plan))
+        return f0 if t is None else f0 + t
 
     def __call__(self, delta: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-        t = self._forward(delta, idx, None)
-        return self.f0[idx] if t is None else self.f0[idx] + t
+        return self._forward(delta, idx, None)
 
     def loss_grad(self, delta: dict[str, torch.Tensor], idx: torch.Tensor, y: torch.Tensor,
                   loss: str = "ce") -> dict[str, torch.Tensor]:
         """∇_δ of the batch's mean loss (``ce``: cross-entropy on class indices; ``mse``: ½ mean
         ‖f − y‖²), by the backward pass written out; a key of ``delta`` per gradient."""
         keep: list = []
-        t = self._forward(delta, idx, keep)
-        f0 = self.f0.index_select(0, idx)
-        logits = f0 if t is None else f0 + t
+        logits = self._forward(delta, idx, keep)
         b = idx.shape[0]
         if loss == "ce":
             g = torch.softmax(logits, dim=1)
@@ -176,20 +206,17 @@ class CachedLinearisation:
             g = logits - y.to(logits.dtype)
         g = g / b
         grads: dict[str, torch.Tensor] = {}
-        for (kind, layer), saved in zip(reversed(self.plan), reversed(keep)):
-            if saved is None:  # nothing before here depends on δ
-                break
+        for (kind, layer, i, w_key, b_key, has_input), saved in zip(reversed(self._program(frozenset(delta))),
+                                                                      reversed(keep)):
             if kind == "relu":
                 g = g * saved
             elif kind == "flatten":
-                g = g.reshape(saved)
+                g = g.reshape(b, *layer)
             else:
-                u, has_input = saved
                 g2 = g.reshape(-1, g.shape[-1])
-                w_key, b_key = f"{layer.name}.weight", f"{layer.name}.bias"
-                if w_key in delta:
-                    grads[w_key] = layer.from_patch(u.T @ g2, delta[w_key].shape)
-                if b_key in delta:
+                if w_key:
+                    grads[w_key] = layer.from_patch(saved.T @ g2, delta[w_key].shape)
+                if b_key:
                     grads[b_key] = g2.sum(0)
                 if not has_input:
                     break
@@ -230,7 +257,8 @@ def primal(model: nn.Module, steps, params: dict[str, torch.Tensor], x: torch.Te
                 columns = None
                 layer.in_shape = tuple(last(h).shape[1:-1])  # positions in and out (() for a linear layer)
                 layer.out_shape = tuple(patches.shape[1 : 1 + (0 if layer.linear else layer.d)])
-                flat = patches.reshape(h.shape[0], -1, patches.shape[-1] if layer.linear else layer.fixed.shape[0])
+                layer.patch_width = patches.shape[-1] if layer.linear else layer.fixed.shape[0]
+                flat = patches.reshape(h.shape[0], -1, layer.patch_width)
                 layer.positions = flat.shape[1]
                 cached.append(flat if own else None)
                 h = _apply(m, h, params[f"{name}.weight"], params.get(f"{name}.bias"))

@@ -344,9 +344,8 @@ def cross_ntk(net: Network, x_rows: torch.Tensor, x_cols: torch.Tensor, variant:
 def trace_ntk_diagonal(net: Network, x: torch.Tensor, chunk: int = 128, jac: torch.Tensor | None = None) -> torch.Tensor:
     """diag Θ^tr: Θ^tr[i,i] = ‖J(x_i)‖²_F = Σ_a ‖∂f_a(x_i)/∂w‖², without the off-diagonal.
     ``jac``: the inputs' Jacobians from ``jacobian_rows``, when the caller has them."""
-    if jac is not None:
-        return jac.pow(2).sum(dim=(1, 2))
-    return torch.cat([jacobian(net, x[b]).pow(2).sum(dim=(1, 2)) for b in _blocks(x.shape[0], chunk)])
+    return torch.cat([(jacobian(net, x[b]) if jac is None else jac[b]).pow(2).sum(dim=(1, 2))
+                      for b in _blocks(x.shape[0], chunk)])
 
 
 def _ntvp_block(net: Network, x_rows: torch.Tensor, x_cols: torch.Tensor, variant: str,

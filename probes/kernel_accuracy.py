@@ -65,7 +65,6 @@ LR_MODES = ("fixed", "kernel_scaled")
 
 KERNEL_VARIANTS = ("trace", "full")
 KERNEL_CACHE_MB = 1024.0  # Jacobian blocks kept while kernel regression builds Θ(X, X) (lsdb.plan estimates it)
-EVAL_BLOCK = 1024  # inputs per kernel-regression prediction at least: the cross kernel is (block × n)
 MAX_STEPS = 1_000_000  # linearised training steps
 MAX_CHUNK = 1_000_000  # inputs per block
 MAX_CACHE_MB = 1_048_576.0  # 1 TiB
@@ -214,30 +213,60 @@ def _linearised_row(ctx: ProbeContext, net: core.Network, params: Params, x_prob
 
 # ----------------------------------------------------------------------------- kernel regression
 
+class KernelMachine:
+    """Kernel regression with Θ_t on the probe set X, fitted once and then predicted anywhere:
+
+        f̂(x*) = f(x*) + Θ(x*, X)α,  α = (Θ(X, X) + λI)⁻¹(T − f(X)).
+
+    ``targets`` T is (n, C). ``variant`` ``trace``: Θ^tr shared by all logits (one n×n solve with
+    C right-hand sides); ``full``: the nC×nC kernel with vec(T − f(X)) (index i·C + a). The cross
+    kernel is never formed: Θ(x*, X)α = J(x*)·M with M = Σ_j J(x_j)ᵀ α_j, so for the trace kernel
+    logit c is ⟨vec J(x*), M_c⟩ with M_c = Σ_j α_jc vec J(x_j) (C vectors of C·P), and for the full
+    kernel J(x*) m with m = Σ_{j,b} α_jb ∂f_b(x_j)/∂w (one P-vector): a prediction costs one
+    Jacobian and C² (or C) dot products of length P per input instead of n. ``k_fit`` may pass a
+    precomputed Θ(X, X), ``j_fit`` the Jacobians of X (``core.jacobian_rows`` with the same
+    ``chunk``); without them both are built here, the Jacobian a block at a time.
+    """
+
+    def __init__(self, net: core.Network, x_fit: torch.Tensor, targets: torch.Tensor, lam: float,
+                 variant: str = "trace", chunk: int = 256, k_fit: torch.Tensor | None = None,
+                 j_fit: torch.Tensor | None = None):
+        self.net, self.variant, self.chunk = net, variant, chunk
+        with torch.no_grad():
+            f_fit = net(x_fit)
+        n, c = f_fit.shape
+        if k_fit is None:
+            k_fit = core.ntk(net, x_fit, variant, chunk=chunk, cache_mb=KERNEL_CACHE_MB, jac=j_fit)
+        resid = targets.to(f_fit.dtype) - f_fit
+        eye = torch.eye(k_fit.shape[0], dtype=k_fit.dtype, device=k_fit.device)
+        alpha = torch.linalg.solve(k_fit + lam * eye, resid.reshape(-1, 1) if variant == "full" else resid)
+        alpha = alpha.reshape(n, c)
+        self.m = None
+        for b in core._blocks(n, chunk):
+            jb = core.jacobian(net, x_fit[b]) if j_fit is None else j_fit[b]  # (b, C, P)
+            if variant == "full":  # m = Σ_{j,b} α_jb J_b(x_j)
+                part = alpha[b].reshape(-1) @ jb.reshape(-1, jb.shape[-1])
+            else:  # M_c = Σ_j α_jc vec J(x_j)
+                part = alpha[b].T @ jb.reshape(jb.shape[0], -1)
+            self.m = part if self.m is None else self.m + part
+
+    def __call__(self, x_eval: torch.Tensor, j_eval: torch.Tensor | None = None) -> torch.Tensor:
+        """f̂ at every input of ``x_eval`` (``j_eval``: their Jacobians, when the caller has them)."""
+        with torch.no_grad():
+            f_eval = self.net(x_eval)
+        out = []
+        for b in core._blocks(x_eval.shape[0], self.chunk):
+            jb = core.jacobian(self.net, x_eval[b]) if j_eval is None else j_eval[b]
+            out.append(jb @ self.m if self.variant == "full" else jb.reshape(jb.shape[0], -1) @ self.m.T)
+        return f_eval + torch.cat(out)
+
+
 def kernel_regression(net: core.Network, x_fit: torch.Tensor, targets: torch.Tensor,
                       x_eval: torch.Tensor, lam: float, variant: str = "trace", chunk: int = 256,
-                      k_fit: torch.Tensor | None = None, j_fit: torch.Tensor | None = None,
-                      j_eval: torch.Tensor | None = None) -> torch.Tensor:
-    """f̂(x*) = f(x*) + Θ(x*, X)(Θ(X, X) + λI)⁻¹(T − f(X)) for every x* in ``x_eval``.
-
-    ``targets`` T is (n, C). ``variant`` ``trace``: Θ^tr shared by all logits (one n×n solve
-    with C right-hand sides); ``full``: the nC×nC kernel with vec(T − f(X)) (index i·C + a).
-    ``k_fit`` may pass a precomputed Θ(X, X), ``j_fit``/``j_eval`` the Jacobians of X and of
-    ``x_eval`` (``core.jacobian_rows`` with the same ``chunk``).
-    """
-    with torch.no_grad():
-        f_fit, f_eval = net(x_fit), net(x_eval)
-    n, c = f_fit.shape
-    if k_fit is None:
-        k_fit = core.ntk(net, x_fit, variant, chunk=chunk, jac=j_fit)
-    k_cross = core.cross_ntk(net, x_eval, x_fit, variant, chunk, j_rows=j_eval, j_cols=j_fit)
-    resid = targets.to(f_fit.dtype) - f_fit
-    eye = torch.eye(k_fit.shape[0], dtype=k_fit.dtype, device=k_fit.device)
-    if variant == "full":
-        alpha = torch.linalg.solve(k_fit + lam * eye, resid.reshape(-1, 1))
-        return f_eval + (k_cross @ alpha).reshape(-1, c)
-    alpha = torch.linalg.solve(k_fit + lam * eye, resid)
-    return f_eval + k_cross @ alpha
+                      k_fit: torch.Tensor | None = None) -> torch.Tensor:
+    """f̂(x*) = f(x*) + Θ(x*, X)(Θ(X, X) + λI)⁻¹(T − f(X)) for every x* in ``x_eval``
+    (``KernelMachine`` fitted on X and predicting once)."""
+    return KernelMachine(net, x_fit, targets, lam, variant, chunk, k_fit)(x_eval)
 
 
 def _kernel_regression_row(ctx: ProbeContext, net: core.Network, params: Params, x_probe: torch.Tensor,
@@ -247,15 +276,10 @@ def _kernel_regression_row(ctx: ProbeContext, net: core.Network, params: Params,
                      jac=j_probe)
     lam = params.ridge * float(torch.diagonal(k_fit).mean())
     onehot = torch.nn.functional.one_hot(y_probe.long(), c)
-
-    def predict(x_eval: torch.Tensor, j_eval: torch.Tensor | None = None) -> torch.Tensor:
-        return kernel_regression(net, x_probe, onehot, x_eval, lam, params.kernel_variant, params.chunk,
-                                 k_fit, j_probe, j_eval)
-
-    big = max(params.chunk, EVAL_BLOCK)  # larger blocks, fewer solves
+    machine = KernelMachine(net, x_probe, onehot, lam, params.kernel_variant, params.chunk, k_fit, j_probe)
     train_loss, train_error = _evaluate(
-        lambda r: predict(x_probe[r], None if j_probe is None else j_probe[r]), y_probe, big)
-    test_loss, test_error = _evaluate(lambda r: predict(ctx.data.x_test[r]), ctx.data.y_test, big)
+        lambda r: machine(x_probe[r], None if j_probe is None else j_probe[r]), y_probe, params.chunk)
+    test_loss, test_error = _evaluate(lambda r: machine(ctx.data.x_test[r]), ctx.data.y_test, params.chunk)
     return {"method": "kernel_regression", "lr_mode": None, "lr": None, "steps": None,
             "kernel_variant": params.kernel_variant, "n_train": int(x_probe.shape[0]),
             "train_loss": train_loss, "train_error": train_error, "test_loss": test_loss,
@@ -283,8 +307,8 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
 
 def _probe_jacobian(net: core.Network, x_probe: torch.Tensor, params: Params) -> torch.Tensor | None:
     """The probe set's Jacobian, computed once for every use in the job (the kernel-scaled learning
-    rate, Θ(X, X), and the cross kernels of the predictions); None when only one use needs it or it
-    would exceed ``KERNEL_CACHE_MB``, and each use then computes its own blocks as before."""
+    rate, Θ(X, X), the kernel machine's M and its predictions on X); None when only one use needs
+    it or it would exceed ``KERNEL_CACHE_MB``, and each use then computes its own blocks."""
     uses = (("linearised" in params.methods and params.lr_mode == "kernel_scaled")
             + 3 * ("kernel_regression" in params.methods))
     with torch.no_grad():
