@@ -539,42 +539,54 @@ def ntk_memory(n: int, classes: int, params: int, variant: str = "trace", chunk:
 def kernel_accuracy_memory(n: int, classes: int, params: int, methods=("linearised", "kernel_regression"),
                            lr_mode: str = "kernel_scaled", kernel_variant: str = "trace", chunk: int = 256,
                            n_eval: int = 0) -> dict:
-    """Peak NTK and Jacobian memory of a ``kernel_accuracy`` job, in bytes (float32, B = 4):
+    """Peak NTK and Jacobian memory of a ``kernel_accuracy`` job, in bytes (float32, B = 4), with
+    J = n · C · P · B the probe set's whole Jacobian and a block b · C · P · B, b = min(chunk, n):
 
-    - ``linearised`` with ``kernel_scaled``: the trace-NTK diagonal, one block of b = min(chunk, n)
-      per-input Jacobians at a time, being built or squared: 2 · b · C · P · B. (The activations
-      its cached linearisation keeps are bounded by the probe's ``cache_mb`` and not counted.)
-    - ``kernel_regression``: Θ(X, X) as ``ntk_memory`` builds it (cache ``KERNEL_CACHE_MB``);
-      then, per block of e = min(max(chunk, EVAL_BLOCK), n_eval) inputs predicted, the probe set's
-      whole Jacobian J (n · C · P · B): its blocks and their concatenation (2 J), then J while a
-      row block is built (J + 2 · b · C · P · B), and the cross kernel with its pieces
-      (2 · e·per · rows · B); and the solve (Θ + λI, the identity and the LU copy: 3 · rows² · B).
+    - when two or more uses need J (``kernel_regression``, or the kernel-scaled learning rate beside
+      it) and J fits in ``KERNEL_CACHE_MB``, the job builds J once (its blocks and their
+      concatenation, 2 J) and holds it; otherwise each use builds its own blocks;
+    - ``linearised`` with ``kernel_scaled``: the trace-NTK diagonal, a block at a time being built
+      or squared: 2 blocks. (The cached linearisation's activations are bounded by the probe's
+      ``cache_mb`` and not counted.)
+    - ``kernel_regression``: Θ(X, X) as ``ntk_memory`` builds it (from the held J: only its Gram
+      blocks, 3 · (b·per)² · B), the solve (Θ + λI, the identity and the LU copy: 3 · rows² · B),
+      then the kernel machine's M (C · C · P · B for ``trace``, P · B for ``full``) accumulated and
+      used to predict a block at a time: M, one partial product and a block being built
+      (``BUILD_BLOCKS`` blocks).
 
-    ``n_eval``: the most inputs predicted in one call (test split or probe set; 0 = ``n``).
-    Peak = the largest of these phases, the kernel held throughout.
+    ``n_eval`` (the most inputs predicted in one call) no longer matters: predictions go a block
+    at a time. Peak = the largest of these phases, with what each holds throughout.
     """
     from lsdb.probes import kernel_accuracy as ka
 
     per = classes if kernel_variant == "full" else 1
     rows = n * per
     b = min(chunk, n)
+    block = b * classes * params * _FLOAT
+    whole = n * classes * params * _FLOAT
     fit = ntk_memory(n, classes, params, kernel_variant, chunk, ka.KERNEL_CACHE_MB)
-    peak, jac = 0, 0
-    if "linearised" in methods and lr_mode == "kernel_scaled":
-        jac = 2 * b * classes * params * _FLOAT
-        peak = jac
-    if "kernel_regression" not in methods:  # the diagonal only: blocks one at a time, no kernel
+    regression = "kernel_regression" in methods
+    scaled = "linearised" in methods and lr_mode == "kernel_scaled"
+    shared = regression and whole <= ka.KERNEL_CACHE_MB * 2**20
+    held = whole if shared else 0
+    peak = 2 * whole if shared else 0
+    jac = peak
+    if scaled:
+        jac = max(jac, block if shared else 2 * block)
+        peak = max(peak, held + (block if shared else 2 * block))
+    if not regression:  # the diagonal only: blocks one at a time, no kernel
         return {**fit, "kernel_variant": "trace", "cached_blocks": 0, "cache_mb": 0.0, "kernel_bytes": 0,
                 "jacobian_bytes": jac, "total_bytes": peak}
-    e = min(max(chunk, ka.EVAL_BLOCK), n_eval or n)
     kernel = fit["kernel_bytes"]
-    whole = n * classes * params * _FLOAT + max(n, 2 * b) * classes * params * _FLOAT
-    cross = 2 * e * per * rows * _FLOAT
-    build = kernel + fit["jacobian_bytes"] + 3 * (b * per) ** 2 * _FLOAT
-    solve = kernel + e * per * rows * _FLOAT + 3 * rows * rows * _FLOAT
-    peak = max(peak, build, kernel + whole + cross, solve)
-    jac = max(jac, fit["jacobian_bytes"], whole)
-    return {**fit, "jacobian_bytes": jac, "total_bytes": peak}
+    gram = 3 * (b * per) ** 2 * _FLOAT
+    build = held + kernel + (gram if shared else fit["jacobian_bytes"] + gram)
+    solve = held + kernel + 3 * rows * rows * _FLOAT
+    m = (classes * classes if kernel_variant == "trace" else 1) * params * _FLOAT
+    predict = held + kernel + 2 * m + int(BUILD_BLOCKS * block)
+    peak = max(peak, build, solve, predict)
+    jac = max(jac, held if shared else fit["jacobian_bytes"], int(BUILD_BLOCKS * block))
+    extra = {"cached_blocks": fit["blocks"], "cache_mb": ka.KERNEL_CACHE_MB} if shared else {}
+    return {**fit, **extra, "jacobian_bytes": jac, "total_bytes": peak}
 
 
 #: Probes with a ``params`` scope (globs on parameter names), checked against the model by ``check_scopes``.

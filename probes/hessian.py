@@ -85,6 +85,7 @@ from lsdb.errors import ArtifactCorrupt, ProbeError, ProbeSkipped
 from lsdb.spec import MAX_EXAMPLES, MAX_SEED, between, one_of, positive
 
 from . import _directions as D
+from ._layerwise import LayerHessian
 from .base import JobRequest, ProbeContext, Study, each_checkpoint, scope_field, select_params
 
 VERSION = 3  # 2: default trace estimator "deflated"; 3: top_k = 0 (the default) is 2C + 2, batch sharpness
@@ -105,7 +106,7 @@ MAX_HVP_CHUNK = 65_536
 MAX_SHARPNESS_BATCHES = 100_000  # batches of the batch sharpness (one gradient and one HVP each)
 CRITERIA = ("residual", "gap")
 TRACE_METHODS = ("deflated", "hutch++", "hutchinson")
-HVP_METHODS = ("double_backward", "fwd_rev")
+HVP_METHODS = ("auto", "layers", "double_backward", "fwd_rev")
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,9 @@ class Params:
     density_iters: int = field(default=40, metadata=between(1, MAX_DENSITY_ITERS))
     density_points: int = field(default=256, metadata=between(1, MAX_DENSITY_POINTS))
     density_sigma: float = field(default=0.01, metadata=positive())
-    # "double_backward" | "fwd_rev" (forward-over-reverse)
-    hvp: str = field(default="double_backward", metadata=one_of(*HVP_METHODS))
+    # "auto" (layers where the model lists plain layers, else double_backward) | "layers" |
+    # "double_backward" | "fwd_rev" (forward-over-reverse); each row stores the one used
+    hvp: str = field(default="auto", metadata=one_of(*HVP_METHODS))
     hvp_chunk: int = field(default=16, metadata=between(1, MAX_HVP_CHUNK))  # vectors per batched HVP
     warm_start: bool = False
     store_ritz: bool = True
@@ -167,12 +169,16 @@ class HessianOperator:
 
     "double_backward" builds ∇L once with create_graph and differentiates ⟨∇L, v⟩ for each v
     (the first-order graph is reused by every product); "fwd_rev" pushes v forward through ∇L with
-    ``torch.func.jvp`` (vmapped over vectors). ``hvps`` counts products.
+    ``torch.func.jvp`` (vmapped over vectors); "layers" takes the products of ``layers`` (a
+    ``LayerHessian`` of the same loss: the R-operator written out for plain-layer models, about 2×
+    faster on small batches). ``hvps`` counts products.
     """
 
-    def __init__(self, loss_fn, params: dict[str, torch.Tensor], method: str = "double_backward", chunk: int = 16):
-        if method not in ("double_backward", "fwd_rev"):
-            raise ProbeError(f"probes.hessian.hvp = '{method}' must be double_backward or fwd_rev")
+    def __init__(self, loss_fn, params: dict[str, torch.Tensor], method: str = "double_backward", chunk: int = 16,
+                 layers: LayerHessian | None = None):
+        if method not in ("double_backward", "fwd_rev", "layers") or (method == "layers") != (layers is not None):
+            raise ProbeError(f"probes.hessian.hvp = '{method}' must be double_backward, fwd_rev or layers "
+                             f"(with the layer-wise products)")
         self.names = list(params)
         self.shapes = [params[n].shape for n in self.names]
         self.sizes = [params[n].numel() for n in self.names]
@@ -181,8 +187,10 @@ class HessianOperator:
         self.dtype, self.device = first.dtype, first.device
         self.method, self.chunk, self.hvps = method, max(1, chunk), 0
         self.params = {n: p.detach() for n, p in params.items()}
-        self.loss_fn = loss_fn
-        if method == "double_backward":
+        self.loss_fn, self.layers = loss_fn, layers
+        if method == "layers":
+            pass
+        elif method == "double_backward":
             leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
             with torch.enable_grad():
                 loss = loss_fn(leaves)
@@ -202,6 +210,8 @@ class HessianOperator:
         pass), one ``torch.func.grad`` with "fwd_rev". Not an HVP, so ``hvps`` is unchanged."""
         if self.method == "double_backward":
             return self._grad.detach()
+        if self.method == "layers":
+            return self.flatten(self.layers.gradient)
         return self.flatten(grad(self.loss_fn)(self.params)).detach()
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -222,12 +232,27 @@ class HessianOperator:
     def _apply(self, block):
         if self.method == "fwd_rev":
             return self._hvp_batch(block).detach()
+        if self.method == "layers":
+            return torch.stack([self.flatten(self.layers.hvp(self.unflatten(v))) for v in block])
         # one vector at a time: is_grads_batched (vmap over the backward graph) measured slower
         rows = []
         for v in block:
             hv = torch.autograd.grad(self._grad, self._leaves, grad_outputs=v, retain_graph=True)
             rows.append(torch.cat([h.reshape(-1) for h in hv]))
         return torch.stack(rows)
+
+
+def make_operator(model: torch.nn.Module, params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
+                  x: torch.Tensor, y: torch.Tensor, hvp: str = "auto", chunk: int = 16) -> HessianOperator:
+    """The Hessian of the mean cross-entropy of ``model`` on (x, y) with respect to ``params``
+    (``fixed``: the rest of its state), with products by ``hvp``: "auto" takes the layer-wise
+    products where the model lists plain layers, else double backward."""
+    layers = LayerHessian.build(model, params, fixed, x, y) if hvp in ("auto", "layers") else None
+    if hvp == "layers" and layers is None:
+        raise ProbeError(f"probes.hessian.hvp = 'layers' needs a model that lists plain layers (convolutions, linear "
+                         f"layers, ReLU, flatten); {type(model).__name__} does not: use 'auto'")
+    method = "layers" if layers is not None else ("double_backward" if hvp == "auto" else hvp)
+    return HessianOperator(D.loss_function(model, fixed, x, y), params, method, chunk, layers)
 
 
 # --------------------------------------------------------------------------------- Lanczos
@@ -486,19 +511,19 @@ class BatchSharpness:
     hvps: int
 
 
-def batch_sharpness(make_loss, params: dict[str, torch.Tensor], n: int, batch_size: int, batches: int,
-                    generator: torch.Generator, method: str = "double_backward") -> BatchSharpness:
+def batch_sharpness(make_op, n: int, batch_size: int, batches: int,
+                    generator: torch.Generator) -> BatchSharpness:
     """E_B[g_Bᵀ H_B g_B / ‖g_B‖²] over ``batches`` random batches (module docstring).
 
-    ``make_loss(idx)`` is the mean loss on the training examples ``idx`` as a function of a params
-    dict; batch l is ``torch.randperm(n, generator=generator)[:batch_size]``. When the batch is the
+    ``make_op(idx)`` is the ``HessianOperator`` of the mean loss on the training examples ``idx``;
+    batch l is ``torch.randperm(n, generator=generator)[:batch_size]``. When the batch is the
     whole split, one is evaluated (they would all be equal) and the standard error is 0."""
     b = min(batch_size, n)
     full = b >= n
     values, hvps = [], 0
     for _ in range(1 if full else batches):
         idx = torch.randperm(n, generator=generator)[:b]
-        op = HessianOperator(make_loss(idx), params, method, 1)
+        op = make_op(idx)
         g = op.gradient()
         gg = float(g.double() @ g.double())
         if not math.isfinite(gg):
@@ -546,11 +571,10 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
     was_training = model.training
     model.eval()
     try:
-        loss_fn = D.loss_function(model, fixed, x, y)
         with torch.no_grad():
-            batch_loss = float(loss_fn(params_t))
+            batch_loss = float(D.loss_function(model, fixed, x, y)(params_t))
         D.require_finite(batch_loss)
-        op = HessianOperator(loss_fn, params_t, params.hvp, params.hvp_chunk)
+        op = make_operator(model, params_t, fixed, x, y, params.hvp, params.hvp_chunk)
         gen = torch.Generator().manual_seed(ctx.seed)
 
         prev = _load_warm_start(ctx, params, op.P)
@@ -588,12 +612,12 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
             xs, ys = ctx.data.x_train, ctx.data.y_train
             dev = xs.device
 
-            def batch_loss_fn(i):
+            def batch_op(i):
                 i = i.to(dev)
-                return D.loss_function(model, fixed, xs[i], ys[i])
+                return make_operator(model, params_t, fixed, xs[i], ys[i], op.method, 1)  # as the main batch
 
-            sharp = batch_sharpness(batch_loss_fn, params_t, xs.shape[0], size, params.sharpness_batches,
-                                    torch.Generator().manual_seed(ctx.seed), params.hvp)
+            sharp = batch_sharpness(batch_op, xs.shape[0], size, params.sharpness_batches,
+                                    torch.Generator().manual_seed(ctx.seed))
     finally:
         model.train(was_training)
 
@@ -604,7 +628,7 @@ def compute(ctx: ProbeContext, params: Params) -> dict[str, list[dict]]:
         overlap = float((Yp.to(top.vectors.device) @ top.vectors.T).pow(2).sum() / top.vectors.shape[0])
     row = {
         "batch_size": int(x.shape[0]), "batch_loss": batch_loss, "top_eigenvalue": float(top.values[0]),
-        "k": int(top.values.numel()), "lanczos_iters": top.iters, "hvps": int(op.hvps),
+        "k": int(top.values.numel()), "lanczos_iters": top.iters, "hvps": int(op.hvps), "hvp": op.method,
         "converged": bool(top.converged), "max_residual": float(top.residuals.max()), "tol": params.tol,
         "outliers": count_outliers(top.values), "trace": trace, "trace_stderr": se,
         "trace_method": params.trace_method, "trace_hvps": int(trace_hvps), "density_hvps": int(density_hvps),

@@ -53,7 +53,7 @@ from lsdb.errors import ProbeError, ProbeSkipped
 from lsdb.spec import MAX_EXAMPLES, between, check, non_negative, one_of, positive
 
 from . import _ntk_core as core
-from ._linearisation import CachedLinearisation
+from ._layerwise import CachedLinearisation
 from .base import ProbeContext, each_checkpoint, scope_field
 
 VERSION = 1

@@ -22,7 +22,9 @@ from .views import metric_names, metric_series_sql, metric_sources, views_sql
 #    task_fraction and task_examples describe fine-tunes (kind "finetune"; null on other runs).
 # 5: hessian gains batch sharpness (batch_sharpness, its stderr, batches, batch size, seed, HVPs), the
 #    gradient's norm and its fraction in the top-C and top-k Ritz subspaces (null on older rows).
-SCHEMA_VERSION = 5
+# 6: hessian.hvp says how the job took its Hessian-vector products (the layer-wise products agree
+#    with double backward to float rounding; null on older rows).
+SCHEMA_VERSION = 6
 MIN_SCHEMA_VERSION = 2
 
 # version -> SQL statements that upgrade a store from version-1 to version (new tables need none:
@@ -43,6 +45,7 @@ UPGRADES: dict[int, list[str]] = {
         ("top_k_grad_fraction", "DOUBLE"), ("batch_sharpness", "DOUBLE"), ("batch_sharpness_stderr", "DOUBLE"),
         ("sharpness_batches", "INTEGER"), ("sharpness_batch_size", "INTEGER"), ("sharpness_seed", "BIGINT"),
         ("sharpness_hvps", "INTEGER"))],
+    6: ["ALTER TABLE hessian ADD COLUMN IF NOT EXISTS hvp VARCHAR"],
 }
 
 __all__ = [

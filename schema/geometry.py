@@ -95,6 +95,9 @@ class HessianResult(ProbeRow, Base):
     ``batch_sharpness_stderr`` its standard error (0 for a full-batch run, whose one batch is the whole
     split); the batches are drawn with ``sharpness_seed``; ``sharpness_hvps`` HVPs (one per batch, not
     counted in ``hvps``, which counts the products on the fixed batch).
+
+    Added in schema 6: ``hvp``, how the products were taken (``layers``: the R-operator written out
+    for plain-layer models; ``double_backward``; ``fwd_rev``); null on older rows.
     """
 
     __tablename__ = "hessian"
@@ -137,6 +140,8 @@ class HessianResult(ProbeRow, Base):
     sharpness_batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
     sharpness_seed: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     sharpness_hvps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # how the products were taken: layers | double_backward | fwd_rev (null on rows before schema 6)
+    hvp: Mapped[str | None] = mapped_column(String, nullable=True)
 
 
 class HessianEigenvalueResult(ProbeRow, Base):

@@ -222,3 +222,33 @@ def test_warm_start_through_previous_checkpoint_note(dense, tmp_path):
                     params)["hessian"][0]
     assert row["warm_started"] is True and row["converged"] is True
     assert row["subspace_overlap"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_layer_wise_products_give_the_double_backward_rows(tmp_path):
+    """hvp = "auto" takes the layer-wise products on a plain-layer CNN (the row says so); every
+    stored number is double backward's to float64 rounding."""
+    model, state, data = tc.case("cnn40").build()
+    run = tc.run_ref("r", [0], batch_size=16)
+    rows = {}
+    for hvp in ("auto", "double_backward"):
+        ctx = tc.context(model, data, tmp_path / hvp, states=[state], runs=[run])
+        rows[hvp] = H.compute(ctx, H.Params(batch_size=64, top_k=4, trace_hvps=12, density_vectors=1,
+                                            density_iters=10, sharpness_batches=3, hvp=hvp))
+    fast, slow = rows["auto"]["hessian"][0], rows["double_backward"]["hessian"][0]
+    assert (fast["hvp"], slow["hvp"]) == ("layers", "double_backward")
+    assert fast["lanczos_iters"] == slow["lanczos_iters"] and fast["hvps"] == slow["hvps"]
+    for key, value in slow.items():
+        if isinstance(value, float):
+            assert fast[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    for table in ("hessian_eigenvalue", "hessian_density"):
+        for a, b in zip(rows["auto"][table], rows["double_backward"][table]):
+            assert a == pytest.approx(b, rel=1e-8, abs=1e-10)
+
+
+def test_layer_wise_products_need_plain_layers(dense, tmp_path):
+    from lsdb.errors import ProbeError
+
+    with pytest.raises(ProbeError, match="hvp = 'layers' needs a model that lists plain layers"):
+        H.compute(_ctx(dense["model"], dense["data"], tmp_path), H.Params(batch_size=64, top_k=2, hvp="layers"))
+    row = H.compute(_ctx(dense["model"], dense["data"], tmp_path / "auto"), H.Params(batch_size=64, top_k=2))
+    assert row["hessian"][0]["hvp"] == "double_backward"  # "auto" on a tanh MLP

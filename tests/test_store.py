@@ -135,8 +135,8 @@ def test_a_store_before_the_hessian_sharpness_columns_gains_them_null_for_old_ro
 
     from lsdb.schema import SCHEMA_VERSION, UPGRADES, Base
 
-    new = [s.split("EXISTS ")[1].split()[0] for s in UPGRADES[5]]
-    assert "batch_sharpness" in new and "top_subspace_grad_fraction" in new
+    new = [s.split("EXISTS ")[1].split()[0] for v in (5, 6) for s in UPGRADES[v]]  # 6: the hvp method
+    assert "batch_sharpness" in new and "top_subspace_grad_fraction" in new and "hvp" in new
     store = Store.init(tmp_path / "store")
     with store.write() as conn:  # make it look like a store written before the columns existed
         for view in [r[0] for r in conn.execute(sa.text("SELECT view_name FROM duckdb_views() WHERE NOT internal"))]:
@@ -161,6 +161,6 @@ def test_a_store_before_the_hessian_sharpness_columns_gains_them_null_for_old_ro
         version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
         con.execute("SELECT count(*) FROM metric_series WHERE metric = 'batch_sharpness'").fetchone()
     assert columns["batch_sharpness"] == "DOUBLE" and columns["sharpness_seed"] == "BIGINT"
-    assert columns["top_subspace_dim"] == "INTEGER" and set(new) <= set(columns)
+    assert columns["top_subspace_dim"] == "INTEGER" and columns["hvp"] == "VARCHAR" and set(new) <= set(columns)
     assert old[0] == 5.0 and all(v is None for v in old[1:])
     assert version == SCHEMA_VERSION >= 5

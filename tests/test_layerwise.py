@@ -1,4 +1,4 @@
-"""The hand-written backward pass of the cached linearisation (probes._linearisation) against
+"""The hand-written backward pass of the cached linearisation (probes._layerwise) against
 autograd through the jvp at w_t, in float64, on every layer arrangement it accepts."""
 
 from __future__ import annotations
@@ -105,3 +105,30 @@ def test_grouped_convolutions_take_the_jvp():
     model.conv, model.flatten, model.lin = conv, flat, lin
     params = {k: v.detach() for k, v in model.named_parameters()}
     assert ka.CachedLinearisation.build(model, params, torch.randn(4, 2, 6), 16.0) is None
+# ---------------------------------------------------------------------------- Hessian products
+
+def autograd_hvp(model, net, x, y, v):
+    leaves = {k: p.clone().requires_grad_(True) for k, p in net.params.items()}
+    loss = torch.nn.functional.cross_entropy(torch.func.functional_call(model, {**net.buffers, **leaves}, (x,)), y)
+    grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+    hv = torch.autograd.grad(grads, list(leaves.values()), grad_outputs=[v[k] for k in leaves])
+    return dict(zip(leaves, grads)), dict(zip(leaves, hv))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("scope", [(), ("readout.*",), ("features.0.bias", "readout.weight")])
+def test_layer_hessian_products_are_double_backward(name, scope):
+    from lsdb.probes._layerwise import LayerHessian
+
+    if name == "mlp" and scope:
+        scope = tuple(s.replace("features.0", "net.0").replace("readout", "net.4") for s in scope)
+    model, net, x, y, v = setup(name, scope)
+    lh = LayerHessian.build(model, net.params, net.buffers, x, y)
+    assert lh is not None
+    grad, want = autograd_hvp(model, net, x, y, v)
+    got = lh.hvp(v)
+    assert list(got) == list(want) == list(lh.gradient)
+    assert all(float(w.abs().max()) > 1e-3 for w in want.values())  # no block is trivially zero
+    for k in want:
+        torch.testing.assert_close(lh.gradient[k], grad[k].detach(), rtol=1e-11, atol=1e-13)
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)

@@ -1,14 +1,17 @@
-"""The linearised model's tangent J_t(x)δ for training inputs by index, and its gradient, by hand.
+"""Hand-written layer-wise passes of plain-layer models (convolutions, linear layers, ReLU,
+flatten: ``plain_layers``): the linearised model's tangent and its gradient (``CachedLinearisation``,
+for ``kernel_accuracy``) and products with the loss Hessian (``LayerHessian``, for ``hessian``).
 
-f_lin(x_i; w_t + δ) = f(x_i; w_t) + J_t(x_i)δ is linear in δ, and for a model that lists plain
-layers (convolutions, linear layers, ReLU, flatten) the tangent follows the layers:
-t_{l+1} = op_l(h_l; δW_l, δb_l) + op_l(t_l; W_l) at a convolution or linear layer, m_l ⊙ t_l at a
-ReLU (m_l its mask at w_t), a reshape at a flatten. Everything at w_t is fixed, so it is computed
-once for every training input and cached: each layer's input h_l unfolded into patches (im2col),
-each ReLU's mask, and the logits f(x; w_t). A training step is then matrix products on the cached
-patches, and the backward pass is written out (a convolution's input gradient is the patch
-gradient folded back, col2im), with no autograd graph: the small layers of the studies' models
-spend most of a conv call's time outside the arithmetic (``benchmarks/kernel_accuracy.py``).
+Everything at the checkpoint w_t is computed once and cached: each layer's input h_l unfolded into
+patches (im2col), each ReLU's mask, the logits (and for the Hessian the softmax and the loss
+gradients at every layer's output). A pass is then matrix products on the cached patches, with
+the backward pass written out (a convolution's input gradient is the patch gradient folded back,
+col2im) and no autograd graph: the studies' small layers spend most of a conv call's time outside
+the arithmetic (``benchmarks/kernel_accuracy.py``, ``benchmarks/hessian.py``).
+
+Linearised model: f_lin(x_i; w_t + δ) = f(x_i; w_t) + J_t(x_i)δ is linear in δ, and its tangent
+follows the layers: t_{l+1} = op_l(h_l; δW_l, δb_l) + op_l(t_l; W_l) at a convolution or linear
+layer, m_l ⊙ t_l at a ReLU (m_l its mask at w_t), a reshape at a flatten.
 
 Layout: activations are kept channels-last, (B, *positions, channels), so that a convolution is
 one product of (B·positions, kernel·in) patches with a (kernel·in, out) weight. A flatten of a
@@ -224,6 +227,125 @@ class CachedLinearisation:
                 g = gp.reshape(b, -1) if layer.linear else layer.fold(
                     gp.reshape(b, *layer.out_shape, *layer.k, -1), layer.in_shape)
         return {k: grads[k] for k in delta}
+
+
+class LayerHessian:
+    """Products H v with the Hessian of L(w) = mean_i CE(f(x_i; w), y_i) over a fixed batch, for a
+    plain-layer model, by the R-operator (Pearlmutter 1994) written out layer by layer.
+
+    The primal pass and backward pass at w are done once: every layer's input patches, ReLU masks,
+    softmax p and the loss gradients g_l with respect to each layer's output are cached (and the
+    gradient ∇L comes out of it). A product then takes one tangent pass forward, R{h} (as the
+    linearised model's), R{f} = t and R{∂L/∂f} = (diag p − p pᵀ) t / B, and one pass back:
+    R{g_l} at each layer, H v for W_l = Σ R{g_l} ⊗ h_l + g_l ⊗ R{h_l} (and Σ R{g_l} for its
+    bias), R{∂L/∂h_l} = W_lᵀ R{g_l} + V_lᵀ g_l, masked at each ReLU (its second derivative is zero
+    almost everywhere). ``names``: the differentiated parameters, in the operator's order.
+    """
+
+    def __init__(self, model: nn.Module, steps, params: dict[str, torch.Tensor], names: list[str],
+                 x: torch.Tensor, y: torch.Tensor):
+        self.names, scope = names, set(names)
+        self.plan, self.cached, logits = primal(model, steps, params, x, scope)
+        layers = [i for i, (kind, layer) in enumerate(self.plan) if kind == "layer" and (
+            f"{layer.name}.weight" in scope or f"{layer.name}.bias" in scope)]
+        self.first, b = layers[0], x.shape[0]
+        self.p = torch.softmax(logits, dim=1)
+        g = self.p.clone()
+        g.scatter_add_(1, y.long().unsqueeze(1), g.new_full((b, 1), -1.0))
+        g = g / b
+        self.signal: list[torch.Tensor | None] = [None] * len(self.plan)  # ∂L/∂(layer output), (B·P, out)
+        grads = {}
+        for i in range(len(self.plan) - 1, self.first - 1, -1):
+            kind, layer = self.plan[i]
+            if kind == "relu":
+                g = g * self.cached[i]
+            elif kind == "flatten":
+                g = g.reshape(b, *layer)
+            else:
+                g2 = self.signal[i] = g.reshape(-1, g.shape[-1])
+                w_key, b_key = f"{layer.name}.weight", f"{layer.name}.bias"
+                if w_key in scope:
+                    u = self.cached[i].reshape(-1, self.cached[i].shape[-1])
+                    grads[w_key] = layer.from_patch(u.T @ g2, params[w_key].shape)
+                if b_key in scope:
+                    grads[b_key] = g2.sum(0)
+                if i > self.first:
+                    g = self._input_grad(layer, g2 @ layer.fixed.T, b)
+        self.gradient = {n: grads[n] for n in names}
+        self.batch = b
+
+    @staticmethod
+    def _input_grad(layer, gp: torch.Tensor, b: int) -> torch.Tensor:
+        """Patch-layout gradients (B·P, kernel·in) folded back onto the layer's input."""
+        if layer.linear:
+            return gp.reshape(b, -1)
+        return layer.fold(gp.reshape(b, *layer.out_shape, *layer.k, -1), layer.in_shape)
+
+    def hvp(self, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """H v, both dicts keyed by ``names``."""
+        b, t = self.batch, None
+        tangent_patches: list[torch.Tensor | None] = [None] * len(self.plan)
+        for i, (kind, layer) in enumerate(self.plan):
+            if kind == "relu":
+                t = None if t is None else t * self.cached[i]
+            elif kind == "flatten":
+                t = None if t is None else t.reshape(b, -1)
+            else:
+                v_weight, v_bias = v.get(f"{layer.name}.weight"), v.get(f"{layer.name}.bias")
+                if t is None and v_weight is None and v_bias is None:
+                    continue
+                z = None
+                if t is not None:
+                    tp = tangent_patches[i] = (t if layer.linear else layer.windows(t)).reshape(-1, layer.fixed.shape[0])
+                    z = tp @ layer.fixed
+                if v_weight is not None:
+                    term = self.cached[i].reshape(-1, self.cached[i].shape[-1]) @ layer.to_patch(v_weight)
+                    z = term if z is None else z + term
+                if v_bias is not None:
+                    z = v_bias.expand(b * layer.positions, -1) if z is None else z + v_bias
+                t = z.reshape(b, *layer.out_shape, -1)
+        p = self.p
+        r = (p * t - p * (p * t).sum(1, keepdim=True)) / b  # R{∂L/∂f}: the softmax Hessian applied to R{f}
+        out = {}
+        for i in range(len(self.plan) - 1, self.first - 1, -1):
+            kind, layer = self.plan[i]
+            if kind == "relu":
+                r = r * self.cached[i]
+            elif kind == "flatten":
+                r = r.reshape(b, *layer)
+            else:
+                r2, g2, tp = r.reshape(-1, r.shape[-1]), self.signal[i], tangent_patches[i]
+                w_key, b_key = f"{layer.name}.weight", f"{layer.name}.bias"
+                if w_key in v:
+                    hw = self.cached[i].reshape(-1, self.cached[i].shape[-1]).T @ r2
+                    if tp is not None:
+                        hw = hw + tp.T @ g2
+                    out[w_key] = layer.from_patch(hw, v[w_key].shape)
+                if b_key in v:
+                    out[b_key] = r2.sum(0)
+                if i == self.first:
+                    break
+                rh = r2 @ layer.fixed.T
+                if w_key in v:
+                    rh = rh + g2 @ layer.to_patch(v[w_key]).T
+                r = self._input_grad(layer, rh, b)
+        return {n: out[n] for n in self.names}
+
+    @classmethod
+    def build(cls, model: nn.Module, params: dict[str, torch.Tensor], fixed: dict[str, torch.Tensor],
+              x: torch.Tensor, y: torch.Tensor) -> "LayerHessian | None":
+        """The layer-wise products, or None where they do not apply (the caller then takes autograd):
+        a model without plain layers, or whose listed layers do not compute its forward pass."""
+        steps = plain_model_steps(model)
+        if steps is None or x.shape[0] == 0 or not params:
+            return None
+        full = {**fixed, **params}
+        with torch.no_grad():
+            plain = torch.func.functional_call(model, full, (x[:2],))
+        _, _, logits = primal(model, steps, full, x[:2], set(params))
+        if not torch.allclose(logits, plain, rtol=1e-5, atol=1e-6):
+            return None
+        return cls(model, steps, full, list(params), x, y)
 
 
 def primal(model: nn.Module, steps, params: dict[str, torch.Tensor], x: torch.Tensor, scope: set[str]):
