@@ -5,7 +5,7 @@ Same model, same batch of 512, same process. The model is the default CNN1d (wid
 5/3/3, ~8k parameters) trained briefly on real MNIST-1D with SGD, so the spectrum is realistic.
 The reference top eigenvalue is a float64 Lanczos run to a relative residual of 1e-10.
 
-    /work/venv/bin/python benchmarks/hessian.py [--quick] [--threads N] [--device cpu|cuda]
+    python benchmarks/hessian.py [--quick] [--threads N] [--device cpu|cuda]
 
 Prints, for each method: relative error against the reference, HVP count, median wall time over
 repeats and the ratio to PyHessian's; then per-checkpoint times along a sequence of checkpoints with
@@ -132,9 +132,9 @@ def eigsh_top(model, x, y, counter: Counter, seed: int, tol: float):
     return float(vals[0])
 
 
-def lsdb_top(model, x, y, counter: Counter, seed: int, tol: float, criterion: str, v0=None, hvp="double_backward"):
+def lsdb_top(model, x, y, counter: Counter, seed: int, tol: float, criterion: str, v0=None, hvp="auto"):
     params = {n: p.detach() for n, p in model.named_parameters()}
-    op = H.HessianOperator(D.loss_function(model, {}, x, y), params, hvp, 8)
+    op = H.make_operator(model, params, {}, x, y, hvp, 8)
     top = H.lanczos_top(op, 1, tol, 200, v0=v0, generator=torch.Generator().manual_seed(seed), criterion=criterion)
     counter.n += op.hvps
     return float(top.values[0]), top
@@ -195,7 +195,9 @@ def main():
     run("pyhessian power iteration (defaults)", lambda c, s: pyhessian_top(model, x, y, c, s))
     run("pyhessian power iteration, tol 1e-4", lambda c, s: pyhessian_top(model, x, y, c, s, 1e-4))
     run("scipy eigsh, double-backward HVP, tol 1e-3", lambda c, s: eigsh_top(model, x, y, c, s, 1e-3))
-    run("lsdb lanczos, residual <= 1e-3", lambda c, s: lsdb_top(model, x, y, c, s, 1e-3, "residual"))
+    run("lsdb lanczos, residual <= 1e-3 (default)", lambda c, s: lsdb_top(model, x, y, c, s, 1e-3, "residual"))
+    run("lsdb lanczos, residual, double backward",
+        lambda c, s: lsdb_top(model, x, y, c, s, 1e-3, "residual", hvp="double_backward"))
     run("lsdb lanczos, gap bound <= 1e-3", lambda c, s: lsdb_top(model, x, y, c, s, 1e-3, "gap"))
     run("lsdb lanczos, gap bound <= 1e-4", lambda c, s: lsdb_top(model, x, y, c, s, 1e-4, "gap"))
     run("lsdb lanczos fwd-over-rev HVP, gap <= 1e-3",
@@ -210,7 +212,9 @@ def main():
     py, py4 = {"t": [], "err": [], "h": []}, {"t": [], "err": [], "h": []}
     # (criterion, tolerance): the rigorous residual test; the gap test at the target accuracy, and
     # at half of it (the gap is estimated from Ritz values, so a margin keeps the error within 1e-3)
-    configs = (("residual", 1e-3), ("gap", 1e-3), ("gap", 5e-4))
+    # (the probe's default HVP, "auto" = layer-wise here; the residual test with double backward too)
+    configs = (("residual", 1e-3, "auto"), ("residual", 1e-3, "double_backward"), ("gap", 1e-3, "auto"),
+               ("gap", 5e-4, "auto"))
     warm = {cfg: {"t": [], "err": [], "h": []} for cfg in configs}
     prev = {cfg: None for cfg in configs}
     for i, st in enumerate(states):
@@ -218,7 +222,8 @@ def main():
         r = reference_top(model, x, y)
         for cfg in configs:
             c = Counter()
-            (val, top), wall = timed(lambda: lsdb_top(model, x, y, c, 7 + i, cfg[1], cfg[0], v0=prev[cfg]), 1)
+            (val, top), wall = timed(lambda: lsdb_top(model, x, y, c, 7 + i, cfg[1], cfg[0], v0=prev[cfg],
+                                                      hvp=cfg[2]), 1)
             prev[cfg] = top.vectors[0].detach().double().cpu()
             if i > 0:
                 warm[cfg]["t"].append(wall)
@@ -234,9 +239,9 @@ def main():
     for name, acc in (("pyhessian defaults      ", py), ("pyhessian tol 1e-4      ", py4)):
         print(f"  {name}: {statistics.mean(acc['t']):.3f} s/checkpoint, {statistics.mean(acc['h']):5.1f} HVPs, "
               f"max rel.err {max(acc['err']):.2e}")
-    for (crit, tol), w in warm.items():
+    for (crit, tol, hvp), w in warm.items():
         t = statistics.mean(w["t"])
-        print(f"  lsdb warm, {crit:8s} {tol:.0e}: {t:.3f} s/checkpoint, {statistics.mean(w['h']):5.1f} HVPs, "
+        print(f"  lsdb warm, {crit:8s} {tol:.0e} {hvp:15s}: {t:.3f} s/checkpoint, {statistics.mean(w['h']):5.1f} HVPs, "
               f"max rel.err {max(w['err']):.2e}  -> {t / statistics.mean(py['t']):.2f} of PyHessian defaults' time, "
               f"{t / statistics.mean(py4['t']):.2f} of tol 1e-4's")
 

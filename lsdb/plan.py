@@ -494,7 +494,8 @@ BUILD_BLOCKS = 2.5
 
 
 def ntk_memory(n: int, classes: int, params: int, variant: str = "trace", chunk: int = 128,
-               cache_mb: float = 1024.0, implementation: str = "auto", artifact_bytes: int = _FLOAT) -> dict:
+               cache_mb: float = 1024.0, implementation: str = "auto", artifact_bytes: int = _FLOAT,
+               layout: tuple[int, int] | None = None) -> dict:
     """Peak memory of ``lsdb.probes._ntk_core.ntk`` followed by the ``ntk`` probe's summaries, in
     bytes, as that code allocates it (float32 throughout, B = 4 bytes):
 
@@ -513,6 +514,10 @@ def ntk_memory(n: int, classes: int, params: int, variant: str = "trace", chunk:
       copies, their product and the eigensolver's copy, 6 · rows² · 8 bytes; and the stored
       artifact when its dtype is not float32 (``artifact_bytes`` per entry).
 
+    ``layout`` (``_ntk_core.trace_layout``: parameters kept in Jacobian form P_J, floats of
+    per-layer signals S per input) is how the ``auto`` trace kernel holds a block when some layers
+    take their kernel from signals: a block is then b · (C · P_J + S) · B.
+
     Peak = K + max(Jacobians + Gram blocks, summaries) + the artifact copy. Returns a dict of the
     MemoryEstimate fields it fixes.
     """
@@ -522,6 +527,8 @@ def ntk_memory(n: int, classes: int, params: int, variant: str = "trace", chunk:
     b = min(chunk, n)
     blocks = math.ceil(n / max(1, chunk))
     block = b * k * params * _FLOAT
+    if layout is not None and variant == "trace" and implementation == "auto":
+        block = b * (k * layout[0] + layout[1]) * _FLOAT
     kernel = rows * rows * _FLOAT
     if implementation == "ntvp":
         held, jac = 0, 2 * b * params * _FLOAT
@@ -614,19 +621,20 @@ def _models(spec: Spec):
         except Exception:  # a factory that needs real tensors while it builds
             model = build_model(cfg.model, input_shape, classes)
         sizes = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
-        yield cfg, sizes, classes, n_train, n_test
+        yield cfg, sizes, classes, n_train, n_test, model, input_shape
 
 
 def _scoped(spec: Spec, probes: tuple[str, ...]):
-    """(probe, Params, variant config, differentiated parameter count, logits, train, test) for
-    every probe of ``probes`` the spec runs on each configuration; a ``params`` glob that matches
-    no parameter of that configuration's model is a ``SpecError``."""
+    """(probe, Params, variant config, differentiated parameter count, logits, train, test, (model,
+    differentiated names, input shape)) for every probe of ``probes`` the spec runs on each
+    configuration; a ``params`` glob that matches no parameter of that configuration's model is a
+    ``SpecError``."""
     from lsdb.probes.base import select_params
 
     wanted = [(name, raw) for name, raw in spec.probe_params().items() if name in probes]
     if not wanted:
         return
-    for cfg, sizes, classes, n_train, n_test in _models(spec):
+    for cfg, sizes, classes, n_train, n_test, model, input_shape in _models(spec):
         for name, raw in wanted:
             sel = dataclass_from_dict(ProbeSelection, raw)
             if sel.on_variants and cfg.variant not in sel.on_variants:
@@ -637,7 +645,8 @@ def _scoped(spec: Spec, probes: tuple[str, ...]):
             except ProbeError as e:
                 where = "" if cfg.variant == "base" else f" (variant {cfg.variant})"
                 raise SpecError(f"{spec.source}{where}: {e}") from None
-            yield name, params, cfg, sum(sizes[p] for p in chosen), classes, n_train, n_test
+            built = (model, chosen, input_shape)
+            yield name, params, cfg, sum(sizes[p] for p in chosen), classes, n_train, n_test, built
 
 
 def check_scopes(spec: Spec) -> None:
@@ -654,11 +663,17 @@ def memory_estimates(spec: Spec) -> list[MemoryEstimate]:
     logits and the probe-set size. Builds the models and loads the data sets (``_models``); runs
     no probe."""
     found: dict[tuple, dict] = {}
-    for name, params, cfg, count, classes, n_train, n_test in _scoped(spec, KERNEL_PROBES):
+    from lsdb.probes._ntk_core import trace_layout
+
+    for name, params, cfg, count, classes, n_train, n_test, built in _scoped(spec, KERNEL_PROBES):
+        model, chosen, input_shape = built
         n = min(spec.data.probe_set_size, n_train)
         if name == "ntk":
+            layout = None
+            if params.variant == "trace" and params.implementation == "auto":
+                layout = trace_layout(model, chosen, input_shape, classes)
             fields = ntk_memory(n, classes, count, params.variant, params.chunk, params.cache_mb,
-                                params.implementation, _F64 if params.dtype == "float64" else _FLOAT)
+                                params.implementation, _F64 if params.dtype == "float64" else _FLOAT, layout)
         else:
             fields = kernel_accuracy_memory(n, classes, count, params.methods, params.lr_mode,
                                             params.kernel_variant, params.chunk, max(n, n_test))

@@ -165,15 +165,10 @@ def supports_structured(net: Network) -> bool:
     return True
 
 
-def structured_jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False) -> torch.Tensor:
-    """Per-input Jacobians from each layer's input and output gradient (no per-input vmap).
-
-    For a layer y = W ⊛ h + β, ∂f_a(x_i)/∂W = Σ_t g_{ia}[:, t] ⊗ U(h_i)[:, t] and ∂f_a(x_i)/∂β =
-    Σ_t g_{ia}[:, t], with g_{ia} = ∂f_a(x_i)/∂y_i and U the im2col unfolding of the layer input
-    (identity for Linear, one position t). One forward of the block records every h_i; one
-    backward, batched over the C logit cotangents, gives every g_{ia} (inputs do not interact
-    without BatchNorm, so the batch backward is per-input). Same layout as ``jacobian``.
-    """
+def _signals(net: Network, x: torch.Tensor, sum_logits: bool):
+    """One forward of the block recording every layer's input h, and one backward batched over the
+    k = C logit cotangents (k = 1 for ``sum_logits``): per module id, (h, g) with g of shape
+    (k, b, out_channels, positions), g[a, i] = ∂f_a(x_i)/∂(layer output)."""
     modules = {}
     for name in net.params:
         module, _ = _owner(net, name)
@@ -203,23 +198,137 @@ def structured_jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False)
     finally:
         for h in handles:
             h.remove()
-    g_of = {mid: g for mid, g in zip(modules, grads)}  # (k, b, *output_shape)
+    return {mid: (seen[mid][0], g.reshape(k, b, g.shape[2], -1)) for mid, g in zip(modules, grads)}
 
+
+def structured_jacobian(net: Network, x: torch.Tensor, sum_logits: bool = False) -> torch.Tensor:
+    """Per-input Jacobians from each layer's input and output gradient (no per-input vmap).
+
+    For a layer y = W ⊛ h + β, ∂f_a(x_i)/∂W = Σ_t g_{ia}[:, t] ⊗ U(h_i)[:, t] and ∂f_a(x_i)/∂β =
+    Σ_t g_{ia}[:, t], with g_{ia} = ∂f_a(x_i)/∂y_i and U the im2col unfolding of the layer input
+    (identity for Linear, one position t). One forward of the block records every h_i; one
+    backward, batched over the C logit cotangents, gives every g_{ia} (inputs do not interact
+    without BatchNorm, so the batch backward is per-input). Same layout as ``jacobian``.
+    """
+    signals = _signals(net, x, sum_logits)
+    g0 = next(iter(signals.values()))[1]
+    k, b = g0.shape[:2]
     p_total = sum(p.numel() for p in net.params.values())
-    jac = torch.empty(b, k, p_total, dtype=out.dtype, device=out.device)
+    jac = torch.empty(b, k, p_total, dtype=g0.dtype, device=g0.device)
     offset = 0
     for name, p in net.params.items():
         module, attr = _owner(net, name)
-        h, g = seen[id(module)][0], g_of[id(module)]
-        g = g.reshape(k, b, g.shape[2], -1)  # (k, b, out_channels, positions)
-        if attr == "bias":
-            block = g.sum(-1)
-        else:
-            u = _unfold(module, h)  # (b, in_channels · kernel, positions)
-            block = torch.einsum("kbot,bit->kboi", g, u)
+        h, g = signals[id(module)]
+        block = g.sum(-1) if attr == "bias" else torch.einsum("kbot,bit->kboi", g, _unfold(module, h))
         jac[:, :, offset : offset + p.numel()] = block.reshape(k, b, -1).transpose(0, 1)
         offset += p.numel()
     return jac[:, 0] if sum_logits else jac
+
+
+# ------------------------------------------------------------------- per-layer trace kernels
+
+def kernel_by_layer(module, classes: int, positions: int) -> bool:
+    """Whether the trace kernel of ``module``'s weight is cheaper from its signals than from its
+    Jacobian: per pair of inputs, T²·(C·out + in·kernel) multiply-adds against C·out·in·kernel
+    (T = its output positions). True for linear layers and late, small convolutions."""
+    fan_in = module.weight[0].numel()
+    out = module.weight.shape[0]
+    return positions * positions * (classes * out + fan_in) < classes * out * fan_in
+
+
+def trace_layout(model: torch.nn.Module, names: list[str], input_shape, classes: int) -> tuple[int, int]:
+    """How the ``auto`` trace NTK of ``model`` (differentiating ``names``) holds a block, per input:
+    (parameters kept in Jacobian form, floats of per-layer signals G and U), from one forward pass on
+    a zero input for the layers' output positions (a model on the meta device works). All
+    parameters in Jacobian form when the model is not structured or no layer takes its kernel
+    from signals. For ``lsdb.plan.ntk_memory``."""
+    params = dict(model.named_parameters())
+    total = sum(params[n].numel() for n in names)
+    owners: dict[int, tuple[torch.nn.Module, list[str]]] = {}
+    for name in names:
+        prefix, _, attr = name.rpartition(".")
+        module = model.get_submodule(prefix)
+        if not isinstance(module, _STRUCTURED) or attr not in ("weight", "bias") or (
+                not isinstance(module, torch.nn.Linear) and (module.groups != 1 or isinstance(module.padding, str))):
+            return total, 0
+        owners.setdefault(id(module), (module, []))[1].append(attr)
+    positions: dict[int, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o: positions.__setitem__(id(mod), o[0, 0].numel()))
+             for m, _ in owners.values()]
+    try:
+        with torch.no_grad():
+            p0 = next(iter(params.values()))
+            model(torch.zeros(1, *input_shape, device=p0.device, dtype=p0.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    jac, signals = 0, 0
+    for mid, (module, attrs) in owners.items():
+        t = positions[mid]
+        if kernel_by_layer(module, classes, t):
+            out = module.weight.shape[0]
+            signals += t * (classes * out + (module.weight[0].numel() if "weight" in attrs else 0))
+        else:
+            jac += sum(getattr(module, a).numel() for a in attrs)
+    return (jac, signals) if signals else (total, 0)
+
+
+@dataclass
+class TraceFeatures:
+    """What the trace NTK of a block of inputs needs: the Jacobian of the parameters kept in
+    Jacobian form (b, C, P_J), and for each layer whose kernel is taken from its signals, its
+    output gradients G (b, T, C·out) and input patches U (b, T, in·kernel) (None without a
+    differentiated weight) and whether its bias is differentiated."""
+
+    jac: torch.Tensor | None
+    layers: list[tuple[torch.Tensor, torch.Tensor | None, bool]]
+
+
+def trace_features(net: Network, x: torch.Tensor) -> TraceFeatures:
+    """``TraceFeatures`` of a block (structured models; see ``trace_gram``)."""
+    signals = _signals(net, x, False)
+    by_layer: dict[int, list[str]] = {}
+    jac_parts = []
+    for name, p in net.params.items():
+        module, attr = _owner(net, name)
+        h, g = signals[id(module)]
+        k, b, out, positions = g.shape
+        if kernel_by_layer(module, k, positions):
+            by_layer.setdefault(id(module), []).append(attr)
+        else:
+            block = g.sum(-1) if attr == "bias" else torch.einsum("kbot,bit->kboi", g, _unfold(module, h))
+            jac_parts.append(block.reshape(k, b, -1).transpose(0, 1))
+    layers = []
+    for mid, attrs in by_layer.items():
+        module = next(m for m in (_owner(net, n)[0] for n in net.params) if id(m) == mid)
+        h, g = signals[mid]
+        k, b, out, positions = g.shape
+        grads = g.permute(1, 3, 0, 2).reshape(b, positions, k * out)  # G[i, t] over (logit, channel)
+        patches = _unfold(module, h).transpose(1, 2) if "weight" in attrs else None  # (b, T, in·kernel)
+        layers.append((grads, patches, "bias" in attrs))
+    jac = torch.cat(jac_parts, dim=-1) if jac_parts else None
+    return TraceFeatures(jac, layers)
+
+
+def trace_gram(fa: TraceFeatures, fb: TraceFeatures) -> torch.Tensor:
+    """Θ^tr between two blocks: the Gram of the Jacobian parts, plus per layer
+    Σ_{t,t'} (G_i[t]·G_j[t']) (U_i[t]·U_j[t']) for its weight (⟨∂f_a(x_i)/∂W, ∂f_a(x_j)/∂W⟩ summed
+    over logits a, with ∂f_a/∂W = Σ_t g_a[:, t] ⊗ U[:, t]) and (Σ_t G_i[t])·(Σ_t' G_j[t']) for its
+    bias."""
+    out = None if fa.jac is None else _gram(fa.jac, fb.jac, "trace")
+    for (ga, ua, bias), (gb, ub, _) in zip(fa.layers, fb.layers):
+        na, t = ga.shape[:2]
+        nb = gb.shape[0]
+        k = None
+        if ua is not None:
+            a = ga.reshape(na * t, -1) @ gb.reshape(nb * t, -1).T
+            a *= ua.reshape(na * t, -1) @ ub.reshape(nb * t, -1).T
+            k = a.reshape(na, t, nb, t).sum(dim=(1, 3))
+        if bias:
+            kb = ga.sum(1) @ gb.sum(1).T
+            k = kb if k is None else k + kb
+        out = k if out is None else out + k
+    return out
 
 
 def _unfold(module, h: torch.Tensor) -> torch.Tensor:
@@ -261,15 +370,22 @@ class _JacobianCache:
         if k in self.held:
             return self.held[k]
         j = self.compute(k)
-        size = j.numel() * j.element_size()
+        size = _nbytes(j)
         if self.used + size <= self.budget:
             self.held[k], self.used = j, self.used + size
         return j
 
     def drop_before(self, k: int) -> None:
         for key in [key for key in self.held if key < k]:
-            j = self.held.pop(key)
-            self.used -= j.numel() * j.element_size()
+            self.used -= _nbytes(self.held.pop(key))
+
+
+def _nbytes(block) -> int:
+    """Bytes of a Jacobian block or of a block's ``TraceFeatures``."""
+    if isinstance(block, torch.Tensor):
+        return block.numel() * block.element_size()
+    tensors = [block.jac] + [t for layer in block.layers for t in layer[:2]]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 # --------------------------------------------------------------------------------------- kernels
@@ -302,6 +418,9 @@ def ntk(net: Network, x: torch.Tensor, variant: str = "trace", implementation: s
     if jac is not None:
         cache = _JacobianCache(lambda k: jac[blocks[k]], float("inf"))
         block_fn = lambda bi, bj: _gram(cache.get(bi), cache.get(bj), variant)  # noqa: E731
+    elif by_layers(net, x, variant, implementation):
+        cache = _JacobianCache(lambda k: trace_features(net, x[blocks[k]]), cache_mb * 2**20)
+        block_fn = lambda bi, bj: trace_gram(cache.get(bi), cache.get(bj))  # noqa: E731
     elif implementation != "ntvp":
         use = {"auto": None, "structured": True, "jacobian": False}[implementation]
         cache = _JacobianCache(lambda k: jacobian(net, x[blocks[k]], variant == "sum_logits", use), cache_mb * 2**20)
@@ -324,6 +443,19 @@ def ntk(net: Network, x: torch.Tensor, variant: str = "trace", implementation: s
             if bi != bj:
                 out[s, r] = block.T
     return out
+
+
+def by_layers(net: Network, x: torch.Tensor, variant: str, implementation: str = "auto") -> bool:
+    """Whether ``ntk`` takes the trace kernel from per-layer signals (``trace_features``): the
+    ``auto`` implementation of the ``trace`` variant on a structured model, when some layer's kernel
+    is cheaper that way (``kernel_by_layer``); else the Jacobian contraction."""
+    if variant != "trace" or implementation != "auto" or not supports_structured(net):
+        return False
+    try:
+        features = trace_features(net, x[:1])
+    except _NoClosedForm:
+        return False
+    return bool(features.layers)
 
 
 def cross_ntk(net: Network, x_rows: torch.Tensor, x_cols: torch.Tensor, variant: str = "trace",

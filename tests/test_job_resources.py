@@ -168,7 +168,11 @@ def test_the_estimate_bounds_the_measured_peak(probe, tmp_path):
     ctx = tc.context(model, data, tmp_path, probe_indices=torch.arange(256), dtype=torch.float32,
                      runs=[tc.run_ref("r", [0])])
     if probe == "ntk":
-        est = ntk_memory(256, 10, P, "trace", 64, 200.0)
+        from lsdb.probes._ntk_core import trace_layout
+
+        layout = trace_layout(model, [n for n, _ in model.named_parameters()], (1, 40), 10)
+        assert layout[0] < P  # the late convolution and the read-out take their kernels from signals
+        est = ntk_memory(256, 10, P, "trace", 64, 200.0, layout=layout)
         module, params = ntk, ntk.Params(chunk=64, cache_mb=200.0)
     else:
         est = kernel_accuracy_memory(256, 10, P, ("kernel_regression",), chunk=64, n_eval=256)
@@ -217,3 +221,16 @@ def test_available_memory_is_known_on_linux():
     size, where = available_memory("cpu")
     if sys.platform.startswith("linux"):
         assert size > 0 and where == "MemAvailable"
+
+
+def test_the_trace_estimate_counts_per_layer_signals_not_the_jacobian():
+    """The ``auto`` trace NTK holds per-layer signals for layers whose kernel is cheaper from them:
+    the tiny MLP (64 → 32 → 10) takes every layer's that way, C·out + in floats per input each."""
+    from lsdb.plan import memory_estimates, parse_spec
+    from tests.conftest import TINY_SPEC
+
+    (est,) = memory_estimates(parse_spec(TINY_SPEC + '\n[probes.ntk]\nvariant = "trace"\n'))
+    b = min(est.chunk, est.n)
+    assert est.block_bytes == b * ((10 * 32 + 64) + (10 * 10 + 32)) * 4
+    (full,) = memory_estimates(parse_spec(TINY_SPEC + '\n[probes.ntk]\nvariant = "full"\n'))
+    assert full.block_bytes == b * 10 * est.params * 4  # the full kernel keeps the Jacobian

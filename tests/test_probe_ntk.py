@@ -218,3 +218,29 @@ def test_kernel_scalars_are_scale_aware():
     for key in ("effective_rank", "alignment", "centered_alignment"):
         assert s2[key] == pytest.approx(s1[key], rel=1e-12)
     assert core.effective_rank(torch.eye(6, dtype=torch.float64)) == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("choice", ["default", "every layer", "no layer"])
+@pytest.mark.parametrize("name", ["cnn1d", "cnn2d", "mlp", "odd"])
+def test_trace_kernel_from_layer_signals_is_the_jacobian_gram(name, choice, monkeypatch):
+    """The trace NTK from per-layer output gradients and input patches (Σ_{t,t'} (G_i[t]·G_j[t'])
+    (U_i[t]·U_j[t']) per weight) equals the Gram of the per-input Jacobians, whichever layers take it."""
+    from tests.test_layerwise import setup
+
+    model, net, x, _, _ = setup(name)
+    if choice != "default":
+        monkeypatch.setattr(core, "kernel_by_layer", lambda *a: choice == "every layer")
+    assert core.by_layers(net, x, "trace") == (choice != "no layer")
+    want = core.ntk(net, x, "trace", implementation="structured", chunk=4)
+    got = core.ntk(net, x, "trace", chunk=4)  # auto
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, torch.cat([core.jacobian(net, x)]).reshape(len(x), -1)
+                               @ core.jacobian(net, x).reshape(len(x), -1).T, rtol=1e-10, atol=1e-12)
+
+
+def test_which_layers_take_their_kernel_from_signals():
+    from lsdb.train.models import CNN1d
+
+    model = CNN1d((1, 40), 10)  # the full study's CNN: 40 → 20 → 10 → 5 positions
+    picks = [core.kernel_by_layer(m, 10, t) for m, t in zip([*model.features[::2], model.readout], (20, 10, 5, 1))]
+    assert picks == [False, False, True, True]
