@@ -3,6 +3,7 @@
     python benchmarks/study.py                 # examples/quick.toml, inline
     python benchmarks/study.py --full --workers 2
     python benchmarks/study.py --spec my.toml
+    python benchmarks/study.py --store DIR     # keep the store (e.g. for benchmarks/compare_stores.py)
 
 Runs the spec into a fresh temporary store twice over: ``lsdb run --no-probes`` (planning,
 training, recording, ingest of checkpoints), then ``lsdb run`` (the probes). Wall and CPU
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--spec", type=Path, help="a spec file (default: examples/quick.toml)")
     ap.add_argument("--full", action="store_true", help="the embedded full study (lsdb demo)")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--store", type=Path, help="run into this new store and keep it (default: a temporary one)")
     args = ap.parse_args()
 
     import lsdb
@@ -55,7 +57,9 @@ def main() -> None:
         spec = load_spec(args.spec or Path(__file__).resolve().parent.parent / "examples" / "quick.toml")
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store.init(Path(tmp) / "store")
+        if args.store and args.store.exists():
+            sys.exit(f"{args.store} exists: give a new folder")
+        store = Store.init(args.store or Path(tmp) / "store")
         _, plan_w, plan_c = timed(lambda: runner.plan(spec, store))
         t, train_w, train_c = timed(lambda: runner.run(spec, store, workers=args.workers, probes=False))
         p, probe_w, probe_c = timed(lambda: runner.run(spec, store, workers=args.workers))

@@ -21,7 +21,11 @@ Implementations of the same matrices (an enum; tests assert they agree):
 - ``structured``: the same contraction, with each block's Jacobian in closed form from every
   layer's input and output gradient (Linear, Conv1d, Conv2d; ``structured_jacobian``), about 2×
   faster than ``vmap(jacrev)`` on the MNIST-1D CNN. ``auto`` (the default) picks it when every
-  parameter belongs to such a layer, else ``jacobian``.
+  parameter belongs to such a layer, else ``jacobian``. For the ``trace`` variant ``auto`` also
+  skips the Jacobian of layers whose kernel is cheaper from their signals (``kernel_by_layer``:
+  linear layers and late, small convolutions): their part of Θ^tr[i, j] is
+  Σ_{t,t'} (G_i[t]·G_j[t']) (U_i[t]·U_j[t']), with G_i[t] the output gradients at position t over
+  (logit, channel) and U_i[t] the input patch there (``trace_features``, ``trace_gram``).
 - ``ntvp``: NTK-vector products, Θ e = J_I (J_Jᵀ e): a ``vjp`` through the column inputs followed
   by a ``jvp`` through the row inputs, vmapped over basis cotangents. Never holds a Jacobian of
   more than ``chunk`` cotangents; costs O(n²) network passes, so it is the cross-check, not the

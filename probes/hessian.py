@@ -41,7 +41,8 @@ default) = every trainable parameter. A glob matching no parameter fails the job
   subspace"): g = ∇_w L on the same fixed batch, Y_C the top-C Ritz vectors (C = number of classes,
   orthonormalised by a QR that keeps their nested spans), ``top_subspace_grad_fraction`` =
   ‖Y_Cᵀ g‖ / ‖g‖ ∈ [0, 1]; ``top_k_grad_fraction`` the same for all k Ritz vectors (free: no HVP).
-  One gradient, reused from the double-backward graph (``hvp`` = "fwd_rev" computes one more).
+  One gradient, reused from the double-backward graph or the layer-wise products' backward pass
+  (``hvp`` = "fwd_rev" computes one more).
   Null when g = 0, and the top-C fraction is null when k < C. With ``converged`` false the Ritz
   vectors are approximate, and so is the fraction.
 - Batch sharpness (the quantity that equilibrates at the edge of stability under mini-batch SGD;
@@ -65,6 +66,15 @@ the start vector is their sum plus a small random part, so directions outside th
 still found. Otherwise the job starts cold. Either way the row says which (``warm_started``) and,
 when warm, the overlap ‖Y_prevᵀ Y‖²_F / k of the two top-k subspaces. Warm and cold runs meet the
 same tolerance, so the stored numbers agree to within it.
+
+Products (``hvp``): "auto" (the default) writes the R-operator out layer by layer for models that
+list plain layers (``_layerwise.LayerHessian``: the primal pass and backward at w cached once, then
+one tangent pass forward and one back per product, as matrix products on the layers' im2col
+patches), and takes double backward through autograd for every other model; "layers",
+"double_backward" and "fwd_rev" (forward-over-reverse) force one. They agree to float rounding;
+the row's ``hvp`` says which ran (``benchmarks/hvp.py``: the layer-wise products take about half
+the time of double backward at the batches of 64–128 of the batch sharpness and the quick study,
+0.9× at the full study's 512).
 
 BatchNorm (``BATCHNORM`` = "running", the ``batchnorm`` column of ``probe_job``): L is the loss of
 the network in eval mode, BatchNorm normalising with the checkpoint's running statistics, so each

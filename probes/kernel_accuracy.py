@@ -12,8 +12,9 @@ Two methods, one row each (``method`` column):
   (the run's total steps minus the checkpoint's step; the paper's protocol, at a constant rate).
   J is never materialised over the training set. For models that list their layers (convolutions,
   linear layers, ReLU, flatten) J_t(x)(w − w_t) is propagated through the layers with the
-  checkpoint's activations and ReLU masks cached for every training input (``CachedLinearisation``,
-  up to ``cache_mb``; ~1.7× faster per step on the default CNN); otherwise it is a
+  checkpoint's layer inputs (as im2col patches) and ReLU masks cached for every training input,
+  and its gradient by a hand-written backward pass (``_layerwise.CachedLinearisation``, up to
+  ``cache_mb``; about 3× faster per step than the jvp on the default CNN); otherwise it is a
   ``torch.func.jvp`` at w_t. Both give the same numbers to rounding.
   Learning rate (``lr_mode``): ``fixed`` = run lr × ``lr_factor``; ``kernel_scaled`` =
   ``kernel_lr`` / mean_i Θ^tr_t(x_i, x_i) over the probe set, because Θ_t grows by orders of
@@ -27,7 +28,11 @@ Two methods, one row each (``method`` column):
   with Θ = Θ^tr applied to every logit (``kernel_variant = "trace"``, the default) or the full
   nC×nC kernel (``"full"``). λ = ``ridge`` × mean diagonal of Θ_t(X, X) so that the ridge means
   the same at every t; the row stores λ. Test loss (cross-entropy of f̂ as logits) and error on
-  the test split; train loss/error on X itself.
+  the test split; train loss/error on X itself. The cross kernel Θ_t(x*, X) is never formed:
+  Θ_t(x*, X)α = J_t(x*)·Σ_j J_t(x_j)ᵀα_j (``KernelMachine``).
+
+The probe set's Jacobian J_t(X) is computed once per job and shared by its uses (the kernel-scaled
+rate, Θ_t(X, X), the kernel machine) when it fits in ``KERNEL_CACHE_MB``.
 
 Scope (``params``, fnmatch globs on the names of ``model.named_parameters()``, e.g. ["layer3.*"];
 empty = every parameter): J_t, Θ_t and δ = w − w_t are then over the matching parameters only,
