@@ -64,6 +64,13 @@ class _Layer:
             return out
         return g.reshape(*(shape[i] for i in self.perm)).permute(self.inverse)
 
+    def unpatch(self, gp: torch.Tensor, b: int) -> torch.Tensor:
+        """Gradients of the layer's input patches (B·P, kernel·in) as gradients of its input: a
+        reshape for a linear layer, folded back (col2im) for a convolution."""
+        if self.linear:
+            return gp.reshape(b, -1)
+        return self.fold(gp.reshape(b, *self.out_shape, *self.k, -1), self.in_shape)
+
     def windows(self, h: torch.Tensor) -> torch.Tensor:
         """Channels-last h (B, *S, C) -> its patches (B, *S_out, *k, C), a view where it can be."""
         pad = []
@@ -202,12 +209,7 @@ class CachedLinearisation:
         keep: list = []
         logits = self._forward(delta, idx, keep)
         b = idx.shape[0]
-        if loss == "ce":
-            g = torch.softmax(logits, dim=1)
-            g.scatter_add_(1, y.long().unsqueeze(1), g.new_full((b, 1), -1.0))
-        else:
-            g = logits - y.to(logits.dtype)
-        g = g / b
+        g = _logit_grad(logits, y, loss)
         grads: dict[str, torch.Tensor] = {}
         for (kind, layer, i, w_key, b_key, has_input), saved in zip(reversed(self._program(frozenset(delta))),
                                                                       reversed(keep)):
@@ -223,9 +225,7 @@ class CachedLinearisation:
                     grads[b_key] = g2.sum(0)
                 if not has_input:
                     break
-                gp = g2 @ layer.fixed.T
-                g = gp.reshape(b, -1) if layer.linear else layer.fold(
-                    gp.reshape(b, *layer.out_shape, *layer.k, -1), layer.in_shape)
+                g = layer.unpatch(g2 @ layer.fixed.T, b)
         return {k: grads[k] for k in delta}
 
 
@@ -250,9 +250,7 @@ class LayerHessian:
             f"{layer.name}.weight" in scope or f"{layer.name}.bias" in scope)]
         self.first, b = layers[0], x.shape[0]
         self.p = torch.softmax(logits, dim=1)
-        g = self.p.clone()
-        g.scatter_add_(1, y.long().unsqueeze(1), g.new_full((b, 1), -1.0))
-        g = g / b
+        g = _logit_grad(logits, y)
         self.signal: list[torch.Tensor | None] = [None] * len(self.plan)  # ∂L/∂(layer output), (B·P, out)
         grads = {}
         for i in range(len(self.plan) - 1, self.first - 1, -1):
@@ -270,16 +268,9 @@ class LayerHessian:
                 if b_key in scope:
                     grads[b_key] = g2.sum(0)
                 if i > self.first:
-                    g = self._input_grad(layer, g2 @ layer.fixed.T, b)
+                    g = layer.unpatch(g2 @ layer.fixed.T, b)
         self.gradient = {n: grads[n] for n in names}
         self.batch = b
-
-    @staticmethod
-    def _input_grad(layer, gp: torch.Tensor, b: int) -> torch.Tensor:
-        """Patch-layout gradients (B·P, kernel·in) folded back onto the layer's input."""
-        if layer.linear:
-            return gp.reshape(b, -1)
-        return layer.fold(gp.reshape(b, *layer.out_shape, *layer.k, -1), layer.in_shape)
 
     def hvp(self, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """H v, both dicts keyed by ``names``."""
@@ -328,7 +319,7 @@ class LayerHessian:
                 rh = r2 @ layer.fixed.T
                 if w_key in v:
                     rh = rh + g2 @ layer.to_patch(v[w_key]).T
-                r = self._input_grad(layer, rh, b)
+                r = layer.unpatch(rh, b)
         return {n: out[n] for n in self.names}
 
     @classmethod
@@ -346,6 +337,17 @@ class LayerHessian:
         if not torch.allclose(logits, plain, rtol=1e-5, atol=1e-6):
             return None
         return cls(model, steps, full, list(params), x, y)
+
+
+def _logit_grad(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """∂/∂logits of the batch's mean loss: (softmax − one-hot)/B for ``ce`` (y class indices),
+    (f − y)/B for ``mse`` (½ mean ‖f − y‖², y of the logits' shape)."""
+    if loss == "ce":
+        g = torch.softmax(logits, dim=1)
+        g.scatter_add_(1, y.long().unsqueeze(1), g.new_full((logits.shape[0], 1), -1.0))
+    else:
+        g = logits - y.to(logits.dtype)
+    return g / logits.shape[0]
 
 
 def primal(model: nn.Module, steps, params: dict[str, torch.Tensor], x: torch.Tensor, scope: set[str]):
