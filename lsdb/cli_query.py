@@ -128,7 +128,7 @@ def findings(
     format: FormatOpt = Format.table,
     out: OutOpt = None,
 ):
-    """Check the published findings F1–F14 against the store.
+    """Check the published findings F1–F19 against the store.
 
     Each finding prints the measured numbers (seed mean ± std), the expected shape and a verdict:
     holds, does not hold, inconclusive (the spread straddles the threshold, too few seeds, or a
