@@ -16,6 +16,7 @@ default, deflated Hutchinson, counted beyond the top-12 Lanczos run the probe ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import statistics
@@ -79,9 +80,9 @@ class Counter:
     n = 0
 
 
-def pyhessian_top(model, x, y, counter: Counter, seed: int, tol: float = 1e-3):
-    """PyHessian's power iteration, maxIter=100; its default tol=1e-3 bounds the relative change
-    between two iterations, not the error."""
+@contextlib.contextmanager
+def pyhessian_counted(model, x, y, counter: Counter, seed: int):
+    """PyHessian's ``hessian`` object on (x, y), seeded, with every HVP it makes counted."""
     ph = _pyhessian_module()
     torch.manual_seed(seed)
     original = ph.hessian_vector_product
@@ -92,33 +93,26 @@ def pyhessian_top(model, x, y, counter: Counter, seed: int, tol: float = 1e-3):
 
     ph.hessian_vector_product = counting
     try:
-        hc = ph.hessian(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda)
-        values, _ = hc.eigenvalues(tol=tol)
+        yield ph.hessian(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda)
     finally:
         ph.hessian_vector_product = original
         model.zero_grad(set_to_none=True)
+
+
+def pyhessian_top(model, x, y, counter: Counter, seed: int, tol: float = 1e-3):
+    """PyHessian's power iteration, maxIter=100; its default tol=1e-3 bounds the relative change
+    between two iterations, not the error."""
+    with pyhessian_counted(model, x, y, counter, seed) as hc:
+        values, _ = hc.eigenvalues(tol=tol)
     return values[0]
 
 
 def pyhessian_topk(model, x, y, counter: Counter, seed: int, k: int, trace_iters: int):
     """PyHessian's top-k (power iteration with deflation, its defaults maxIter=100, tol=1e-3) and
     its Hutchinson trace for ``trace_iters`` probes: what a full-study ``hessian`` job computes."""
-    ph = _pyhessian_module()
-    torch.manual_seed(seed)
-    original = ph.hessian_vector_product
-
-    def counting(gradsH, params, v):
-        counter.n += 1
-        return original(gradsH, params, v)
-
-    ph.hessian_vector_product = counting
-    try:
-        hc = ph.hessian(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=x.is_cuda)
+    with pyhessian_counted(model, x, y, counter, seed) as hc:
         values, _ = hc.eigenvalues(top_n=k)
         trace = float(np.mean(hc.trace(maxIter=trace_iters, tol=0.0)))
-    finally:
-        ph.hessian_vector_product = original
-        model.zero_grad(set_to_none=True)
     return sorted(values, reverse=True), trace
 
 
