@@ -37,7 +37,8 @@ TRAINING_DATA_KEYS = ("name", "train_subset")
 
 def catalog() -> specmod.Catalog:
     """Every data set, model and probe a spec may name."""
-    from lsdb.train.data import LOADERS, NUM_CLASSES
+    from lsdb.train import NUM_CLASSES
+    from lsdb.train.data import LOADERS
     from lsdb.train.models import MODELS
 
     return specmod.Catalog(datasets=tuple(LOADERS), models=tuple(MODELS), probes=PARAMS, num_classes=NUM_CLASSES)
@@ -544,8 +545,7 @@ def ntk_memory(n: int, classes: int, params: int, variant: str = "trace", chunk:
 
 
 def kernel_accuracy_memory(n: int, classes: int, params: int, methods=("linearised", "kernel_regression"),
-                           lr_mode: str = "kernel_scaled", kernel_variant: str = "trace", chunk: int = 256,
-                           n_eval: int = 0) -> dict:
+                           lr_mode: str = "kernel_scaled", kernel_variant: str = "trace", chunk: int = 256) -> dict:
     """Peak NTK and Jacobian memory of a ``kernel_accuracy`` job, in bytes (float32, B = 4), with
     J = n · C · P · B the probe set's whole Jacobian and a block b · C · P · B, b = min(chunk, n):
 
@@ -561,8 +561,8 @@ def kernel_accuracy_memory(n: int, classes: int, params: int, methods=("linearis
       used to predict a block at a time: M, one partial product and a block being built
       (``BUILD_BLOCKS`` blocks).
 
-    ``n_eval`` (the most inputs predicted in one call) no longer matters: predictions go a block
-    at a time. Peak = the largest of these phases, with what each holds throughout.
+    Predictions go a block at a time, so the number of inputs predicted does not matter.
+    Peak = the largest of these phases, with what each holds throughout.
     """
     from lsdb.probes import kernel_accuracy as ka
 
@@ -601,9 +601,9 @@ SCOPED_PROBES = ("hessian", "ntk", "flatness", "kernel_accuracy")
 
 
 def _models(spec: Spec):
-    """(variant config, its trainable parameter sizes by name, logits, training and test
-    examples) for each configuration of the spec. Each model is built on the meta device where it
-    can be (no weights allocated); data sets are loaded once each, for their shapes."""
+    """(variant config, its trainable parameter sizes by name, logits, training examples, the model,
+    the input shape) for each configuration of the spec. Each model is built on the meta device where
+    it can be (no weights allocated); data sets are loaded once each, for their shapes."""
     import torch
 
     from lsdb.train.data import load_data
@@ -613,20 +613,20 @@ def _models(spec: Spec):
     for cfg in spec.run_configs():
         if cfg.data not in shapes:
             data = load_data(cfg.data)
-            shapes[cfg.data] = (data.input_shape, data.num_classes, data.x_train.shape[0], data.x_test.shape[0])
-        input_shape, classes, n_train, n_test = shapes[cfg.data]
+            shapes[cfg.data] = (data.input_shape, data.num_classes, data.x_train.shape[0])
+        input_shape, classes, n_train = shapes[cfg.data]
         try:
             with torch.device("meta"):
                 model = build_model(cfg.model, input_shape, classes)
         except Exception:  # a factory that needs real tensors while it builds
             model = build_model(cfg.model, input_shape, classes)
         sizes = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
-        yield cfg, sizes, classes, n_train, n_test, model, input_shape
+        yield cfg, sizes, classes, n_train, model, input_shape
 
 
 def _scoped(spec: Spec, probes: tuple[str, ...]):
-    """(probe, Params, variant config, differentiated parameter count, logits, train, test, (model,
-    differentiated names, input shape)) for every probe of ``probes`` the spec runs on each
+    """(probe, Params, variant config, differentiated parameter count, logits, training examples,
+    model, differentiated names, input shape) for every probe of ``probes`` the spec runs on each
     configuration; a ``params`` glob that matches no parameter of that configuration's model is a
     ``SpecError``."""
     from lsdb.probes.base import select_params
@@ -634,7 +634,7 @@ def _scoped(spec: Spec, probes: tuple[str, ...]):
     wanted = [(name, raw) for name, raw in spec.probe_params().items() if name in probes]
     if not wanted:
         return
-    for cfg, sizes, classes, n_train, n_test, model, input_shape in _models(spec):
+    for cfg, sizes, classes, n_train, model, input_shape in _models(spec):
         for name, raw in wanted:
             sel = dataclass_from_dict(ProbeSelection, raw)
             if sel.on_variants and cfg.variant not in sel.on_variants:
@@ -645,8 +645,7 @@ def _scoped(spec: Spec, probes: tuple[str, ...]):
             except ProbeError as e:
                 where = "" if cfg.variant == "base" else f" (variant {cfg.variant})"
                 raise SpecError(f"{spec.source}{where}: {e}") from None
-            built = (model, chosen, input_shape)
-            yield name, params, cfg, sum(sizes[p] for p in chosen), classes, n_train, n_test, built
+            yield name, params, cfg, sum(sizes[p] for p in chosen), classes, n_train, model, chosen, input_shape
 
 
 def check_scopes(spec: Spec) -> None:
@@ -662,11 +661,10 @@ def memory_estimates(spec: Spec) -> list[MemoryEstimate]:
     model, from the model's parameter count (within the probe's ``params`` scope), the number of
     logits and the probe-set size. Builds the models and loads the data sets (``_models``); runs
     no probe."""
-    found: dict[tuple, dict] = {}
     from lsdb.probes._ntk_core import trace_layout
 
-    for name, params, cfg, count, classes, n_train, n_test, built in _scoped(spec, KERNEL_PROBES):
-        model, chosen, input_shape = built
+    found: dict[tuple, dict] = {}
+    for name, params, cfg, count, classes, n_train, model, chosen, input_shape in _scoped(spec, KERNEL_PROBES):
         n = min(spec.data.probe_set_size, n_train)
         if name == "ntk":
             layout = None
@@ -676,7 +674,7 @@ def memory_estimates(spec: Spec) -> list[MemoryEstimate]:
                                 params.implementation, _F64 if params.dtype == "float64" else _FLOAT, layout)
         else:
             fields = kernel_accuracy_memory(n, classes, count, params.methods, params.lr_mode,
-                                            params.kernel_variant, params.chunk, max(n, n_test))
+                                            params.kernel_variant, params.chunk)
         key = (name, tuple(sorted(fields.items())))
         if key in found:
             found[key]["variants"] += (cfg.variant,)

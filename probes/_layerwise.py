@@ -132,21 +132,9 @@ class CachedLinearisation:
         return rows[:, start:stop].unflatten(1, shape)
 
     def _program(self, keys: frozenset) -> list[tuple]:
-        """The plan's steps from the first layer with a δ up, with their δ keys resolved (static
-        for a given set of keys, so a training step does no name lookups)."""
         program = self._programs.get(keys)
         if program is None:
-            program, live = [], False
-            for i, (kind, layer) in enumerate(self.plan):
-                if kind == "layer":
-                    w_key, b_key = f"{layer.name}.weight", f"{layer.name}.bias"
-                    w_key, b_key = (w_key if w_key in keys else None), (b_key if b_key in keys else None)
-                    if live or w_key or b_key:
-                        program.append((kind, layer, i, w_key, b_key, live))
-                        live = True
-                elif live:
-                    program.append((kind, layer, i, None, None, True))
-            self._programs[keys] = program
+            program = self._programs[keys] = _program(self.plan, keys)
         return program
 
     @classmethod
@@ -171,61 +159,23 @@ class CachedLinearisation:
             return None
         return cls(steps, full, x, scope, model)
 
-    def _forward(self, delta: dict[str, torch.Tensor], idx: torch.Tensor, keep: list | None):
-        """The tangent's forward pass and the batch's f0; ``keep`` collects what the backward needs."""
-        rows, b, t = self.table.index_select(0, idx), idx.shape[0], None
-        for kind, layer, i, w_key, b_key, has_input in self._program(frozenset(delta)):
-            saved = None
-            if kind == "relu":
-                saved = self._part(rows, i)
-                t = t * saved
-            elif kind == "flatten":
-                t = t.reshape(b, -1)
-            else:
-                z = None
-                if has_input:
-                    patches = t if layer.linear else layer.windows(t)
-                    z = patches.reshape(-1, layer.fixed.shape[0]) @ layer.fixed
-                u = self._part(rows, i).reshape(-1, layer.patch_width) if self.slots[i] else None
-                if w_key:
-                    term = u @ layer.to_patch(delta[w_key])
-                    z = term if z is None else z + term
-                if b_key:
-                    z = delta[b_key].expand(b * layer.positions, -1) if z is None else z + delta[b_key]
-                saved = u
-                t = z.reshape(b, *layer.out_shape, -1)
-            if keep is not None:
-                keep.append(saved)
+    def _forward(self, delta: dict[str, torch.Tensor], idx: torch.Tensor):
+        """f_lin on the batch ``idx`` and what the backward pass needs (``_tangent``)."""
+        rows = self.table.index_select(0, idx)
+        t, keep = _tangent(self._program(frozenset(delta)), lambda i: self._part(rows, i), delta, idx.shape[0])
         f0 = self._part(rows, len(self.plan))
-        return f0 if t is None else f0 + t
+        return (f0 if t is None else f0 + t), keep
 
     def __call__(self, delta: dict[str, torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
-        return self._forward(delta, idx, None)
+        return self._forward(delta, idx)[0]
 
     def loss_grad(self, delta: dict[str, torch.Tensor], idx: torch.Tensor, y: torch.Tensor,
                   loss: str = "ce") -> dict[str, torch.Tensor]:
         """∇_δ of the batch's mean loss (``ce``: cross-entropy on class indices; ``mse``: ½ mean
         ‖f − y‖²), by the backward pass written out; a key of ``delta`` per gradient."""
-        keep: list = []
-        logits = self._forward(delta, idx, keep)
-        b = idx.shape[0]
-        g = _logit_grad(logits, y, loss)
-        grads: dict[str, torch.Tensor] = {}
-        for (kind, layer, i, w_key, b_key, has_input), saved in zip(reversed(self._program(frozenset(delta))),
-                                                                      reversed(keep)):
-            if kind == "relu":
-                g = g * saved
-            elif kind == "flatten":
-                g = g.reshape(b, *layer)
-            else:
-                g2 = g.reshape(-1, g.shape[-1])
-                if w_key:
-                    grads[w_key] = layer.from_patch(saved.T @ g2, delta[w_key].shape)
-                if b_key:
-                    grads[b_key] = g2.sum(0)
-                if not has_input:
-                    break
-                g = layer.unpatch(g2 @ layer.fixed.T, b)
+        logits, keep = self._forward(delta, idx)
+        grads = _backward(self._program(frozenset(delta)), keep, _logit_grad(logits, y, loss), idx.shape[0],
+                          {k: v.shape for k, v in delta.items()})
         return {k: grads[k] for k in delta}
 
 
@@ -244,80 +194,41 @@ class LayerHessian:
 
     def __init__(self, model: nn.Module, steps, params: dict[str, torch.Tensor], names: list[str],
                  x: torch.Tensor, y: torch.Tensor):
-        self.names, scope = names, set(names)
-        self.plan, self.cached, logits = primal(model, steps, params, x, scope)
-        layers = [i for i, (kind, layer) in enumerate(self.plan) if kind == "layer" and (
-            f"{layer.name}.weight" in scope or f"{layer.name}.bias" in scope)]
-        self.first, b = layers[0], x.shape[0]
+        self.names, self.batch = names, x.shape[0]
+        self.plan, self.cached, logits = primal(model, steps, params, x, set(names))
+        self.program = _program(self.plan, frozenset(names))
         self.p = torch.softmax(logits, dim=1)
-        g = _logit_grad(logits, y)
+        # the primal backward, from what the primal pass cached (no tangent: no patches of one)
+        keep = [self.cached[i] if kind == "relu" else None if kind == "flatten" else
+                (None if self.cached[i] is None else self.cached[i].reshape(-1, layer.patch_width), None)
+                for kind, layer, i, *_ in self.program]
         self.signal: list[torch.Tensor | None] = [None] * len(self.plan)  # ∂L/∂(layer output), (B·P, out)
-        grads = {}
-        for i in range(len(self.plan) - 1, self.first - 1, -1):
-            kind, layer = self.plan[i]
-            if kind == "relu":
-                g = g * self.cached[i]
-            elif kind == "flatten":
-                g = g.reshape(b, *layer)
-            else:
-                g2 = self.signal[i] = g.reshape(-1, g.shape[-1])
-                w_key, b_key = f"{layer.name}.weight", f"{layer.name}.bias"
-                if w_key in scope:
-                    u = self.cached[i].reshape(-1, self.cached[i].shape[-1])
-                    grads[w_key] = layer.from_patch(u.T @ g2, params[w_key].shape)
-                if b_key in scope:
-                    grads[b_key] = g2.sum(0)
-                if i > self.first:
-                    g = layer.unpatch(g2 @ layer.fixed.T, b)
+        grads = _backward(self.program, keep, _logit_grad(logits, y), self.batch,
+                          {n: params[n].shape for n in names}, self.signal)
         self.gradient = {n: grads[n] for n in names}
-        self.batch = b
 
     def hvp(self, v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """H v, both dicts keyed by ``names``."""
-        b, t = self.batch, None
-        tangent_patches: list[torch.Tensor | None] = [None] * len(self.plan)
-        for i, (kind, layer) in enumerate(self.plan):
-            if kind == "relu":
-                t = None if t is None else t * self.cached[i]
-            elif kind == "flatten":
-                t = None if t is None else t.reshape(b, -1)
-            else:
-                v_weight, v_bias = v.get(f"{layer.name}.weight"), v.get(f"{layer.name}.bias")
-                if t is None and v_weight is None and v_bias is None:
-                    continue
-                z = None
-                if t is not None:
-                    tp = tangent_patches[i] = (t if layer.linear else layer.windows(t)).reshape(-1, layer.fixed.shape[0])
-                    z = tp @ layer.fixed
-                if v_weight is not None:
-                    term = self.cached[i].reshape(-1, self.cached[i].shape[-1]) @ layer.to_patch(v_weight)
-                    z = term if z is None else z + term
-                if v_bias is not None:
-                    z = v_bias.expand(b * layer.positions, -1) if z is None else z + v_bias
-                t = z.reshape(b, *layer.out_shape, -1)
+        b = self.batch
+        t, keep = _tangent(self.program, lambda i: self.cached[i], v, b)  # R{f} = J v
         p = self.p
         r = (p * t - p * (p * t).sum(1, keepdim=True)) / b  # R{∂L/∂f}: the softmax Hessian applied to R{f}
         out = {}
-        for i in range(len(self.plan) - 1, self.first - 1, -1):
-            kind, layer = self.plan[i]
+        for (kind, layer, i, w_key, b_key, has_input), saved in zip(reversed(self.program), reversed(keep)):
             if kind == "relu":
-                r = r * self.cached[i]
+                r = r * saved
             elif kind == "flatten":
                 r = r.reshape(b, *layer)
             else:
-                r2, g2, tp = r.reshape(-1, r.shape[-1]), self.signal[i], tangent_patches[i]
-                w_key, b_key = f"{layer.name}.weight", f"{layer.name}.bias"
-                if w_key in v:
-                    hw = self.cached[i].reshape(-1, self.cached[i].shape[-1]).T @ r2
-                    if tp is not None:
-                        hw = hw + tp.T @ g2
-                    out[w_key] = layer.from_patch(hw, v[w_key].shape)
-                if b_key in v:
+                (u, tp), r2, g2 = saved, r.reshape(-1, r.shape[-1]), self.signal[i]
+                if w_key:
+                    out[w_key] = layer.from_patch(u.T @ r2 if tp is None else u.T @ r2 + tp.T @ g2, v[w_key].shape)
+                if b_key:
                     out[b_key] = r2.sum(0)
-                if i == self.first:
+                if not has_input:
                     break
                 rh = r2 @ layer.fixed.T
-                if w_key in v:
+                if w_key:
                     rh = rh + g2 @ layer.to_patch(v[w_key]).T
                 r = layer.unpatch(rh, b)
         return {n: out[n] for n in self.names}
@@ -337,6 +248,78 @@ class LayerHessian:
         if not torch.allclose(logits, plain, rtol=1e-5, atol=1e-6):
             return None
         return cls(model, steps, full, list(params), x, y)
+
+
+def _program(plan: list, keys) -> list[tuple]:
+    """The plan's steps from the first layer with a key in ``keys`` (its weight or bias
+    differentiated) up, each (kind, layer, index in the plan, weight key or None, bias key or None,
+    whether a tangent arrives from below), so that a pass does no name lookups."""
+    program, live = [], False
+    for i, (kind, layer) in enumerate(plan):
+        if kind == "layer":
+            w_key, b_key = f"{layer.name}.weight", f"{layer.name}.bias"
+            w_key, b_key = (w_key if w_key in keys else None), (b_key if b_key in keys else None)
+            if live or w_key or b_key:
+                program.append((kind, layer, i, w_key, b_key, live))
+                live = True
+        elif live:
+            program.append((kind, layer, i, None, None, True))
+    return program
+
+
+def _tangent(program: list, part, delta: dict[str, torch.Tensor], b: int):
+    """The tangent J δ of a batch of ``b`` inputs through ``program`` (``part(i)``: what the primal
+    pass cached for plan entry i, for the batch), and per step what a backward pass needs: a ReLU's
+    mask; a layer's input patches u (where its weight is in δ) and the tangent's patches tp (where a
+    tangent arrives); None at a flatten. None for t when the program is empty."""
+    t, keep = None, []
+    for kind, layer, i, w_key, b_key, has_input in program:
+        saved = None
+        if kind == "relu":
+            saved = part(i)
+            t = t * saved
+        elif kind == "flatten":
+            t = t.reshape(b, -1)
+        else:
+            z = tp = u = None
+            if has_input:
+                tp = (t if layer.linear else layer.windows(t)).reshape(-1, layer.patch_width)
+                z = tp @ layer.fixed
+            if w_key:
+                u = part(i).reshape(-1, layer.patch_width)
+                term = u @ layer.to_patch(delta[w_key])
+                z = term if z is None else z + term
+            if b_key:
+                z = delta[b_key].expand(b * layer.positions, -1) if z is None else z + delta[b_key]
+            saved = (u, tp)
+            t = z.reshape(b, *layer.out_shape, -1)
+        keep.append(saved)
+    return t, keep
+
+
+def _backward(program: list, keep: list, g: torch.Tensor, b: int, shapes: dict[str, torch.Size],
+              signals: list | None = None) -> dict[str, torch.Tensor]:
+    """The gradients of the keys of ``program`` from the gradient ``g`` at the logits, backward
+    through the steps with what ``keep`` saved for each (a ``_tangent``'s, or the primal pass's);
+    ``signals`` (by plan index), when given, records each layer's output gradient (B·P, out)."""
+    grads: dict[str, torch.Tensor] = {}
+    for (kind, layer, i, w_key, b_key, has_input), saved in zip(reversed(program), reversed(keep)):
+        if kind == "relu":
+            g = g * saved
+        elif kind == "flatten":
+            g = g.reshape(b, *layer)
+        else:
+            g2 = g.reshape(-1, g.shape[-1])
+            if signals is not None:
+                signals[i] = g2
+            if w_key:
+                grads[w_key] = layer.from_patch(saved[0].T @ g2, shapes[w_key])
+            if b_key:
+                grads[b_key] = g2.sum(0)
+            if not has_input:
+                break
+            g = layer.unpatch(g2 @ layer.fixed.T, b)
+    return grads
 
 
 def _logit_grad(logits: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
@@ -381,7 +364,7 @@ def primal(model: nn.Module, steps, params: dict[str, torch.Tensor], x: torch.Te
                 columns = None
                 layer.in_shape = tuple(last(h).shape[1:-1])  # positions in and out (() for a linear layer)
                 layer.out_shape = tuple(patches.shape[1 : 1 + (0 if layer.linear else layer.d)])
-                layer.patch_width = patches.shape[-1] if layer.linear else layer.fixed.shape[0]
+                layer.patch_width = layer.fixed.shape[0]  # kernel·in (in for a linear layer)
                 flat = patches.reshape(h.shape[0], -1, layer.patch_width)
                 layer.positions = flat.shape[1]
                 cached.append(flat if own else None)

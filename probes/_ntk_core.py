@@ -159,14 +159,15 @@ def _owner(net: Network, name: str):
 def supports_structured(net: Network) -> bool:
     """True when every trainable parameter is the weight or bias of a Linear, or of a zero-padded,
     ungrouped Conv1d/Conv2d with numeric padding: the layers ``structured_jacobian`` knows."""
-    for name in net.params:
-        module, attr = _owner(net, name)
-        if not isinstance(module, _STRUCTURED) or attr not in ("weight", "bias"):
-            return False
-        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) and (
-                module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)):
-            return False
-    return True
+    return all(_closed_form(*_owner(net, name)) for name in net.params)
+
+
+def _closed_form(module, attr: str) -> bool:
+    """Whether ``attr`` of ``module`` is a parameter ``structured_jacobian`` knows (see above)."""
+    if not isinstance(module, _STRUCTURED) or attr not in ("weight", "bias"):
+        return False
+    return not isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)) or (
+        module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str))
 
 
 def _signals(net: Network, x: torch.Tensor, sum_logits: bool):
@@ -252,8 +253,7 @@ def trace_layout(model: torch.nn.Module, names: list[str], input_shape, classes:
     for name in names:
         prefix, _, attr = name.rpartition(".")
         module = model.get_submodule(prefix)
-        if not isinstance(module, _STRUCTURED) or attr not in ("weight", "bias") or (
-                not isinstance(module, torch.nn.Linear) and (module.groups != 1 or isinstance(module.padding, str))):
+        if not _closed_form(module, attr):
             return total, 0
         owners.setdefault(id(module), (module, []))[1].append(attr)
     positions: dict[int, int] = {}
@@ -291,20 +291,19 @@ class TraceFeatures:
 def trace_features(net: Network, x: torch.Tensor) -> TraceFeatures:
     """``TraceFeatures`` of a block (structured models; see ``trace_gram``)."""
     signals = _signals(net, x, False)
-    by_layer: dict[int, list[str]] = {}
+    by_layer: dict[int, tuple[torch.nn.Module, list[str]]] = {}
     jac_parts = []
-    for name, p in net.params.items():
+    for name in net.params:
         module, attr = _owner(net, name)
         h, g = signals[id(module)]
         k, b, out, positions = g.shape
         if kernel_by_layer(module, k, positions):
-            by_layer.setdefault(id(module), []).append(attr)
+            by_layer.setdefault(id(module), (module, []))[1].append(attr)
         else:
             block = g.sum(-1) if attr == "bias" else torch.einsum("kbot,bit->kboi", g, _unfold(module, h))
             jac_parts.append(block.reshape(k, b, -1).transpose(0, 1))
     layers = []
-    for mid, attrs in by_layer.items():
-        module = next(m for m in (_owner(net, n)[0] for n in net.params) if id(m) == mid)
+    for mid, (module, attrs) in by_layer.items():
         h, g = signals[mid]
         k, b, out, positions = g.shape
         grads = g.permute(1, 3, 0, 2).reshape(b, positions, k * out)  # G[i, t] over (logit, channel)
@@ -477,7 +476,8 @@ def cross_ntk(net: Network, x_rows: torch.Tensor, x_cols: torch.Tensor, variant:
                       for b in _blocks(x_rows.shape[0], chunk)])
 
 
-def trace_ntk_diagonal(net: Network, x: torch.Tensor, chunk: int = 128, jac: torch.Tensor | None = None) -> torch.Tensor:
+def trace_ntk_diagonal(net: Network, x: torch.Tensor, chunk: int = 128,
+                       jac: torch.Tensor | None = None) -> torch.Tensor:
     """diag Θ^tr: Θ^tr[i,i] = ‖J(x_i)‖²_F = Σ_a ‖∂f_a(x_i)/∂w‖², without the off-diagonal.
     ``jac``: the inputs' Jacobians from ``jacobian_rows``, when the caller has them."""
     return torch.cat([(jacobian(net, x[b]) if jac is None else jac[b]).pow(2).sum(dim=(1, 2))

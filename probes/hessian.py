@@ -74,7 +74,7 @@ patches), and takes double backward through autograd for every other model; "lay
 "double_backward" and "fwd_rev" (forward-over-reverse) force one. They agree to float rounding;
 the row's ``hvp`` says which ran (``benchmarks/hvp.py``: the layer-wise products take about half
 the time of double backward at the batches of 64–128 of the batch sharpness and the quick study,
-0.9× at the full study's 512).
+about 0.75 of it at the full study's 512).
 
 BatchNorm (``BATCHNORM`` = "running", the ``batchnorm`` column of ``probe_job``): L is the loss of
 the network in eval mode, BatchNorm normalising with the checkpoint's running statistics, so each
@@ -198,15 +198,13 @@ class HessianOperator:
         self.method, self.chunk, self.hvps = method, max(1, chunk), 0
         self.params = {n: p.detach() for n, p in params.items()}
         self.loss_fn, self.layers = loss_fn, layers
-        if method == "layers":
-            pass
-        elif method == "double_backward":
+        if method == "double_backward":
             leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
             with torch.enable_grad():
                 loss = loss_fn(leaves)
                 grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
             self._leaves, self._grad = list(leaves.values()), torch.cat([g.reshape(-1) for g in grads])
-        else:
+        elif method == "fwd_rev":
             def hvp_one(v):
                 return jvp(grad(loss_fn), (self.params,), (self.unflatten(v),))[1]
 

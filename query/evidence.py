@@ -11,7 +11,6 @@ import math
 import numpy as np
 
 from lsdb.query import thresholds as T
-from lsdb.train import NUM_CLASSES  # noqa: F401  (the C of F9 and F15; rules and findings import it from here)
 
 #: Which spec entry produces a metric: the advice given when it is missing.
 PROBE_OF = {
@@ -32,8 +31,9 @@ PROBE_OF = {
                                       "ties_normalised_accuracy", "task_addition_task_error", "ties_task_error",
                                       "finetune_task_error", "base_task_error")},
 }
-SIBLING_METRICS = {"children_soup_test_loss", "children_members_test_loss", "error_barrier_test", "loss_barrier_test", "child_disagreement", "sibling_kernel_distance",
-                   "relative_sibling_distance", "entezari_loss_barrier_test", "sibling_weight_distance"}
+SIBLING_METRICS = {"children_soup_test_loss", "children_members_test_loss", "error_barrier_test", "loss_barrier_test",
+                   "child_disagreement", "sibling_kernel_distance", "relative_sibling_distance",
+                   "entezari_loss_barrier_test", "sibling_weight_distance"}
 
 #: Merging across different initialisations (F14, second part): the ``merge`` probe writes these.
 MERGE_NAIVE = "cross_init_loss_barrier_test"

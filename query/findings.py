@@ -26,12 +26,13 @@ This module is the public entry. The work is split, each module importing only t
 from __future__ import annotations
 
 from lsdb.errors import QueryError
-from lsdb.query.evidence import (FINDING_METRICS, MERGE_MATCHED, MERGE_NAIVE, NONLINEAR_ADVANTAGE, NUM_CLASSES,
-                                 PROBE_OF, SIBLING_METRICS, Evidence, advice)
+from lsdb.query.evidence import (FINDING_METRICS, MERGE_MATCHED, MERGE_NAIVE, NONLINEAR_ADVANTAGE, PROBE_OF,
+                                 SIBLING_METRICS, Evidence, advice)
 from lsdb.query import merging_rules, rules
 from lsdb.query.rules import F2_MEASURES, F12_MEASURES, catch_up, onsets
 from lsdb.query.stats import Check, Stat, bootstrap_interval, check, spearman
 from lsdb.query.verdict import FAILS, HOLDS, INCONCLUSIVE, NOT_MEASURED, VERDICTS, Finding, Part
+from lsdb.train import NUM_CLASSES
 
 #: Every finding by id, in order: the landscape findings (``rules``), then the merging ones (``merging_rules``).
 FINDINGS = dict(sorted({**rules.FINDINGS, **merging_rules.FINDINGS}.items(), key=lambda kv: int(kv[0][1:])))

@@ -31,10 +31,11 @@ from typing import Callable
 import numpy as np
 
 from lsdb.query import thresholds as T
-from lsdb.query.evidence import (MERGE_MATCHED, MERGE_NAIVE, NONLINEAR_ADVANTAGE, NUM_CLASSES, Evidence,
-                                  _clean_error, _variant_final, advice)
+from lsdb.query.evidence import (MERGE_MATCHED, MERGE_NAIVE, NONLINEAR_ADVANTAGE, Evidence, _clean_error,
+                                  _variant_final, advice)
 from lsdb.query.stats import Stat, _first_frac, _g, _nearest, _ratio, _rolling_median, check, spearman
 from lsdb.query.verdict import FAILS, Finding, Part, _combine, _join, _not_measured
+from lsdb.train import NUM_CLASSES
 
 #: Where the expansion grid of the linearised model is set (F5, F6 advice).
 EXPANSION_ADVICE = ("add expansion times across the run: [probes.kernel_accuracy] on_checkpoints = \"spawn\" "

@@ -175,7 +175,7 @@ def test_the_estimate_bounds_the_measured_peak(probe, tmp_path):
         est = ntk_memory(256, 10, P, "trace", 64, 200.0, layout=layout)
         module, params = ntk, ntk.Params(chunk=64, cache_mb=200.0)
     else:
-        est = kernel_accuracy_memory(256, 10, P, ("kernel_regression",), chunk=64, n_eval=256)
+        est = kernel_accuracy_memory(256, 10, P, ("kernel_regression",), chunk=64)
         module, params = kernel_accuracy, kernel_accuracy.Params(methods=("kernel_regression",), chunk=64)
     with PeakMemory("cpu", interval=0.002) as memory:
         module.compute(ctx, params)

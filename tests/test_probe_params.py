@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from lsdb.errors import SpecError
 from lsdb.plan import load_spec, parse_spec
@@ -242,7 +243,7 @@ def test_barrier_pairs_in_every_form_plan_reads():
 
 
 def test_every_choice_accepted_at_load_is_accepted_by_the_probe():
-    from lsdb.probes import _ntk_core, kernel_accuracy, ntk, ntk_distance
+    from lsdb.probes import _ntk_core, hessian, kernel_accuracy, ntk, ntk_distance
 
     for v in _ntk_core.VARIANTS:
         for impl in _ntk_core.IMPLEMENTATIONS:
@@ -253,6 +254,10 @@ def test_every_choice_accepted_at_load_is_accepted_by_the_probe():
     for mode in kernel_accuracy.LR_MODES:
         for kv in kernel_accuracy.KERNEL_VARIANTS:
             kernel_accuracy._validate(kernel_accuracy.Params(lr_mode=mode, kernel_variant=kv))
+    for hvp in hessian.HVP_METHODS:  # every one the spec accepts is one make_operator takes
+        assert hessian.Params(**parse_spec(f"[probes.hessian]\nhvp = '{hvp}'\n").probe_params()["hessian"]).hvp == hvp
+        assert hvp in ("auto", "layers") or hessian.HessianOperator(
+            lambda p: (p["w"] ** 2).sum(), {"w": torch.ones(2)}, hvp).method == hvp
 
 
 def test_examples_and_the_demo_still_load():

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lsdb.errors import SpecError
-from lsdb.train import NUM_CLASSES, factories  # noqa: F401  (NUM_CLASSES: the loaders' classes)
+from lsdb.train import factories
 
 
 @dataclass(frozen=True)
